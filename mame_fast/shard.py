@@ -1,0 +1,530 @@
+"""Stage 1b: variable-shape MAMe images -> WebDataset tar shards + DALI index files + manifest.
+
+Why shards: the training loop reads a few large sequential files with an index instead of 20k small
+files, and every reader (DALI ``fn.readers.webdataset``, ``webdataset``, ``tar``) understands them.
+
+Layout written under ``<out>/<variant>/`` (variant ``full`` or ``256``)::
+
+    train-000000.tar  train-000000.idx  ...  val-000000.tar ...  manifest.json  [rejects.jsonl]
+
+Each sample is ``<key>.jpg`` (original bytes when no resize/conversion is needed, else re-encoded),
+``<key>.cls`` (class index as text, the webdataset convention), ``<key>.lbl`` (class index as 4-byte
+little-endian int32, so DALI reads labels with ``dtypes=INT32`` and no Python callback) and
+``<key>.json``. Keys replace dots in the file stem by underscores: webdataset and DALI split a member
+name at its *first* dot and 6,965 MAMe files are named like ``1980.266.jpeg``.
+
+Guarantees: sample order within a split is a seeded shuffle; same input + settings give byte-identical
+shards (fixed tar headers, ordered parallel map); shards are written under a temporary name and renamed
+when complete, so an interrupted run leaves no partial shard and rerunning resumes after the last
+complete one; ``manifest.json`` is written last, so a folder without it was never published.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import os
+import tarfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from . import __version__, _mp_context
+from . import metadata as md
+from .source import Source
+
+FORMAT = "mame-fast-shards"
+FORMAT_VERSION = 1
+INDEX_VERSION = "v1.2"  # the format DALI's wds2idx writes
+EXTS = ("jpg", "cls", "lbl", "json")
+# Decoding a non-JPEG cannot be scaled in the DCT domain; above this a full decode needs > 1 GB.
+MAX_FULL_DECODE_PIXELS = 200_000_000
+
+
+class ShardError(ValueError):
+    """Bad input or a bad shard folder; the message names the file and the problem."""
+
+
+class BadImage(ShardError):
+    pass
+
+
+@dataclass(frozen=True)
+class ShardSettings:
+    """What ``mame-fast shard`` does; all of it is recorded in the manifest."""
+
+    variant: str = "full"
+    """'full' (data/, downscaled to the budget) or '256' (data_256/, as is)."""
+    max_pixels: int | None = 1_000_000
+    """Pixel budget per stored image (never upscaled); None keeps the original size."""
+    max_side: int | None = None
+    """Alternative budget: longest side in pixels."""
+    quality: int = 90
+    """JPEG quality for re-encoded images."""
+    shard_size_mb: float = 128.0
+    """A shard is closed once it holds this many MB."""
+    splits: tuple[str, ...] = ("train", "val", "test")
+    seed: int = 0
+    """Seed of the within-split sample order."""
+    skip_bad: bool = False
+    """Skip (and list in rejects.jsonl) unusable images instead of failing."""
+
+
+def safe_key(file: str) -> str:
+    """Sample key from a MAMe file name: the stem with dots made underscores ('1980.266.jpeg' -> '1980_266')."""
+    stem = file.rsplit(".", 1)[0]
+    return stem.replace(".", "_").replace("/", "_")
+
+
+def target_size(w: int, h: int, max_pixels: int | None, max_side: int | None) -> tuple[int, int]:
+    """The stored size under the budget: aspect kept to +-1 px, never upscaled."""
+    k = 1.0
+    if max_pixels:
+        k = min(k, math.sqrt(max_pixels / (w * h)))
+    if max_side:
+        k = min(k, max_side / max(w, h))
+    if k >= 1.0:
+        return w, h
+    # Floor, not round: w*k * h*k equals the budget, so flooring both never exceeds it and each side
+    # stays within 1 px of the exact scaled size (rounding both can overshoot by a row).
+    tw, th = max(1, math.floor(w * k + 1e-9)), max(1, math.floor(h * k + 1e-9))
+    return tw, th
+
+
+def prepare_image(data: bytes, name: str, settings: ShardSettings) -> tuple[bytes, int, int, str | None]:
+    """Decode-check, orient, convert and downscale one image; returns (jpeg, width, height, note).
+
+    ``note`` says what conversion happened (None when the original bytes are kept). Raises BadImage
+    with the file name and the problem for anything unusable.
+    """
+    if not data:
+        raise BadImage(f"{name}: zero-byte file")
+    Image.MAX_IMAGE_PIXELS = None  # we bound memory ourselves: DCT scaling, or the check below
+    try:
+        img = Image.open(io.BytesIO(data))
+        fmt, mode = img.format, img.mode
+        w0, h0 = img.size
+    except Exception as e:  # PIL raises a zoo of types for corrupt headers
+        raise BadImage(f"{name}: not a readable image ({type(e).__name__}: {e})") from e
+    orientation = img.getexif().get(0x0112, 1) if fmt == "JPEG" else 1
+    swapped = orientation in (5, 6, 7, 8)
+    ow, oh = (h0, w0) if swapped else (w0, h0)
+    tw, th = target_size(ow, oh, settings.max_pixels, settings.max_side)
+    notes = []
+    if fmt != "JPEG":
+        notes.append(f"{fmt} data under a .jpg name")
+    if mode not in ("RGB",):
+        notes.append(f"mode {mode} converted to RGB")
+    if orientation != 1:
+        notes.append(f"EXIF orientation {orientation} applied")
+    resize = (tw, th) != (ow, oh)
+    try:
+        if fmt == "JPEG":
+            # DCT-domain downscaling: libjpeg decodes straight to 1/2, 1/4 or 1/8 scale, so an 8 or 373 Mpx
+            # original is never fully decoded. Without resize, decode at 1/8 just to check integrity.
+            req = (tw, th) if resize else (max(1, ow // 8), max(1, oh // 8))
+            img.draft("RGB" if mode != "CMYK" else None, (req[1], req[0]) if swapped else req)
+        elif w0 * h0 > MAX_FULL_DECODE_PIXELS:
+            raise BadImage(f"{name}: {fmt} of {w0}x{h0} is too large to decode without DCT scaling")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img.load()
+    except BadImage:
+        raise
+    except Exception as e:
+        raise BadImage(f"{name}: corrupt or truncated {fmt} ({type(e).__name__}: {e})") from e
+    if not notes and not resize:
+        return data, ow, oh, None
+    img = _to_rgb(ImageOps.exif_transpose(img) if orientation != 1 else img)
+    if img.size != (tw, th):
+        img = img.resize((tw, th), Image.LANCZOS)
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=settings.quality)
+    return buf.getvalue(), tw, th, "; ".join(notes) or None
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit (or 32-bit int) gray: scale to 8 bits by the actual range, not by clipping at 255.
+        a = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if img.mode.startswith("I;16") else max(float(a.max()), 1.0)
+        img = Image.fromarray(np.clip(a / hi * 255 + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        # Transparent areas over white, as a museum photograph's background would be.
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGB", rgba.size, (255, 255, 255))
+        bg.paste(rgba, mask=rgba.getchannel("A"))
+        return bg
+    return img.convert("RGB")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Worker side
+
+
+def _work(job: tuple) -> dict:
+    source, settings, file, label, row_meta = job
+    try:
+        data = source.read(file)
+        jpg, w, h, note = prepare_image(data, source.path(file), settings)
+    except BadImage as e:
+        return {"file": file, "error": str(e)}
+    except OSError as e:
+        return {"file": file, "error": f"{source.path(file)}: cannot read ({e})"}
+    meta = dict(row_meta, width=w, height=h, converted=note)
+    return {"file": file, "key": safe_key(file), "label": label, "jpg": jpg, "json": meta}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tar writing with the DALI index
+
+
+def _member(tf: tarfile.TarFile, name: str, payload: bytes) -> tuple[int, int]:
+    info = tarfile.TarInfo(name)
+    info.size = len(payload)
+    info.mtime = 0  # fixed headers: byte-identical shards for identical input
+    info.mode = 0o444
+    info.uname = info.gname = ""
+    header_at = tf.offset
+    tf.addfile(info, io.BytesIO(payload))
+    return header_at + tarfile.BLOCKSIZE, len(payload)  # USTAR names < 100 chars: one header block
+
+
+def sample_members(rec: dict) -> list[tuple[str, bytes]]:
+    key = rec["key"]
+    return [
+        (f"{key}.jpg", rec["jpg"]),
+        (f"{key}.cls", str(rec["label"]).encode()),
+        (f"{key}.lbl", int(rec["label"]).to_bytes(4, "little", signed=True)),
+        (f"{key}.json", json.dumps(rec["json"], sort_keys=True).encode()),
+    ]
+
+
+class ShardWriter:
+    """Writes one split's shards; each shard becomes visible only when complete (tmp + rename)."""
+
+    def __init__(self, folder: Path, split: str, start_index: int, max_bytes: int):
+        self.folder, self.split, self.index, self.max_bytes = folder, split, start_index, max_bytes
+        self.tf: tarfile.TarFile | None = None
+        self.lines: list[str] = []
+        self.done: list[dict] = []
+
+    def _name(self, ext: str) -> Path:
+        return self.folder / f"{self.split}-{self.index:06d}.{ext}"
+
+    def add(self, rec: dict) -> None:
+        if self.tf is None:
+            self.tf = tarfile.open(self._name("tar.tmp"), "w", format=tarfile.USTAR_FORMAT)
+            self.lines = []
+        parts = []
+        for name, payload in sample_members(rec):
+            off, size = _member(self.tf, name, payload)
+            parts.append(f"{name.split('.', 1)[1]} {off} {size} {name}")
+        self.lines.append(" ".join(parts))
+        if self.tf.offset >= self.max_bytes:
+            self.close()
+
+    def close(self) -> None:
+        if self.tf is None:
+            return
+        self.tf.close()
+        self.tf = None
+        idx_tmp = self._name("idx.tmp")
+        idx_tmp.write_text(f"{INDEX_VERSION} {len(self.lines)}\n" + "\n".join(self.lines) + "\n")
+        os.replace(idx_tmp, self._name("idx"))
+        # The tar is renamed last: a visible .tar always has its .idx beside it.
+        os.replace(self._name("tar.tmp"), self._name("tar"))
+        self.index += 1
+
+    def abort(self) -> None:
+        if self.tf is not None:
+            self.tf.close()
+            self.tf = None
+        for ext in ("tar.tmp", "idx.tmp"):
+            self._name(ext).unlink(missing_ok=True)
+
+
+def read_index(idx: Path) -> list[dict[str, tuple[int, int]]]:
+    """Parse a DALI v1.2 index: per sample, {ext: (offset, size)} plus '__key__'."""
+    lines = idx.read_text().splitlines()
+    if not lines or not lines[0].startswith(INDEX_VERSION + " "):
+        raise ShardError(f"{idx}: not a DALI {INDEX_VERSION} index file; re-create it with `mame-fast shard`")
+    n = int(lines[0].split()[1])
+    samples = []
+    for line in lines[1 : n + 1]:
+        f = line.split()
+        comp = {f[i]: (int(f[i + 1]), int(f[i + 2])) for i in range(0, len(f), 4)}
+        samples.append(dict(comp, __key__=f[3].split(".", 1)[0]))
+    if len(samples) != n:
+        raise ShardError(f"{idx}: header says {n} samples, file has {len(samples)}; the index is truncated")
+    return samples
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def split_shards(folder: Path, split: str) -> list[Path]:
+    return sorted(folder.glob(f"{split}-[0-9][0-9][0-9][0-9][0-9][0-9].tar"))
+
+
+def _read_done_shard(tar: Path) -> list[dict]:
+    """Records (without image bytes) of a complete shard left by an earlier run."""
+    out = []
+    with tarfile.open(tar) as tf:
+        for m in tf:
+            if m.name.endswith(".json"):
+                meta = json.loads(tf.extractfile(m).read())
+                out.append({"key": m.name[: -len(".json")], "label": meta["label"], "json": meta})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# The command
+
+
+def plan_split(meta: md.Metadata, split: str, seed: int) -> list[md.Row]:
+    rows = meta.split(split)
+    order = np.random.default_rng([seed, md.SPLITS.index(split)]).permutation(len(rows))
+    return [rows[i] for i in order]
+
+
+def preflight(source: Source, meta: md.Metadata, settings: ShardSettings) -> list[dict]:
+    """Cheap checks before anything is written: keys unique, files present and non-empty."""
+    rows = [r for r in meta.rows if r.subset in settings.splits]
+    if not rows:
+        raise ShardError(f"{source.root}: no rows for splits {settings.splits} in {md.DATASET_CSV}")
+    keys: dict[str, str] = {}
+    for r in rows:
+        k = safe_key(r.file)
+        if k in keys:
+            raise ShardError(f"{source.root}: files {keys[k]!r} and {r.file!r} map to the same key {k!r}")
+        keys[k] = r.file
+    bad = [{"file": f, "error": f"{source.path(f)}: missing image file"} for f in source.missing([r.file for r in rows])]
+    if source.kind == "folder":
+        missing = {b["file"] for b in bad}
+        bad += [
+            {"file": r.file, "error": f"{source.path(r.file)}: zero-byte file"}
+            for r in rows
+            if r.file not in missing and (source.images / r.file).stat().st_size == 0
+        ]
+    if bad and not settings.skip_bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise ShardError(f"{bad[0]['error']}{more}; nothing was written. Fix the source or pass --skip-bad.")
+    return bad
+
+
+def write_shards(src: Path, out: Path, settings: ShardSettings, workers: int = 1, progress=None) -> Path:
+    """Shard ``src`` into ``out/<variant>/``; returns that folder. Resumes an interrupted run."""
+    source = Source(src, settings.variant)
+    meta = source.metadata()
+    folder = Path(out) / settings.variant
+    folder.mkdir(parents=True, exist_ok=True)
+    _check_settings(folder, settings)
+    rejects = preflight(source, meta, settings)
+    rejected = {b["file"] for b in rejects}
+    splits: dict[str, dict] = {}
+    ctx = _mp_context()
+    pool = ctx.Pool(workers) if workers > 1 else None
+    try:
+        for split in settings.splits:
+            rows = [r for r in plan_split(meta, split, settings.seed) if r.file not in rejected]
+            done_recs: list[dict] = []
+            for tar in split_shards(folder, split):
+                done_recs += _read_done_shard(tar)
+            # Resume: complete shards hold the deterministic order up to their last sample (minus
+            # samples rejected under --skip-bad); anything else means another source or seed.
+            pos = {safe_key(r.file): i for i, r in enumerate(rows)}
+            done_pos = [pos.get(r["key"], -1) for r in done_recs]
+            if done_pos and (min(done_pos) < 0 or done_pos != sorted(set(done_pos))):
+                raise ShardError(f"{folder}: existing {split} shards do not match this source and seed; use a new --out")
+            todo = rows[done_pos[-1] + 1 :] if done_pos else rows
+            writer = ShardWriter(folder, split, len(split_shards(folder, split)), int(settings.shard_size_mb * 2**20))
+            jobs = [
+                (
+                    source,
+                    settings,
+                    r.file,
+                    meta.label(r),
+                    dict(
+                        file=r.file,
+                        **{"class": r.medium},
+                        label=meta.label(r),
+                        museum=r.museum,
+                        instance_id=r.instance_id,
+                        orig_width=r.width,
+                        orig_height=r.height,
+                        aspect=round(r.width / r.height, 4),
+                        split=split,
+                    ),
+                )
+                for r in todo
+            ]
+            if progress:
+                progress(split, None, len(jobs))  # announce the split's size: the bar gets an ETA
+            results = pool.imap(_work, jobs, chunksize=2) if pool else map(_work, jobs)
+            new_recs: list[dict] = []
+            try:
+                for rec in results:
+                    if progress:
+                        progress(split, rec, len(jobs))
+                    if "error" in rec:
+                        if not settings.skip_bad:
+                            raise ShardError(f"{rec['error']}; no manifest was written. Fix it or pass --skip-bad.")
+                        rejects.append(rec)
+                        continue
+                    writer.add(rec)
+                    new_recs.append({k: rec[k] for k in ("key", "label", "json")})
+                writer.close()
+            except BaseException:
+                writer.abort()  # no partial shard survives, complete ones stay for the resume
+                raise
+            splits[split] = _split_summary(folder, split, done_recs + new_recs, meta.classes)
+    finally:
+        if pool:
+            pool.terminate()
+    if rejects:
+        _atomic_write(folder / "rejects.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejects))
+    else:
+        (folder / "rejects.jsonl").unlink(missing_ok=True)
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "created_by": f"mame-fast {__version__}",
+        "variant": settings.variant,
+        "settings": dataclasses.asdict(settings),
+        "source": {
+            "path": str(Path(src).resolve()),
+            "kind": source.kind,
+            "dataset_csv_sha256": hashlib.sha256(source.metadata_bytes(md.DATASET_CSV)).hexdigest(),
+        },
+        "classes": meta.classes,
+        "rejected": len(rejects),
+        "splits": splits,
+    }
+    _atomic_write(folder / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True))
+    return folder
+
+
+def _split_summary(folder: Path, split: str, recs: list[dict], classes: list[str]) -> dict:
+    shards = []
+    shard_of = []
+    for i, tar in enumerate(split_shards(folder, split)):
+        idx = tar.with_suffix(".idx")
+        n = len(read_index(idx))
+        shards.append({"tar": tar.name, "idx": idx.name, "count": n, "bytes": tar.stat().st_size, "sha256": sha256(tar)})
+        shard_of += [i] * n
+    if len(shard_of) != len(recs):
+        raise ShardError(f"{folder}: {split} shards hold {len(shard_of)} samples but {len(recs)} were written")
+    per_class = {c: 0 for c in classes}
+    for r in recs:
+        per_class[classes[r["label"]]] += 1
+    return {
+        "count": len(recs),
+        "per_class": per_class,
+        "bytes": sum(s["bytes"] for s in shards),
+        "shards": shards,
+        # Column-wise so that a 20k-sample split stays a small file that the loader reads in one go.
+        "samples": {
+            "key": [r["key"] for r in recs],
+            "file": [r["json"]["file"] for r in recs],
+            "label": [r["label"] for r in recs],
+            "width": [r["json"]["width"] for r in recs],
+            "height": [r["json"]["height"] for r in recs],
+            "shard": shard_of,
+        },
+        "converted": {r["json"]["file"]: r["json"]["converted"] for r in recs if r["json"].get("converted")},
+    }
+
+
+def _check_settings(folder: Path, settings: ShardSettings) -> None:
+    """Refuse to resume into a folder that was started with other settings (shards would mix)."""
+    stamp = folder / ".settings.json"
+    mine = json.dumps({k: v for k, v in dataclasses.asdict(settings).items() if k != "skip_bad"}, sort_keys=True)
+    if stamp.exists() and stamp.read_text() != mine:
+        raise ShardError(
+            f"{folder}: holds shards made with other settings ({stamp.read_text()}); use another --out or delete it"
+        )
+    _atomic_write(stamp, mine)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Verification
+
+
+def load_manifest(folder: Path) -> dict:
+    path = Path(folder) / "manifest.json"
+    if not path.is_file():
+        raise ShardError(
+            f"{folder}: no manifest.json; this is not a complete shard folder. Run `mame-fast shard` "
+            f"(again: it resumes) to finish it."
+        )
+    m = json.loads(path.read_text())
+    if m.get("format") != FORMAT:
+        raise ShardError(f"{path}: not a mame-fast shard manifest")
+    return m
+
+
+def verify(folder: Path) -> list[str]:
+    """Re-read every shard against the manifest and the index; returns the problems found (empty: OK)."""
+    folder = Path(folder)
+    m = load_manifest(folder)
+    problems: list[str] = []
+    for split, s in m["splits"].items():
+        keys = iter(s["samples"]["key"])
+        labels = iter(s["samples"]["label"])
+        sizes = iter(zip(s["samples"]["width"], s["samples"]["height"]))
+        for sh in s["shards"]:
+            tar, idx = folder / sh["tar"], folder / sh["idx"]
+            if not tar.is_file() or not idx.is_file():
+                problems.append(f"{tar}: missing tar or index")
+                continue
+            if sha256(tar) != sh["sha256"]:
+                problems.append(f"{tar}: checksum differs from the manifest (file changed or corrupt)")
+            try:
+                index = read_index(idx)
+                with open(tar, "rb") as f:
+                    data = f.read()
+                with tarfile.open(tar) as tf:
+                    members = {mm.name: (mm.offset_data, mm.size) for mm in tf if mm.isfile()}
+            except (ShardError, tarfile.TarError, OSError) as e:
+                problems.append(f"{tar}: unreadable ({e})")
+                continue
+            for ent in index:
+                key = next(keys, None)
+                if ent["__key__"] != key:
+                    problems.append(f"{idx}: sample {ent['__key__']} where the manifest has {key}")
+                    continue
+                for ext in EXTS:
+                    if members.get(f"{key}.{ext}") != ent.get(ext):
+                        problems.append(f"{idx}: offset/size of {key}.{ext} does not match the tar")
+                label, (w, h) = next(labels), next(sizes)
+                off, size = ent["lbl"]
+                if int.from_bytes(data[off : off + size], "little") != label:
+                    problems.append(f"{tar}: {key}.lbl differs from the manifest label {label}")
+                off, size = ent["jpg"]
+                try:
+                    with Image.open(io.BytesIO(data[off : off + size])) as im:
+                        if im.size != (w, h):
+                            problems.append(f"{tar}: {key}.jpg is {im.size}, manifest says {(w, h)}")
+                except Exception as e:
+                    problems.append(f"{tar}: {key}.jpg does not open ({e})")
+        if next(keys, None) is not None:
+            problems.append(f"{folder}: manifest lists more {split} samples than the shards hold")
+    return problems
