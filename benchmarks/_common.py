@@ -1,0 +1,64 @@
+"""Shared by the benchmark scripts: machine description, statistics and the results file."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+import statistics
+from importlib import metadata
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def gpu_name() -> str | None:
+    try:
+        import torch
+
+        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except Exception:
+        return None
+
+
+def versions(*packages: str) -> str:
+    out = [f"python {platform.python_version()}"]
+    for p in packages:
+        try:
+            out.append(f"{p} {metadata.version(p)}")
+        except metadata.PackageNotFoundError:
+            out.append(f"{p} (not installed)")
+    return ", ".join(out)
+
+
+def hardware_tag() -> str:
+    g = gpu_name()
+    return (g.replace(" ", "-").lower() if g else f"cpu{os.cpu_count()}")
+
+
+def summary(xs: list[float]) -> tuple[float, float, float]:
+    """median, min, max"""
+    return statistics.median(xs), min(xs), max(xs)
+
+
+def write_results(theme: str, title: str, body: str, packages: tuple[str, ...]) -> Path:
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{theme}_{hardware_tag()}_{dt.date.today().isoformat()}.md"
+    head = (
+        f"# {title}\n\n"
+        f"- machine: {cpu_model()}, {os.cpu_count()} cores, GPU: {gpu_name() or 'none'}, {platform.platform()}\n"
+        f"- versions: {versions(*packages)}\n"
+        f"- date: {dt.datetime.now().isoformat(timespec='seconds')}\n\n"
+    )
+    path.write_text(head + body)
+    return path
