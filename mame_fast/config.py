@@ -1,0 +1,192 @@
+"""Typed configuration: frozen dataclasses with a doc line per field, YAML overrides, ``--set`` overrides.
+
+Precedence: dataclass defaults < ``configs/X.yaml`` < ``--set a.b=c``. An unknown key anywhere is an
+error that lists the valid keys at that level. The resolved config is written into the run folder
+before step 0 (``train.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    shards: str = "shards/full"
+    """Shard folder (with manifest.json) made by `mame-fast shard`."""
+    res: str = "256"
+    """'256': fixed square crops; 'full': variable-shape, aspect-ratio-bucketed batches."""
+    loader: str = "auto"
+    """'dali', 'pil' (fallback: PIL + torch DataLoader), or 'auto' (DALI when installed)."""
+    batch_size: int = 32
+    """Images per batch per rank."""
+    crop: int = 224
+    """Side of the square crops in res=256 mode (pixels)."""
+    pixels: int = 360_000
+    """Pixel budget per image in res=full mode (each bucket has about this many pixels)."""
+    buckets: int = 20
+    """Number of aspect-ratio buckets in res=full mode, between 1:4 and 4:1."""
+    scale_min: float = 0.35
+    """Training crops cover a random fraction in [scale_min, 1] of the largest crop of the bucket's shape."""
+    flip: bool = True
+    """Random horizontal flips in training."""
+    color_jitter: float = 0.0
+    """Brightness/contrast/saturation factors drawn from [1-j, 1+j] in training (0: off)."""
+    eval_crop_fraction: float = 0.875
+    """res=256 evaluation: centre square of this fraction of the short side (224/256)."""
+    threads: int = 0
+    """DALI threads / DataLoader workers per rank (0: all cores divided among local ranks)."""
+    channels_last: bool = True
+    """Hand batches over in channels-last memory format."""
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: str = "sgd"
+    """'sgd' (Nesterov momentum) or 'adamw'."""
+    lr: float = 0.1
+    """Peak learning rate per 256 images (scaled linearly to the global batch size)."""
+    momentum: float = 0.9
+    weight_decay: float = 5e-5
+    """Applied to conv/linear weights only, never to norms and biases."""
+    warmup_epochs: float = 1.0
+    """Linear warm-up from 0 to the peak, in epochs."""
+    schedule: str = "cosine"
+    """'cosine' (to 0 after warm-up), 'onecycle' (linear up, cosine down) or 'constant'."""
+    label_smoothing: float = 0.1
+    mixup: float = 0.0
+    """Mixup Beta(a, a) parameter (0: off)."""
+    cutmix: float = 0.0
+    """CutMix Beta(a, a) parameter (0: off). With both on, each batch picks one at random."""
+    clip_grad: float = 0.0
+    """Clip the gradient norm to this value (0: off)."""
+    ema: float = 0.0
+    """EMA decay of the weights per step (0: off), e.g. 0.999."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: str = "tiny"
+    """Model spec: a name in configs/models/ or a path to a YAML spec."""
+    epochs: int = 10
+    seed: int = 0
+    precision: str = "auto"
+    """'auto' (bf16 on GPU, fp32 on CPU), 'bf16', 'fp16' (with GradScaler) or 'fp32'."""
+    compile: bool = False
+    """torch.compile the model."""
+    sync_bn: bool = False
+    """SyncBatchNorm across ranks."""
+    log_every: int = 10
+    """Steps between progress updates (the only place the loop syncs with the device)."""
+    eval_every: int = 1
+    """Validate every this many epochs (and always after the last)."""
+    max_steps: int = 0
+    """Stop after this many steps in total (0: no limit); for smoke tests and benchmarks."""
+    out: str = "runs"
+    """Folder that holds the run folders."""
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+def _fields(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is bool:
+        if isinstance(value, str):
+            if value.lower() in ("true", "1", "yes", "on"):
+                return True
+            if value.lower() in ("false", "0", "no", "off"):
+                return False
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return bool(value)
+    if tp in (int, float, str):
+        try:
+            if tp is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return tp(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}") from None
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return None if value in (None, "none", "None") else _coerce(value, args[0], key)
+    return value
+
+
+def merge(cfg, overrides: dict, prefix: str = ""):
+    """A copy of dataclass ``cfg`` with ``overrides`` (nested dicts) applied; unknown keys are errors."""
+    hints = typing.get_type_hints(type(cfg))
+    fields = _fields(type(cfg))
+    changes = {}
+    for k, v in (overrides or {}).items():
+        key = f"{prefix}{k}"
+        if k not in fields:
+            raise ConfigError(f"unknown config key {key!r}; valid keys here: {', '.join(sorted(fields))}")
+        cur = getattr(cfg, k)
+        if dataclasses.is_dataclass(cur):
+            if not isinstance(v, dict):
+                raise ConfigError(f"{key} is a section; give keys under it ({', '.join(sorted(_fields(type(cur))))})")
+            changes[k] = merge(cur, v, f"{key}.")
+        else:
+            changes[k] = _coerce(v, hints[k], key)
+    return dataclasses.replace(cfg, **changes)
+
+
+def parse_sets(sets: list[str]) -> dict:
+    """['a.b=1', 'c=x'] -> {'a': {'b': '1'}, 'c': 'x'}; values are YAML scalars."""
+    out: dict = {}
+    for s in sets:
+        if "=" not in s:
+            raise ConfigError(f"--set expects key=value, got {s!r}")
+        k, v = s.split("=", 1)
+        node = out
+        parts = k.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = yaml.safe_load(v) if v != "" else ""
+    return out
+
+
+def load(path: str | Path | None = None, sets: list[str] | None = None, base: TrainConfig | None = None) -> TrainConfig:
+    cfg = base or TrainConfig()
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        data = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: expected a mapping at the top level")
+        try:
+            cfg = merge(cfg, data)
+        except ConfigError as e:
+            raise ConfigError(f"{p}: {e}") from None
+    return merge(cfg, parse_sets(sets or []))
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def diff(a: dict, b: dict, prefix: str = "") -> dict[str, tuple]:
+    """Flat {key: (a, b)} of the leaves that differ between two config dicts."""
+    out = {}
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out.update(diff(va, vb, f"{prefix}{k}."))
+        elif va != vb:
+            out[f"{prefix}{k}"] = (va, vb)
+    return out

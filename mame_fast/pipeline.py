@@ -1,0 +1,222 @@
+"""Stage 2c: batches for the training loop: NVIDIA DALI on the GPU or in CPU-only mode, or the PIL fallback.
+
+One DALI pipeline definition serves both devices: the JPEG bytes of the planned samples go in through
+``fn.external_source`` (one slice of a memory-mapped shard each, found through the DALI index), then
+``decoders.image_slice`` decodes only the planned crop (``device="mixed"``: nvJPEG / the hardware
+decoder; ``"cpu"``: libjpeg-turbo), ``resize`` scales it (antialiased), ``flip`` mirrors it, and
+``crop_mirror_normalize`` normalizes, converts to fp16/fp32 in NCHW or NHWC and pads it to the batch's
+bucket with zeros. On the GPU path the batch never returns to the host.
+
+Why external_source and not ``fn.readers.webdataset``: the reader decides the order itself (a shuffle
+buffer), so it cannot form aspect-ratio buckets, guarantee that each sample is seen exactly once per
+epoch across ranks, or restart an epoch at step k. The plan (``plan.py``) decides all of that; the
+index files still give random access without scanning the tars.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .config import DataConfig
+from .plan import BatchPlan, PlanConfig, epoch_plan, make_buckets, square_bucket
+from .reader import Split, open_split
+
+# Normalization constants in 0-255 units (generic photographic statistics, no pretrained weights involved).
+MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+
+
+class LoaderError(RuntimeError):
+    pass
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # (n, 3, H, W) normalized, padding = 0, on the training device
+    labels: torch.Tensor  # (n,) int64, on the training device
+    sizes: torch.Tensor  # (n, 2) int32 valid (h, w) of each image, top-left aligned, on the device
+    index: torch.Tensor  # (n,) int64 sample index in the split (CPU)
+    padded: bool  # some image is smaller than the batch shape: the model should mask (see model.py)
+
+
+def dali_available() -> bool:
+    return importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
+
+
+def plan_config(cfg: DataConfig, train: bool) -> PlanConfig:
+    if cfg.res == "full":
+        buckets = make_buckets(cfg.pixels, cfg.buckets)
+    elif cfg.res == "256":
+        buckets = square_bucket(cfg.crop)
+    else:
+        raise ValueError(f"data.res must be 'full' or '256', got {cfg.res!r}")
+    return PlanConfig(
+        train=train, batch_size=cfg.batch_size, buckets=buckets, scale_min=cfg.scale_min, flip=cfg.flip,
+        crop_fraction=cfg.eval_crop_fraction, color_jitter=cfg.color_jitter if train else 0.0, fixed=cfg.res == "256",
+    )
+
+
+class Loader:
+    """Batches of one split for one rank; ``epoch(e, start_step)`` is a pure function of (seed, e)."""
+
+    def __init__(self, split: Split, cfg: DataConfig, train: bool, seed: int, rank: int, world: int,
+                 device: torch.device, dtype: torch.dtype):
+        self.split, self.cfg, self.train, self.seed = split, cfg, train, seed
+        self.rank, self.world, self.device, self.dtype = rank, world, device, dtype
+        self.plan_cfg = plan_config(cfg, train)
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        self.threads = cfg.threads or max(1, (os.cpu_count() or 1) // local)
+        self._plans: dict[int, list[BatchPlan]] = {}
+
+    def plan(self, epoch: int) -> list[BatchPlan]:
+        if epoch not in self._plans:
+            self._plans = {epoch: epoch_plan(self.split.height, self.split.width, self.plan_cfg, self.seed, epoch, self.rank, self.world)}
+        return self._plans[epoch]
+
+    def __len__(self) -> int:
+        return len(self.plan(0))
+
+    def steps(self, epoch: int) -> int:
+        return len(self.plan(epoch))
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
+        raise NotImplementedError
+
+    def _finish(self, images: torch.Tensor, p: BatchPlan, labels: torch.Tensor | None = None) -> Batch:
+        """Common tail on the device: colour jitter, dtype, memory format."""
+        if self.plan_cfg.color_jitter:
+            images = _color_jitter(images.float(), torch.from_numpy(p.color).to(self.device))
+        images = images.to(self.dtype)
+        images = images.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last else images.contiguous()
+        if labels is None:
+            labels = torch.from_numpy(self.split.labels[p.index]).to(self.device, non_blocking=True)
+        sizes = torch.from_numpy(np.stack([p.out_h, p.out_w], 1)).to(self.device, non_blocking=True)
+        padded = bool((p.out_h < p.height).any() or (p.out_w < p.width).any())
+        return Batch(images=images, labels=labels.long().view(-1), sizes=sizes, index=torch.from_numpy(p.index), padded=padded)
+
+
+def _color_jitter(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """Brightness, contrast, saturation factors f (n, 3) applied in pixel space to normalized x (n,3,H,W)."""
+    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
+    valid = (x != 0).any(1, keepdim=True)  # padding stays exactly 0
+    p = x * std + mean
+    p = p * f[:, 0].view(-1, 1, 1, 1)
+    gray = (p * torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    p = (p - gray.mean((2, 3), keepdim=True)) * f[:, 1].view(-1, 1, 1, 1) + gray.mean((2, 3), keepdim=True)
+    gray = (p * torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    p = gray + (p - gray) * f[:, 2].view(-1, 1, 1, 1)
+    return ((p.clamp(0, 255) - mean) / std) * valid
+
+
+class _Feed:
+    """external_source callback: the next planned batch as encoded bytes + per-sample parameters."""
+
+    def __init__(self, split: Split):
+        self.split = split
+        self.plans: list[BatchPlan] = []
+        self.pos = 0
+
+    def set(self, plans: list[BatchPlan]) -> None:
+        self.plans, self.pos = plans, 0
+
+    def __call__(self):
+        if self.pos >= len(self.plans):
+            raise StopIteration
+        p = self.plans[self.pos]
+        self.pos += 1
+        jpegs = [np.frombuffer(self.split.jpeg(int(i)), np.uint8) for i in p.index]
+        anchor = list(np.stack([p.x, p.y], 1))
+        shape = list(np.stack([p.cw, p.ch], 1))
+        f32 = lambda a: [np.float32(v) for v in a]  # noqa: E731  per-sample scalars
+        return (jpegs, anchor, shape, f32(p.out_w), f32(p.out_h), [np.int32(v) for v in p.flip],
+                [np.float32(p.height)] * len(p.index), [np.float32(p.width)] * len(p.index),
+                [np.array([v], np.int64) for v in self.split.labels[p.index]])
+
+
+class DaliLoader(Loader):
+    """The DALI implementation; GPU (mixed decode) when ``device`` is CUDA, CPU-only mode otherwise."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.feed = _Feed(self.split)
+        self.pipe = None
+
+    def _build(self):
+        from nvidia.dali import fn, pipeline_def, types
+
+        gpu = self.device.type == "cuda"
+        out_dtype = types.FLOAT16 if self.dtype == torch.float16 else types.FLOAT
+
+        @pipeline_def(batch_size=self.cfg.batch_size, num_threads=self.threads, prefetch_queue_depth=2,
+                      device_id=(self.device.index or 0) if gpu else None, seed=self.seed)
+        def pipe():
+            jpeg, anchor, shape, rx, ry, flip, ph, pw, label = fn.external_source(
+                source=self.feed, num_outputs=9, batch=True, parallel=False,
+                dtype=[types.UINT8, types.FLOAT, types.FLOAT, types.FLOAT, types.FLOAT, types.INT32, types.FLOAT, types.FLOAT, types.INT64],
+            )
+            # Decode only the planned crop (ROI decode): fewer pixels to decode, colour-convert and resize.
+            img = fn.decoders.image_slice(jpeg, anchor, shape, device="mixed" if gpu else "cpu", output_type=types.RGB, axis_names="WH",
+                                         normalized_anchor=False, normalized_shape=False)
+            img = fn.resize(img, resize_x=rx, resize_y=ry, antialias=True)
+            img = fn.flip(img, horizontal=flip)
+            img = fn.crop_mirror_normalize(
+                img, crop_h=ph, crop_w=pw, crop_pos_x=0.0, crop_pos_y=0.0, out_of_bounds_policy="pad", fill_values=0.0,
+                mean=list(MEAN), std=list(STD), dtype=out_dtype, output_layout="CHW",
+            )
+            return img, (label.gpu() if gpu else label)
+
+        p = pipe()
+        p.build()
+        return p
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
+        from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
+
+        plans = self.plan(epoch)[start_step:]
+        # A pipeline left mid-epoch still holds prefetched batches: build a fresh one instead of resetting.
+        if self.pipe is not None:
+            del self.pipe
+        self.feed.set(plans)
+        self.pipe = self._build()
+        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        for i, p in enumerate(plans):
+            try:
+                img_tl, lbl_tl = self.pipe.run()
+            except StopIteration:
+                raise LoaderError(f"DALI ended the epoch after {i} of {len(plans)} planned batches") from None
+            except RuntimeError as e:
+                shards = sorted({self.split.tars[int(self.split.shard[j])].name for q in plans[i : i + 3] for j in q.index})
+                raise LoaderError(f"DALI failed on a batch from the shards {shards} of {self.split.folder}: {e}\n"
+                                  f"Check them with `mame-fast shard {self.split.folder} --verify`.") from e
+            img_t, lbl_t = img_tl.as_tensor(), lbl_tl.as_tensor()
+            images = torch.empty(img_t.shape(), dtype=to_torch_type[img_t.dtype], device=self.device)
+            labels = torch.empty(lbl_t.shape(), dtype=torch.int64, device=self.device)
+            feed_ndarray(img_t, images, cuda_stream=stream)
+            feed_ndarray(lbl_t, labels, cuda_stream=stream)
+            yield self._finish(images, p, labels)
+
+
+def build_loader(cfg: DataConfig, split_name: str, train: bool, seed: int, rank: int = 0, world: int = 1,
+                 device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> Loader:
+    """The loader the config asks for (``auto``: DALI when installed, else the PIL fallback)."""
+    device = device or torch.device("cpu")
+    split = open_split(cfg.shards, split_name, cfg.res)
+    kind = cfg.loader
+    if kind == "auto":
+        kind = "dali" if dali_available() else "pil"
+    if kind == "dali":
+        if not dali_available():
+            raise LoaderError("data.loader=dali but NVIDIA DALI is not installed (pip install nvidia-dali-cuda130); use data.loader=pil")
+        return DaliLoader(split, cfg, train, seed, rank, world, device, dtype)
+    if kind == "pil":
+        from .pilloader import PilLoader
+
+        return PilLoader(split, cfg, train, seed, rank, world, device, dtype)
+    raise ValueError(f"data.loader must be 'auto', 'dali' or 'pil', got {kind!r}")

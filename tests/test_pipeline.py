@@ -1,0 +1,218 @@
+"""Input pipeline: DALI (CPU-only mode) and the PIL fallback execute the same plan."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from mame_fast import metadata as md
+from mame_fast import plan as pl
+from mame_fast.config import DataConfig
+from mame_fast.pipeline import build_loader, dali_available
+from mame_fast.reader import open_split
+from mame_fast.shard import ShardError, ShardSettings, split_shards, write_shards
+
+LOADERS = ["dali", "pil"] if dali_available() else ["pil"]
+SMALL = dict(pixels=20_000, crop=64, batch_size=8, threads=1)
+
+
+def cfg_for(shards: Path, res: str, loader: str, **kw) -> DataConfig:
+    return DataConfig(shards=str(shards), res=res, loader=loader, **{**SMALL, **kw})
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+@pytest.mark.parametrize("res", ["256", "full"])
+@pytest.mark.parametrize("train", [True, False])
+def test_batches_shapes_dtypes_labels(shards, mame_root, loader, res, train):
+    cfg = cfg_for(shards, res, loader, channels_last=False)
+    L = build_loader(cfg, "val", train=train, seed=0)
+    meta = {r.file: md.load_dir(mame_root).label(r) for r in md.load_dir(mame_root).split("val")}
+    seen = []
+    for b in L.epoch(0):
+        n, c, H, W = b.images.shape
+        assert c == 3 and b.images.dtype == torch.float32 and b.labels.dtype == torch.int64
+        if res == "256":
+            assert (H, W) == (64, 64)
+        else:
+            assert abs(H * W - 20_000) < 0.1 * 20_000
+        assert -3.0 < b.images.min() and b.images.max() < 3.0  # normalized
+        for k, i in enumerate(b.index.tolist()):
+            assert int(b.labels[k]) == meta[L.split.files[i]]  # label equals the metadata label of its key
+            h, w = b.sizes[k].tolist()
+            assert b.images[k, :, h:, :].abs().sum() == 0 and b.images[k, :, :, w:].abs().sum() == 0
+            assert b.images[k, :, :h, :w].abs().sum() > 0
+        seen += b.index.tolist()
+    assert sorted(seen) == list(range(len(L.split)))
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_dtype_and_channels_last(shards, loader):
+    cfg = cfg_for(shards, "256", loader, channels_last=True)
+    b = next(build_loader(cfg, "val", train=True, seed=0, dtype=torch.bfloat16).epoch(0))
+    assert b.images.dtype == torch.bfloat16 and b.images.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.fixture(scope="module")
+def disc_shards(tmp_path_factory, mame_root) -> Path:
+    """Val images replaced by a black disc on white, at the images' real (varied) aspect ratios."""
+    root = tmp_path_factory.mktemp("disc") / "root"
+    shutil.copytree(mame_root, root)
+    for r in md.load_dir(root).split("val"):
+        img = Image.new("RGB", (r.width, r.height), (255, 255, 255))
+        rad = 0.3 * min(r.width, r.height)
+        cx, cy = r.width / 2, r.height / 2
+        ImageDraw.Draw(img).ellipse((cx - rad, cy - rad, cx + rad, cy + rad), fill=(0, 0, 0))
+        img.save(root / "data" / r.file, quality=95)
+    return write_shards(root, root.parent / "shards", ShardSettings(max_pixels=None, max_side=400, splits=("val",)))
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+@pytest.mark.parametrize("res", ["256", "full"])
+@pytest.mark.parametrize("train", [True, False])
+def test_no_deformation(disc_shards, loader, res, train):
+    """A drawn disc stays a disc (bounding box square to 1-2 px) through crop, resize and flip."""
+    cfg = cfg_for(disc_shards, res, loader, pixels=40_000, crop=96, scale_min=1.0, channels_last=False)
+    L = build_loader(cfg, "val", train=train, seed=3)
+    checked = 0
+    for b in L.epoch(0):
+        for k in range(len(b.labels)):
+            h, w = b.sizes[k].tolist()
+            dark = (b.images[k, :, :h, :w].mean(0) < -1.0).numpy()  # black in normalized units
+            ys, xs = np.nonzero(dark)
+            if len(ys) < 50 or ys.min() == 0 or xs.min() == 0 or ys.max() == h - 1 or xs.max() == w - 1:
+                continue  # disc cut by a training crop at an extreme aspect ratio: not measurable
+            bh, bw = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
+            assert abs(bh - bw) <= max(2, 0.04 * bh), (bh, bw, h, w)
+            checked += 1
+    assert checked >= 20
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("train", [True, False])
+def test_every_sample_once_per_epoch_across_ranks(world, train):
+    rng = np.random.default_rng(0)
+    n = 1001  # not a multiple of anything
+    h, w = rng.integers(100, 1000, n), rng.integers(100, 1000, n)
+    cfg = pl.PlanConfig(train=train, batch_size=16, buckets=pl.make_buckets(20_000, 12))
+    for epoch in range(2):
+        per_rank = [pl.epoch_plan(h, w, cfg, seed=0, epoch=epoch, rank=r, world=world) for r in range(world)]
+        assert len({len(p) for p in per_rank}) == 1  # same number of steps on every rank
+        seen = np.concatenate([b.index for p in per_rank for b in p])
+        assert len(seen) == n and len(np.unique(seen)) == n
+        for p in per_rank:  # a batch shares one bucket
+            for b in p:
+                assert len({int(k) for k in pl.assign(h[b.index], w[b.index], cfg.buckets)}) == 1
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_real_loaders_split_across_ranks(shards, loader):
+    cfg = cfg_for(shards, "full", loader)
+    seen = []
+    for rank in range(3):
+        L = build_loader(cfg, "train", train=True, seed=1, rank=rank, world=3)
+        seen += [i for b in L.epoch(0) for i in b.index.tolist()]
+    assert sorted(seen) == list(range(len(open_split(shards, "train"))))
+
+
+def test_order_changes_per_epoch_and_repeats_per_seed():
+    rng = np.random.default_rng(0)
+    h, w = rng.integers(100, 1000, 500), rng.integers(100, 1000, 500)
+    cfg = pl.PlanConfig(train=True, batch_size=16, buckets=pl.make_buckets(20_000, 12))
+    order = lambda seed, epoch: np.concatenate([b.index for b in pl.epoch_plan(h, w, cfg, seed, epoch)])  # noqa: E731
+    assert not np.array_equal(order(0, 0), order(0, 1))
+    assert np.array_equal(order(0, 1), order(0, 1))
+    assert not np.array_equal(order(0, 1), order(1, 1))
+    a, b = pl.epoch_plan(h, w, cfg, 0, 0), pl.epoch_plan(h, w, cfg, 0, 0)
+    assert all(np.array_equal(x.x, y.x) and np.array_equal(x.flip, y.flip) for x, y in zip(a, b))
+
+
+def test_bucketing_padding_on_real_mame_aspects():
+    rows = md.load_dir().rows
+    h = np.array([r.height for r in rows], float)
+    w = np.array([r.width for r in rows], float)
+    b = pl.make_buckets(360_000, 20)
+    assert pl.padding_fraction(h, w, b).mean() <= 0.05
+    assert abs(b.aspect.min() - 0.25) < 0.01 and abs(b.aspect.max() - 4.0) < 0.1  # up to rounding to 8 px
+    assert ((b.h * b.w) / 360_000 > 0.97).all() and ((b.h * b.w) / 360_000 < 1.03).all()
+    extreme = ((w / h) < b.aspect.min()) | ((w / h) > b.aspect.max())
+    assert extreme.mean() < 0.01  # only these need a crop to fit a bucket
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_restore_then_continue_gives_the_same_batches(shards, loader):
+    cfg = cfg_for(shards, "full", loader, color_jitter=0.2)
+    full = [(b.index.clone(), b.images.clone()) for b in build_loader(cfg, "train", True, seed=5).epoch(1)]
+    k = len(full) // 2
+    fresh = build_loader(cfg, "train", True, seed=5)  # as after a restart: a new loader object
+    resumed = [(b.index, b.images) for b in fresh.epoch(1, start_step=k)]
+    assert len(resumed) == len(full) - k
+    for (i1, x1), (i2, x2) in zip(full[k:], resumed):
+        assert torch.equal(i1, i2) and torch.equal(x1, x2)
+
+
+# Bad shard folders: a clear error naming the shard, raised when the loader is built (before training).
+
+
+def _copy(shards: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "s"
+    shutil.copytree(shards, dst)
+    return dst
+
+
+def test_truncated_shard(shards, tmp_path):
+    s = _copy(shards, tmp_path)
+    tar = split_shards(s, "train")[0]
+    tar.write_bytes(tar.read_bytes()[:-5000])
+    with pytest.raises(ShardError, match=f"{tar.name}.*truncated or changed"):
+        build_loader(cfg_for(s, "full", "pil"), "train", True, 0)
+
+
+def test_missing_index(shards, tmp_path):
+    s = _copy(shards, tmp_path)
+    idx = split_shards(s, "train")[1].with_suffix(".idx")
+    idx.unlink()
+    with pytest.raises(ShardError, match=f"{idx.name}: missing index"):
+        build_loader(cfg_for(s, "full", "pil"), "train", True, 0)
+
+
+def test_stale_index(shards, tmp_path):
+    s = _copy(shards, tmp_path)
+    a, b = (t.with_suffix(".idx") for t in split_shards(s, "train")[:2])
+    a.write_text(b.read_text())
+    with pytest.raises(ShardError, match=f"{a.name}: stale or foreign index"):
+        build_loader(cfg_for(s, "full", "pil"), "train", True, 0)
+
+
+def test_other_variant(mame_root, tmp_path):
+    s = write_shards(mame_root, tmp_path, ShardSettings(variant="256", max_pixels=None, splits=("val",)))
+    with pytest.raises(ShardError, match="'256' shards"):
+        build_loader(cfg_for(s, "full", "pil"), "val", True, 0)
+    assert len(build_loader(cfg_for(s, "256", "pil"), "val", True, 0).split) == 29  # fine at --res 256
+
+
+def test_missing_split_and_no_manifest(shards, tmp_path):
+    s = _copy(shards, tmp_path)
+    import json
+
+    m = json.loads((s / "manifest.json").read_text())
+    m["splits"]["val"]["count"] = 0
+    (s / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ShardError, match="'val' split is empty"):
+        build_loader(cfg_for(s, "full", "pil"), "val", True, 0)
+    del m["splits"]["test"]
+    (s / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ShardError, match="no 'test' split here"):
+        build_loader(cfg_for(s, "full", "pil"), "test", True, 0)
+    (s / "manifest.json").unlink()
+    with pytest.raises(ShardError, match="no manifest.json"):
+        build_loader(cfg_for(s, "full", "pil"), "train", True, 0)
+
+
+def test_config_fields_documented():
+    assert all(f.name for f in dataclasses.fields(DataConfig))
