@@ -95,6 +95,10 @@ class TrainConfig:
     """Stop after this many steps in total (0: no limit); for smoke tests and benchmarks."""
     out: str = "runs"
     """Folder that holds the run folders."""
+    record_samples: bool = False
+    """Write each rank's per-epoch sample indices and final weights digest to rank<r>.json (checks)."""
+    hist_epochs: int = 3
+    """Save weight and activation histograms per stage at this many epochs (first, ..., last)."""
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
 

@@ -1,0 +1,101 @@
+"""Stage 5c: what state a run is in, from its curves, with the numbers behind the verdict and the next
+step of the course's method: start small and underfit, grow until it overfits, then regularize.
+
+Verdicts, checked in this order (the first that holds wins):
+- ``diverged``: a non-finite loss, or the last train loss above 3x its minimum;
+- ``unstable``: the validation loss zig-zags (over a third of the epoch-to-epoch changes reverse
+  direction with swings above 10% of the loss range);
+- ``overfitting``: the validation loss has risen for the last epochs by more than ``tol`` above its
+  minimum while the training loss kept falling; reports the epoch where it started and the train/val gap;
+- ``underfitting``: training accuracy is low (below ``low_acc``), with the losses still falling or
+  having plateaued;
+- ``not converged``: still improving at the end (the validation loss fell over the last epochs);
+- ``fitting``: none of the above: the validation loss is at or near its minimum and has flattened.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .records import read_metrics
+
+NEXT = {
+    "diverged": "Lower the learning rate (e.g. /3), add warm-up or gradient clipping (optim.clip_grad=1), check the data.",
+    "unstable": "Lower the learning rate or raise the batch size; consider EMA weights (optim.ema=0.999).",
+    "overfitting": "Regularize: more augmentation (data.color_jitter, data.scale_min lower), optim.mixup/cutmix, "
+                   "drop_path/dropout in the spec, more weight decay, label smoothing; or stop at the best epoch.",
+    "underfitting": "Grow the model (wider or deeper stages in the spec), train longer, or lower regularization.",
+    "not converged": "Train longer (more epochs): the validation loss was still falling.",
+    "fitting": "Grow the model until it overfits, then regularize; or run the test set once with the best checkpoint.",
+}
+
+
+@dataclass
+class Diagnosis:
+    verdict: str
+    reasons: list[str]
+    next_step: str
+    numbers: dict = field(default_factory=dict)
+
+    def text(self) -> str:
+        return f"{self.verdict}: " + "; ".join(self.reasons) + f". Next: {self.next_step}"
+
+
+def diagnose_history(train_loss: list[float], val_loss: list[float], train_acc: list[float], val_acc: list[float],
+                     low_acc: float = 0.6, tol: float = 0.02, window: int = 3) -> Diagnosis:
+    """Classify a run from per-epoch histories (all the same length, one value per epoch)."""
+    tl, vl = np.asarray(train_loss, float), np.asarray(val_loss, float)
+    ta, va = np.asarray(train_acc, float), np.asarray(val_acc, float)
+    n = len(tl)
+    num = {"epochs": n}
+    if n == 0:
+        return Diagnosis("not converged", ["no finished epoch"], NEXT["not converged"], num)
+    num.update(final_train_loss=float(tl[-1]), final_val_loss=float(vl[-1]), final_train_acc=float(ta[-1]),
+               final_val_acc=float(va[-1]), best_val_acc=float(np.nanmax(va)), best_epoch=int(np.nanargmax(va)) + 1,
+               gap=float(ta[-1] - va[-1]))
+    if not (np.isfinite(tl).all() and np.isfinite(vl).all()) or tl[-1] > 3 * np.min(tl):
+        bad = int(np.argmax(~np.isfinite(tl) | ~np.isfinite(vl) | (tl > 3 * np.nanmin(tl)))) + 1
+        return Diagnosis("diverged", [f"loss became non-finite or exploded at epoch {bad} (train loss {tl[bad - 1]:.3g}, minimum {np.nanmin(tl):.3g})"],
+                         NEXT["diverged"], {**num, "epoch": bad})
+    rng = max(np.ptp(vl), 1e-12)
+    d = np.diff(vl)
+    if n >= 5:
+        flips = np.sum(np.sign(d[1:]) != np.sign(d[:-1]))
+        big = np.mean(np.abs(d) > 0.1 * rng)
+        if flips / (len(d) - 1) > 1 / 3 and big > 0.5 and np.ptp(vl[-window:]) > 0.25 * rng:
+            return Diagnosis("unstable", [f"validation loss changed direction {flips} times in {n} epochs with swings of up to {np.abs(d).max():.3f}"],
+                             NEXT["unstable"], {**num, "reversals": int(flips)})
+    best = int(np.argmin(vl))
+    rise = vl[-1] - vl[best]
+    k = min(window, n - 1)
+    if best < n - 1 and rise > tol * max(vl[best], 1e-12) and tl[-1] < tl[best] and n - 1 - best >= min(2, k):
+        return Diagnosis(
+            "overfitting",
+            [f"validation loss rose from {vl[best]:.3f} (epoch {best + 1}) to {vl[-1]:.3f} while the training loss fell from "
+             f"{tl[best]:.3f} to {tl[-1]:.3f}", f"train/val accuracy gap {ta[-1] - va[-1]:+.3f}", f"best val accuracy {np.nanmax(va):.3f} at epoch {int(np.nanargmax(va)) + 1}"],
+            NEXT["overfitting"], {**num, "start_epoch": best + 1},
+        )
+    falling = k > 0 and vl[-1] < vl[-1 - k] - tol * max(abs(vl[-1 - k]), 1e-12)
+    if ta[-1] < low_acc:
+        state = "still falling" if falling else "plateaued"
+        return Diagnosis("underfitting", [f"training accuracy only {ta[-1]:.3f} (< {low_acc}); losses {state} (train {tl[-1]:.3f}, val {vl[-1]:.3f})",
+                                          f"train/val accuracy gap {ta[-1] - va[-1]:+.3f}"], NEXT["underfitting"], num)
+    if falling:
+        return Diagnosis("not converged", [f"validation loss still fell from {vl[-1 - k]:.3f} to {vl[-1]:.3f} over the last {k} epochs"],
+                         NEXT["not converged"], num)
+    return Diagnosis("fitting", [f"validation loss flat near its minimum {vl[best]:.3f}; train accuracy {ta[-1]:.3f}, val {va[-1]:.3f}, gap {ta[-1] - va[-1]:+.3f}"],
+                     NEXT["fitting"], num)
+
+
+def diagnose_run(run_dir: Path, **kw) -> Diagnosis:
+    from .records import read_run_info
+
+    rows = [r for r in read_metrics(run_dir) if r.get("val")]
+    info = read_run_info(run_dir)
+    if info.get("status") == "diverged":
+        return Diagnosis("diverged", ["the run stopped on a non-finite loss"], NEXT["diverged"], {"epochs": len(rows)})
+    return diagnose_history([r["train_loss"] for r in rows], [r["val"]["loss"] for r in rows],
+                            [r["train_top1"] for r in rows], [r["val"]["top1"] for r in rows], **kw)
