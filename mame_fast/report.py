@@ -139,7 +139,8 @@ def _short(v) -> str:
 
 def card_markdown(s: dict, link_prefix: str = "") -> str:
     md = [f"## {s['title']}", "", "**1 - Previous observed state**", ""] + [f"- {p}" for p in s["previous"]]
-    md += ["", "**2 - Current hypothesis**", "", s["hypothesis"], "", "**3 - Experimental setup & details**", ""] + s["setup"]
+    md += ["", "**2 - Current hypothesis**", "", s["hypothesis"], "", "**3 - Experimental setup & details**", ""]
+    md += [line for x in s["setup"] for line in (x, "")][:-1]
     if s["diff_against"]:
         md += ["", f"Changes against {s['diff_against']}:", "", "| key | before | now |", "|---|---|---|"]
         md += [f"| `{k}` | {a} | {b} |" for k, a, b in s["diff"]] or ["| (none) | | |"]

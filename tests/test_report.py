@@ -1,0 +1,95 @@
+"""Experiment records: diagnosis of real short runs, cards with five parts and the right diff, plots that
+are real images, a report with every run, and the data report on the real metadata."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mame_fast.config import load
+from mame_fast.diagnose import diagnose_run
+from mame_fast.explore import explore
+from mame_fast.report import add_note, card_sections, runs_table, write_card, write_report
+from mame_fast.train import run
+
+
+def _cfg(shards, out, *sets):
+    base = [f"data.shards={shards}", f"out={out}", "data.res=256", "data.crop=48", "data.batch_size=16", "data.threads=1",
+            "log_every=2", "hist_epochs=2", "optim.name=adamw", "optim.weight_decay=0"]
+    return load(None, base + list(sets))
+
+
+@pytest.fixture(scope="module")
+def two_runs(shards, tmp_path_factory):
+    """A tiny model that underfits, then a larger one without regularization that overfits (real runs)."""
+    root = tmp_path_factory.mktemp("runs")
+    under = run(_cfg(shards, root, "model=tiny", "epochs=2", "optim.lr=0.0005"), name="tiny-under",
+                meta={"hypothesis": "start small", "after": []})
+    # No augmentation, no label smoothing, no decay, a constant learning rate: 87 images get memorized.
+    over = run(_cfg(shards, root, "model=small", "epochs=25", "optim.lr=0.1", "optim.label_smoothing=0", "data.flip=false",
+                    "data.scale_min=1.0", "optim.warmup_epochs=0", "optim.schedule=constant", "hist_epochs=2"), name="small-over",
+               meta={"hypothesis": "more capacity fits the training set", "after": [1]})
+    return root, under, over
+
+
+def test_diagnose_real_runs(two_runs):
+    _, under, over = two_runs
+    assert diagnose_run(under).verdict == "underfitting"
+    d = diagnose_run(over)
+    assert d.verdict == "overfitting", d.text()
+    assert d.numbers["final_train_acc"] > d.numbers["final_val_acc"] and d.numbers["start_epoch"] < 25
+
+
+def test_card_has_five_parts_right_numbers_and_diff(two_runs):
+    root, under, over = two_runs
+    add_note(over, "the val loss turns up after a few epochs")
+    text = (over / "card.md").read_text()
+    for part in ("1 - Previous observed state", "2 - Current hypothesis", "3 - Experimental setup & details",
+                 "4 - Experimental outcomes", "5 - Observations"):
+        assert part in text
+    assert text.startswith("## #2: small-over")
+    assert "#1 (tiny-under)" in text and "underfitting" in text  # part 1 from the predecessor's outcomes
+    assert "more capacity fits the training set" in text
+    s = card_sections(over, root)
+    diff = {k: (a, b) for k, a, b in s["diff"]}
+    assert diff["model"] == ("tiny", "small") and diff["epochs"] == ("2", "25") and diff["data.flip"] == ("True", "False")
+    assert "optim.weight_decay" not in diff  # same in both
+    from mame_fast.report import outcomes
+
+    o = outcomes(over)
+    assert f"{100 * o['best_val']:.1f}%" in text and f"{100 * o['gap']:.1f}%" in text
+    assert "Note: the val loss turns up after a few epochs" in text and "overfitting" in text
+
+
+def test_plots_are_real_images(two_runs):
+    _, _, over = two_runs
+    for name in ("curves", "training", "confusion", "per_class", "histograms"):
+        im = np.asarray(Image.open(over / "plots" / f"{name}.png").convert("L"), float)
+        assert im.shape[0] > 200 and im.shape[1] > 300
+        assert im.std() > 10  # not blank
+
+
+def test_report_includes_every_run(two_runs):
+    root, under, over = two_runs
+    md, html = write_report(root)
+    text = md.read_text()
+    assert "## #1: tiny-under" in text and "## #2: small-over" in text
+    assert "<h2>#1: tiny-under</h2>" in html.read_text() and "<h2>#2: small-over</h2>" in html.read_text()
+    assert [r["#"] for r in runs_table(root)] == [1, 2]
+    assert write_card(under).read_text().count("**") >= 10
+
+
+def test_explore_reproduces_the_real_counts(tmp_path):
+    s = explore(None, tmp_path)
+    assert s["splits"] == {"train": 20300, "val": 1450, "test": 15657} and s["classes"] == 29 and s["rows"] == 37407
+    assert round(s["max_mpx"]) == 373 and s["aspect_max"] > 15 and s["aspect_min"] < 0.12
+    text = (tmp_path / "explore.md").read_text()
+    assert "| train | 20,300 |" in text and "| Woven fabric | 700 | 50 |" in text
+    for p in ("class_split_counts", "class_museum_counts", "sizes"):
+        assert np.asarray(Image.open(tmp_path / f"{p}.png").convert("L"), float).std() > 10
+
+
+def test_explore_with_images(mame_root, tmp_path):
+    s = explore(mame_root, tmp_path)
+    assert s["splits"]["val"] == 29 and (tmp_path / "samples.png").is_file()
