@@ -184,11 +184,16 @@ def train(
     name: str = typer.Option("run", help="Run name (folder runs/<NNN>-<name>/)."),
     after: List[int] = typer.Option([], "--after", help="Number(s) of the experiment(s) this one follows (for its card)."),
     hypothesis: str = typer.Option("", help="What this experiment tests (for its card)."),
+    tensorboard: bool = typer.Option(False, "--tensorboard", help="Also log to TensorBoard (<run>/tb); same as --set tensorboard=true."),
 ) -> None:
     """Train a spec-built CNN (single process, or under torchrun on one or many nodes)."""
+    from .pipeline import LoaderError
+    from .records import MissingPackage
     from .train import TrainingDiverged, run
 
     sets = list(set_)
+    if tensorboard:
+        sets.append("tensorboard=true")
     if res:
         sets.append(f"data.res={res}")
     if shards:
@@ -198,7 +203,7 @@ def train(
         run_dir = run(cfg, name=name, resume=resume, meta={"after": list(after), "hypothesis": hypothesis}, console=console)
     except TrainingDiverged as e:
         _fail(str(e))
-    except ValueError as e:
+    except (ValueError, LoaderError, MissingPackage) as e:
         _fail(str(e))
     if int(os.environ.get("RANK", "0")) == 0:
         console.print(f"run folder: {run_dir}")

@@ -99,6 +99,8 @@ class TrainConfig:
     """Write each rank's per-epoch sample indices and final weights digest to rank<r>.json (checks)."""
     hist_epochs: int = 3
     """Save weight and activation histograms per stage at this many epochs (first, ..., last)."""
+    tensorboard: bool = False
+    """Also log scalars, histograms and plots to TensorBoard (<run>/tb; needs `pip install tensorboard`)."""
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .pipeline import MEAN, STD, Batch, Loader
+from .pipeline import MEAN, STD, Batch, Loader, valid_mask
 from .plan import BatchPlan
 from .reader import Split
 
@@ -68,11 +68,5 @@ class PilLoader(Loader):
             x = raw.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
             x = (x - mean) / std
             if (p.out_h < p.height).any() or (p.out_w < p.width).any():
-                x = x * _valid_mask(p, self.device)  # padding is exactly 0, as in DALI's output
+                x = x * valid_mask(p, self.device)  # padding is exactly 0, as in DALI's output
             yield self._finish(x, p)
-
-
-def _valid_mask(p: BatchPlan, device: torch.device) -> torch.Tensor:
-    hh = torch.arange(p.height, device=device).view(1, -1, 1) < torch.from_numpy(p.out_h).to(device).view(-1, 1, 1)
-    ww = torch.arange(p.width, device=device).view(1, 1, -1) < torch.from_numpy(p.out_w).to(device).view(-1, 1, 1)
-    return (hh & ww).unsqueeze(1).float()

@@ -112,7 +112,8 @@ class Loader:
     def _finish(self, images: torch.Tensor, p: BatchPlan, labels: torch.Tensor | None = None) -> Batch:
         """Common tail on the device: colour jitter, dtype, memory format."""
         if self.plan_cfg.color_jitter:
-            images = _color_jitter(images.float(), torch.from_numpy(p.color).to(self.device))
+            valid = valid_mask(p, self.device)
+            images = _color_jitter(images.float(), torch.from_numpy(p.color).to(self.device)) * valid
         images = images.to(self.dtype)
         images = images.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last else images.contiguous()
         if labels is None:
@@ -122,18 +123,24 @@ class Loader:
         return Batch(images=images, labels=labels.long().view(-1), sizes=sizes, index=torch.from_numpy(p.index), padded=padded)
 
 
+def valid_mask(p: BatchPlan, device: torch.device) -> torch.Tensor:
+    """(n, 1, H, W) float mask of the real pixels of a planned batch (top-left aligned)."""
+    hh = torch.arange(p.height, device=device).view(1, -1, 1) < torch.from_numpy(p.out_h).to(device).view(-1, 1, 1)
+    ww = torch.arange(p.width, device=device).view(1, 1, -1) < torch.from_numpy(p.out_w).to(device).view(-1, 1, 1)
+    return (hh & ww).unsqueeze(1).float()
+
+
 def _color_jitter(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     """Brightness, contrast, saturation factors f (n, 3) applied in pixel space to normalized x (n,3,H,W)."""
     mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
-    valid = (x != 0).any(1, keepdim=True)  # padding stays exactly 0
     p = x * std + mean
     p = p * f[:, 0].view(-1, 1, 1, 1)
     gray = (p * torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
     p = (p - gray.mean((2, 3), keepdim=True)) * f[:, 1].view(-1, 1, 1, 1) + gray.mean((2, 3), keepdim=True)
     gray = (p * torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
     p = gray + (p - gray) * f[:, 2].view(-1, 1, 1, 1)
-    return ((p.clamp(0, 255) - mean) / std) * valid
+    return (p.clamp(0, 255) - mean) / std
 
 
 class _Feed:
@@ -271,15 +278,14 @@ class DaliLoader(Loader):
             x = a.permute(1, 2, 0)  # (oh, ow, 3), contiguous
             if p.flip[k]:
                 x = x.flip(1)
-            y = x.reshape(oh, ow * 3).float()
-            y.mul_(scale[: ow * 3]).add_(bias[: ow * 3])
-            y = y.view(oh, ow, 3)
-            if cl:
-                out[k, :oh, :ow].copy_(y)
+            if cl:  # one fused pass from uint8 into the batch's rows (0.20 ms vs 0.34 with a temporary)
+                torch.addcmul(bias[: ow * 3], x.reshape(oh, ow * 3), scale[: ow * 3], out=out[k, :oh, :ow].reshape(oh, ow * 3))
                 out[k, oh:].zero_()
                 out[k, :oh, ow:].zero_()
             else:
-                out[k, :, :oh, :ow].copy_(y.permute(2, 0, 1))
+                y = x.reshape(oh, ow * 3).float()
+                y.mul_(scale[: ow * 3]).add_(bias[: ow * 3])
+                out[k, :, :oh, :ow].copy_(y.view(oh, ow, 3).permute(2, 0, 1))
                 out[k, :, oh:].zero_()
                 out[k, :, :oh, ow:].zero_()
 

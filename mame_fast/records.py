@@ -117,6 +117,69 @@ class Progress:
             self.p = None
 
 
+# -- TensorBoard (optional) ---------------------------------------------------------------------------
+
+
+class MissingPackage(RuntimeError):
+    pass
+
+
+class TensorBoard:
+    """The same scalars, histograms and plots in TensorBoard; does nothing when ``run_dir`` is None."""
+
+    def __init__(self, run_dir: Path | None):
+        self.w = None
+        if run_dir is None:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:  # torch's writer needs the tensorboard package
+            raise MissingPackage("tensorboard=true needs the tensorboard package: pip install 'mame-fast[tensorboard]'") from e
+        self.w = SummaryWriter(str(Path(run_dir) / "tb"))
+
+    def step(self, step: int, stats: dict, lr: float, wait: float) -> None:
+        if self.w:
+            self.w.add_scalar("train/loss_running", stats["loss"], step)
+            self.w.add_scalar("train/top1_running", stats["top1"], step)
+            self.w.add_scalar("train/lr", lr, step)
+            self.w.add_scalar("train/data_wait", wait, step)
+
+    def epoch(self, row: dict) -> None:
+        if not self.w:
+            return
+        e = row["epoch"]
+        for k in ("train_loss", "train_top1", "grad_norm", "images_per_s", "data_wait", "lr"):
+            self.w.add_scalar(f"epoch/{k}", row[k], e)
+        for part in ("val", "val_ema"):
+            for k in ("loss", "top1", "top5", "balanced_acc"):
+                if part in row:
+                    self.w.add_scalar(f"{part}/{k}", row[part][k], e)
+
+    def histograms(self, run_dir: Path, epoch: int) -> None:
+        if not self.w:
+            return
+        d = np.load(Path(run_dir) / "hist" / f"epoch_{epoch:03d}.npz")
+        for k in sorted({k.rsplit("/", 1)[0] for k in d.files}):
+            c, e = d[f"{k}/counts"], d[f"{k}/edges"]
+            centers = (e[:-1] + e[1:]) / 2
+            self.w.add_histogram_raw(k, min=float(e[0]), max=float(e[-1]), num=int(c.sum()), sum=float((c * centers).sum()),
+                                     sum_squares=float((c * centers**2).sum()), bucket_limits=e[1:].tolist(),
+                                     bucket_counts=c.tolist(), global_step=epoch)
+
+    def images(self, paths: list[Path]) -> None:
+        if not self.w:
+            return
+        from PIL import Image
+
+        for p in paths:
+            self.w.add_image(f"plots/{p.stem}", np.asarray(Image.open(p).convert("RGB")), dataformats="HWC")
+
+    def close(self) -> None:
+        if self.w:
+            self.w.close()
+            self.w = None
+
+
 # -- histograms ---------------------------------------------------------------------------------------
 
 

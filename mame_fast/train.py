@@ -320,6 +320,7 @@ def _run(cfg: TrainConfig, name: str, resume: Path | None, meta: dict, rt: Runti
             })
 
     progress = records.Progress(rt.master, console, cfg.epochs, steps_per_epoch)
+    tb = records.TensorBoard(run_dir if cfg.tensorboard and rt.master else None)
     interrupted = []
     # Ctrl-C sets a flag; the loop saves a resumable checkpoint at the end of the current step.
     old_handler = signal.signal(signal.SIGINT, lambda *a: interrupted.append(True))
@@ -357,7 +358,9 @@ def _run(cfg: TrainConfig, name: str, resume: Path | None, meta: dict, rt: Runti
                         raise TrainingDiverged(
                             f"loss became {stats['loss_last']} at epoch {epoch} step {step}; the last good checkpoint is "
                             f"{run_dir / 'last.pt'}. Lower optim.lr, add optim.clip_grad, or check the data.")
-                    progress.update(epoch, step, stats, sched.get_last_lr()[0], t_wait / (time.perf_counter() - t0))
+                    wait = t_wait / (time.perf_counter() - t0)
+                    progress.update(epoch, step, stats, sched.get_last_lr()[0], wait)
+                    tb.step(global_step, stats, sched.get_last_lr()[0], wait)
                 stop_now = bool(interrupted) or stop
                 if rt.world > 1:
                     flag = torch.tensor(float(stop_now), device=rt.device)
@@ -387,16 +390,19 @@ def _run(cfg: TrainConfig, name: str, resume: Path | None, meta: dict, rt: Runti
             if rt.master:
                 if epoch in records.hist_epochs(cfg.epochs, cfg.hist_epochs):
                     records.save_histograms(run_dir, model, val_loader, epoch + 1)
+                    tb.histograms(run_dir, epoch + 1)
                 records.append_metrics(run_dir, row)
+                tb.epoch(row)
                 progress.epoch_done(row)
             if halt:
                 break
         if rt.master:
-            records.plot_run(run_dir, classes)
+            tb.images(records.plot_run(run_dir, classes))
         return run_dir
     finally:
         signal.signal(signal.SIGINT, old_handler)
         progress.close()
+        tb.close()
         if cfg.record_samples:
             (run_dir / f"rank{rt.rank}.json").write_text(json.dumps({"seen": seen, "weights_sha256": weights_digest(model)}))
         if rt.master:

@@ -93,3 +93,21 @@ def test_explore_reproduces_the_real_counts(tmp_path):
 def test_explore_with_images(mame_root, tmp_path):
     s = explore(mame_root, tmp_path)
     assert s["splits"]["val"] == 29 and (tmp_path / "samples.png").is_file()
+
+
+def test_tensorboard_gets_the_same_scalars_histograms_and_plots(shards, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    d = run(_cfg(shards, tmp_path, "model=tiny", "epochs=2", "optim.lr=0.01", "tensorboard=true"), name="tb")
+    ea = EventAccumulator(str(d / "tb"), size_guidance={"images": 0, "histograms": 0, "scalars": 0})
+    ea.Reload()
+    tags = ea.Tags()
+    from mame_fast.records import read_metrics
+
+    rows = read_metrics(d)
+    vals = [e.value for e in ea.Scalars("val/top1")]
+    assert vals == pytest.approx([r["val"]["top1"] for r in rows])
+    assert {"train/loss_running", "train/lr", "epoch/images_per_s", "epoch/data_wait"} <= set(tags["scalars"])
+    assert "weights/stage1" in tags["histograms"] and "activations/stage3" in tags["histograms"]
+    assert {"plots/curves", "plots/confusion"} <= set(tags["images"])
