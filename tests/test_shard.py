@@ -310,3 +310,34 @@ def test_sample_layout_and_sizes_match_files(mame_root):
     assert b"Woven fabric ," in (mame_root / md.DATASET_CSV).read_bytes()  # the official pitfall kept
     toy = md.parse_dataset((mame_root / md.TOY_CSV).read_bytes(), "toy")
     assert {r.file for r in toy} <= files
+
+
+_RSS = """
+import resource, sys
+from pathlib import Path
+from mame_fast.shard import prepare_image, ShardSettings
+jpg, w, h, note = prepare_image(Path(sys.argv[1]).read_bytes(), sys.argv[1], ShardSettings(max_pixels=1_000_000))
+print(w, h, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+"""
+
+
+@pytest.mark.slow
+def test_huge_original_decodes_in_bounded_memory(tmp_path):
+    """A 192 Mpx JPEG (above PIL's 179 Mpx decompression-bomb limit) is shrunk to the budget through DCT
+    scaling: no bomb error, and peak memory within a few MB of a 3 Mpx image (a full decode needs 192 MB+)."""
+    import sys
+
+    def jpeg(path: Path, w: int, h: int) -> Path:
+        a = (np.add.outer(np.arange(h, dtype=np.uint16) % 256, np.arange(w, dtype=np.uint16) % 256) // 2).astype(np.uint8)
+        Image.fromarray(a, "L").save(path, quality=80)
+        return path
+
+    def peak(path: Path) -> tuple[int, int, int]:
+        out = subprocess.run([sys.executable, "-c", _RSS, str(path)], capture_output=True, text=True, check=True).stdout
+        w, h, mb = map(int, out.split())
+        return w, h, mb
+
+    w, h, big = peak(jpeg(tmp_path / "huge.jpg", 16000, 12000))
+    assert w * h <= 1_000_000 and abs(w / h - 16000 / 12000) < 2 / h
+    _, _, small = peak(jpeg(tmp_path / "small.jpg", 2000, 1500))
+    assert big - small < 64, (big, small)
