@@ -15,13 +15,13 @@ skipped.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import yaml
-from timm.layers import ConvNormAct, DropPath, SEModule, create_conv2d, get_act_layer, get_norm_layer
+from timm.layers import ConvNormAct, DropPath, SEModule, get_act_layer, get_norm_layer
 
 from .config import ConfigError, merge
 
@@ -232,7 +232,7 @@ class Net(nn.Module):
 
     def features(self, x: torch.Tensor, sizes: torch.Tensor | None = None, taps: dict | None = None):
         mask = self.mask_from_sizes(sizes, x.shape[2], x.shape[3], x.dtype)
-        for i, layer in enumerate(self.stem):
+        for layer in self.stem:
             mask = _down(mask, layer.conv.stride[0])
             x = _m(layer(x), mask)
         for i, b in enumerate(self.blocks):

@@ -75,7 +75,7 @@ def open_split(folder: Path, split: str, res: str | None = None) -> Split:
     size = np.zeros(len(keys), np.int64)
     tars = []
     pos = 0
-    for j, sh in enumerate(s["shards"]):
+    for sh in s["shards"]:
         tar, idx = folder / sh["tar"], folder / sh["idx"]
         if not tar.is_file():
             raise ShardError(f"{tar}: missing shard listed in the manifest; re-run `mame-fast shard` to restore it")

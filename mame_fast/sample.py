@@ -171,7 +171,7 @@ def _jpeg(img: Image.Image, quality: int) -> bytes:
     return buf.getvalue()
 
 
-def _make_one(args: tuple) -> tuple[str, bytes, bytes, int, int]:
+def _make_one(args: tuple) -> tuple[str, bytes, bytes]:
     row, label, side, seed, n_classes = args
     # Per-image RNG from (seed, file name): independent of worker scheduling, so output is deterministic.
     rng = np.random.default_rng([seed, *row.file.encode()])
@@ -183,7 +183,7 @@ def _make_one(args: tuple) -> tuple[str, bytes, bytes, int, int]:
     if (rw, rh) != (w, h):
         img = img.resize((w, h), Image.BICUBIC)
     q = int(rng.integers(80, 96))
-    return row.file, _jpeg(img, q), _jpeg(img.resize((256, 256), Image.BICUBIC), 90), w, h
+    return row.file, _jpeg(img, q), _jpeg(img.resize((256, 256), Image.BICUBIC), 90)
 
 
 def write_sample(out: Path, spec: SampleSpec, workers: int = 1, as_zip: bool = False, progress=None) -> list[md.Row]:
@@ -203,7 +203,7 @@ def write_sample(out: Path, spec: SampleSpec, workers: int = 1, as_zip: bool = F
     (tmp / "data_256").mkdir()
     
     with _mp_context().Pool(workers) if workers > 1 else _Serial() as pool:
-        for file, full, small, w, h in pool.imap(_make_one, jobs, chunksize=4):
+        for file, full, small in pool.imap(_make_one, jobs, chunksize=4):
             (tmp / "data" / file).write_bytes(full)
             (tmp / "data_256" / file).write_bytes(small)
             if progress:

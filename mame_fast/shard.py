@@ -233,7 +233,6 @@ class ShardWriter:
         self.folder, self.split, self.index, self.max_bytes = folder, split, start_index, max_bytes
         self.tf: tarfile.TarFile | None = None
         self.lines: list[str] = []
-        self.done: list[dict] = []
 
     def _name(self, ext: str) -> Path:
         return self.folder / f"{self.split}-{self.index:06d}.{ext}"

@@ -217,6 +217,15 @@ def make_schedule(opt, cfg: TrainConfig, steps_per_epoch: int):
 # -- the run ------------------------------------------------------------------------------------------
 
 
+def any_rank(flags: list[bool], rt: Runtime) -> list[bool]:
+    """Whether each flag is set on any rank (one all-reduce), so that all ranks take the same branch."""
+    if rt.world == 1:
+        return flags
+    t = torch.tensor([float(f) for f in flags], device=rt.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
 def sync_buffers(models, rt: Runtime) -> None:
     """Broadcast BatchNorm running statistics from rank 0. DDP only does so at the start of each forward,
     so after an epoch every rank holds the statistics of its own last batch: validation and checkpoints
@@ -322,7 +331,7 @@ def _run(cfg: TrainConfig, name: str, resume: Path | None, meta: dict, rt: Runti
     progress = records.Progress(rt.master, console, cfg.epochs, steps_per_epoch)
     tb = records.TensorBoard(run_dir if cfg.tensorboard and rt.master else None)
     interrupted = []
-    # Ctrl-C sets a flag; the loop saves a resumable checkpoint at the end of the current step.
+    # Ctrl-C sets a flag; at the next log step all ranks agree to stop and save a resumable checkpoint.
     old_handler = signal.signal(signal.SIGINT, lambda *a: interrupted.append(True))
     seen: list[list[int]] = []
     status = "finished"
@@ -347,13 +356,11 @@ def _run(cfg: TrainConfig, name: str, resume: Path | None, meta: dict, rt: Runti
                 epoch_seen += batch.index.tolist() if cfg.record_samples else []
                 step += 1
                 global_step += 1
-                stop = cfg.max_steps and global_step >= cfg.max_steps
+                stop = bool(cfg.max_steps) and global_step >= cfg.max_steps  # the same on every rank
                 if step % cfg.log_every == 0 or step == steps_per_epoch or stop:
-                    stats = acc.sync()  # the only host sync of the loop
-                    finite = torch.tensor(float(math.isfinite(stats["loss_last"])), device=rt.device)
-                    if rt.world > 1:
-                        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-                    if finite.item() == 0:
+                    stats = acc.sync()  # the loop's only host syncs: at log steps
+                    diverged, stop_asked = any_rank([not math.isfinite(stats["loss_last"]), bool(interrupted)], rt)
+                    if diverged:
                         status = "diverged"
                         raise TrainingDiverged(
                             f"loss became {stats['loss_last']} at epoch {epoch} step {step}; the last good checkpoint is "
@@ -361,17 +368,12 @@ def _run(cfg: TrainConfig, name: str, resume: Path | None, meta: dict, rt: Runti
                     wait = t_wait / (time.perf_counter() - t0)
                     progress.update(epoch, step, stats, sched.get_last_lr()[0], wait)
                     tb.step(global_step, stats, sched.get_last_lr()[0], wait)
-                stop_now = bool(interrupted) or stop
-                if rt.world > 1:
-                    flag = torch.tensor(float(stop_now), device=rt.device)
-                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                    stop_now = bool(flag.item())
-                if stop_now:
-                    status, halt = ("interrupted" if interrupted else "stopped"), True
-                    if step < steps_per_epoch:
-                        save("last", epoch, step)
-                        return run_dir
-                    break  # the epoch is complete: validate and checkpoint it below, then stop
+                    if stop or stop_asked:
+                        status, halt = ("interrupted" if stop_asked else "stopped"), True
+                        if step < steps_per_epoch:
+                            save("last", epoch, step)
+                            return run_dir
+                        break  # the epoch is complete: validate and checkpoint it below, then stop
             seen.append(epoch_seen)
             start_step = 0
             sync_buffers([model] + ([ema.module] if ema is not None else []), rt)
