@@ -183,29 +183,32 @@ class DaliLoader(Loader):
     benchmarks/results/loader_throughput_*), while its decoder runs at the libjpeg-turbo limit.
     """
 
-    def __init__(self, *a, **kw):
+    def __init__(self, *a, dali_tail: bool | None = None, **kw):
         super().__init__(*a, **kw)
         self.gpu = self.device.type == "cuda"
-        self.feed = _Feed(self.split, full=self.gpu)
+        # Resize/flip/normalize/pad inside DALI: always on the GPU; on the CPU only when asked, which is how
+        # the tests run the GPU path's graph on machines without a GPU.
+        self.dali_tail = self.gpu if dali_tail is None else dali_tail
+        self.feed = _Feed(self.split, full=self.dali_tail)
         self.pipe = None
         self._pool = None
 
     def _build(self):
         from nvidia.dali import fn, pipeline_def, types
 
-        gpu = self.gpu
+        gpu, tail = self.gpu, self.dali_tail
         out_dtype = types.FLOAT16 if self.dtype == torch.float16 else types.FLOAT
 
         @pipeline_def(batch_size=self.cfg.batch_size, num_threads=self.threads, prefetch_queue_depth=2,
                       device_id=(self.device.index or 0) if gpu else None, seed=self.seed)
         def pipe():
             dtypes = [types.UINT8, types.FLOAT, types.FLOAT, types.FLOAT, types.FLOAT, types.INT32, types.FLOAT, types.FLOAT, types.INT64]
-            n = 9 if gpu else 3
+            n = 9 if tail else 3
             jpeg, anchor, shape, *rest = fn.external_source(source=self.feed, num_outputs=n, batch=True, parallel=False, dtype=dtypes[:n])
             # Decode only the planned crop (ROI decode): fewer pixels to decode, colour-convert and resize.
             img = fn.decoders.image_slice(jpeg, anchor, shape, device="mixed" if gpu else "cpu", output_type=types.RGB,
                                           axis_names="WH", normalized_anchor=False, normalized_shape=False)
-            if not gpu:
+            if not tail:
                 return img  # uint8 HWC crops of varying size: the tail runs in _cpu_tail
             rx, ry, flip, ph, pw, label = rest
             img = fn.resize(img, resize_x=rx, resize_y=ry, antialias=True)
@@ -214,7 +217,7 @@ class DaliLoader(Loader):
                 img, crop_h=ph, crop_w=pw, crop_pos_x=0.0, crop_pos_y=0.0, out_of_bounds_policy="pad", fill_values=0.0,
                 mean=list(MEAN), std=list(STD), dtype=out_dtype, output_layout="CHW",
             )
-            return img, label.gpu()
+            return img, (label.gpu() if gpu else label)
 
         p = pipe()
         p.build()
@@ -239,7 +242,7 @@ class DaliLoader(Loader):
                 shards = sorted({self.split.tars[int(self.split.shard[j])].name for q in plans[i : i + 3] for j in q.index})
                 raise LoaderError(f"DALI failed on a batch from the shards {shards} of {self.split.folder}: {e}\n"
                                   f"Check them with `mame-fast shard {self.split.folder} --verify`.") from e
-            if not self.gpu:
+            if not self.dali_tail:
                 yield self._finish(self._cpu_tail(outs[0], p), p)
                 continue
             img_t, lbl_t = outs[0].as_tensor(), outs[1].as_tensor()
