@@ -11,17 +11,17 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
-import os
 from pathlib import Path
 
 import torch
 
+from . import atomic_write_text
 from . import checkpoint as ckpt
 from .config import load
-from .model import ModelSpec, build, merge_stages
+from .model import build, spec_from_dict
 from .pipeline import build_loader
 from .records import update_run_info
-from .train import Runtime, evaluate
+from .train import evaluate, setup_runtime
 
 
 class AlreadyTested(RuntimeError):
@@ -43,9 +43,7 @@ def evaluate_test_set(run_dir: Path, which: str = "best", again: bool = False) -
         raise ValueError(f"--checkpoint must be best, last or ema, got {which!r}")
     cfg = load(run_dir / "config.yaml")
     state = ckpt.load(run_dir / ("last.pt" if which == "ema" else f"{which}.pt"))
-    spec_d = dict(state["spec"])
-    stages = spec_d.pop("stages")
-    spec = merge_stages(dataclasses.replace(ModelSpec(), **spec_d), stages)
+    spec = spec_from_dict(state["spec"])
     model = build(spec)
     if which == "ema":
         if not state.get("ema"):
@@ -53,16 +51,15 @@ def evaluate_test_set(run_dir: Path, which: str = "best", again: bool = False) -
         model.load_state_dict({k.removeprefix("module."): v for k, v in state["ema"].items()})
     else:
         model.load_state_dict(state["model"])
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
-    rt = Runtime(0, 1, 0, device, torch.bfloat16 if device.type == "cuda" else None, torch.amp.GradScaler(device.type, enabled=False), True)
-    loader = build_loader(dataclasses.replace(cfg.data, channels_last=False), "test", False, cfg.seed, device=device)
+    # The one place that decides device and precision; 'auto' because evaluation needs no GradScaler and
+    # may run where the training did not (an fp16 GPU run tested on a CPU machine).
+    rt = setup_runtime(dataclasses.replace(cfg, precision="auto"))
+    model.to(rt.device)
+    loader = build_loader(cfg.data, "test", False, cfg.seed, device=rt.device, dtype=rt.amp_dtype or torch.float32)
     m = evaluate(model, loader, rt, spec.num_classes)
     result = {"time": dt.datetime.now().isoformat(timespec="seconds"), "checkpoint": which, "epoch": state["epoch"],
               "classes": state["classes"], **m}
-    tmp = result_path.with_name(".test.json.tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, result_path)
+    atomic_write_text(result_path, json.dumps(result, indent=1))
     with open(run_dir.parent / "test_ledger.jsonl", "a") as f:
         f.write(json.dumps({"run": run_dir.name, "time": result["time"], "checkpoint": which, "top1": m["top1"],
                             "balanced_acc": m["balanced_acc"], "again": again}) + "\n")

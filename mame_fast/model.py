@@ -72,15 +72,18 @@ def load_spec(name_or_path: str | Path, configs_dir: Path | None = None) -> Mode
         p = (configs_dir or Path(__file__).resolve().parent.parent / "configs") / "models" / f"{name_or_path}.yaml"
     if not p.is_file():
         raise ConfigError(f"{p}: model spec not found (give a name in configs/models/ or a YAML path)")
-    data = yaml.safe_load(p.read_text()) or {}
-    stages = data.pop("stages", None)
     try:
-        spec = merge(ModelSpec(), data)
-        if stages is not None:
-            spec = merge_stages(spec, stages)
+        return spec_from_dict(yaml.safe_load(p.read_text()) or {})
     except ConfigError as e:
         raise ConfigError(f"{p}: {e}") from None
-    return spec
+
+
+def spec_from_dict(data: dict) -> ModelSpec:
+    """The inverse of ``spec_dict``; unknown keys are errors."""
+    data = dict(data)
+    stages = data.pop("stages", None)
+    spec = merge(ModelSpec(), data)
+    return merge_stages(spec, stages) if stages is not None else spec
 
 
 def merge_stages(spec: ModelSpec, stages: list[dict]) -> ModelSpec:

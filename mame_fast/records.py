@@ -8,19 +8,14 @@ histograms at chosen epochs) and drawn at the end (``plot_run``, also callable l
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from . import atomic_write_text
+
 # -- run.json and metrics.jsonl -----------------------------------------------------------------------
-
-
-def _atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def read_run_info(run_dir: Path) -> dict:
@@ -29,7 +24,7 @@ def read_run_info(run_dir: Path) -> dict:
 
 
 def write_run_info(run_dir: Path, info: dict) -> None:
-    _atomic(Path(run_dir) / "run.json", json.dumps(info, indent=1))
+    atomic_write_text(Path(run_dir) / "run.json", json.dumps(info, indent=1))
 
 
 def update_run_info(run_dir: Path, changes: dict) -> None:

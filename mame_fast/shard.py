@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from . import __version__, _mp_context
+from . import __version__, _mp_context, atomic_write_text
 from . import metadata as md
 from .source import Source
 
@@ -416,7 +416,7 @@ def write_shards(src: Path, out: Path, settings: ShardSettings, workers: int = 1
         if pool:
             pool.terminate()
     if rejects:
-        _atomic_write(folder / "rejects.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejects))
+        atomic_write_text(folder / "rejects.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejects))
     else:
         (folder / "rejects.jsonl").unlink(missing_ok=True)
     manifest = {
@@ -434,7 +434,7 @@ def write_shards(src: Path, out: Path, settings: ShardSettings, workers: int = 1
         "rejected": len(rejects),
         "splits": splits,
     }
-    _atomic_write(folder / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True))
+    atomic_write_text(folder / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True))
     return folder
 
 
@@ -477,13 +477,7 @@ def _check_settings(folder: Path, settings: ShardSettings) -> None:
         raise ShardError(
             f"{folder}: holds shards made with other settings ({stamp.read_text()}); use another --out or delete it"
         )
-    _atomic_write(stamp, mine)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_text(stamp, mine)
 
 
 # ---------------------------------------------------------------------------------------------------
