@@ -119,8 +119,7 @@ class Loader:
         if labels is None:
             labels = torch.from_numpy(self.split.labels[p.index]).to(self.device, non_blocking=True)
         sizes = torch.from_numpy(np.stack([p.out_h, p.out_w], 1)).to(self.device, non_blocking=True)
-        padded = bool((p.out_h < p.height).any() or (p.out_w < p.width).any())
-        return Batch(images=images, labels=labels.long().view(-1), sizes=sizes, index=torch.from_numpy(p.index), padded=padded)
+        return Batch(images=images, labels=labels.long().view(-1), sizes=sizes, index=torch.from_numpy(p.index), padded=p.padded)
 
 
 def valid_mask(p: BatchPlan, device: torch.device) -> torch.Tensor:

@@ -122,6 +122,11 @@ class BatchPlan:
     height: int  # bucket
     width: int
 
+    @property
+    def padded(self) -> bool:
+        """Some image is smaller than the bucket, so the batch carries padding."""
+        return bool((self.out_h < self.height).any() or (self.out_w < self.width).any())
+
 
 @dataclass(frozen=True)
 class PlanConfig:

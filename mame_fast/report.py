@@ -169,9 +169,9 @@ def card_html(s: dict, link_prefix: str = "") -> str:
     return "\n".join(h)
 
 
-def write_card(run_dir: Path, root: Path | None = None) -> Path:
+def write_card(run_dir: Path, root: Path | None = None, sections: dict | None = None) -> Path:
     run_dir = Path(run_dir)
-    s = card_sections(run_dir, Path(root) if root else run_dir.parent)
+    s = sections or card_sections(run_dir, Path(root) if root else run_dir.parent)
     (run_dir / "card.md").write_text(card_markdown(s))
     return run_dir / "card.md"
 
@@ -233,8 +233,8 @@ def write_report(root: Path) -> tuple[Path, Path]:
           f"<p>{len(runs)} run(s) in {html.escape(str(root))}.</p><table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in cols) + "</tr>"]
     hs += ["<tr>" + "".join(f"<td>{html.escape(str(r[c]))}</td>" for c in cols) + "</tr>" for r in table] + ["</table>"]
     for p in runs:
-        write_card(p, root)
         s = card_sections(p, root)
+        write_card(p, root, s)
         md += ["", card_markdown(s, link_prefix=f"{p.name}/")]
         hs.append(card_html(s, link_prefix=f"{p.name}/"))
     hs.append("</body></html>")
