@@ -47,6 +47,8 @@ class DataConfig:
     """res=256 evaluation: centre square of this fraction of the short side (224/256)."""
     threads: int = 0
     """DALI threads / DataLoader workers per rank (0: all cores divided among local ranks)."""
+    prefetch: int = 4
+    """Batches the loader prepares ahead (DALI prefetch queue depth; DataLoader prefetch factor)."""
     channels_last: bool = True
     """Hand batches over in channels-last memory format."""
 

@@ -60,7 +60,7 @@ class PilLoader(Loader):
         plans = self.plan(epoch)[start_step:]
         dl = torch.utils.data.DataLoader(
             _PlannedBatches(self.split, plans), batch_size=None, shuffle=False, num_workers=self.threads,
-            pin_memory=self.device.type == "cuda", prefetch_factor=4 if self.threads else None,
+            pin_memory=self.device.type == "cuda", prefetch_factor=self.cfg.prefetch if self.threads else None,
         )
         mean = torch.tensor(MEAN, device=self.device).view(1, 3, 1, 1)
         std = torch.tensor(STD, device=self.device).view(1, 3, 1, 1)

@@ -11,6 +11,11 @@ Why external_source and not ``fn.readers.webdataset``: the reader decides the or
 buffer), so it cannot form aspect-ratio buckets, guarantee that each sample is seen exactly once per
 epoch across ranks, or restart an epoch at step k. The plan (``plan.py``) decides all of that; the
 index files still give random access without scanning the tars.
+
+One pipeline serves consecutive epochs: the feed runs on into the next epoch's plan, so the prefetch queue
+is already full when the next epoch starts and no pipeline is built per epoch (on the GPU, building one
+initializes the decoders). A loader asked for anything else (a restore, an epoch left early) builds a fresh
+pipeline at that step.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import numpy as np
 import torch
 
 from .config import DataConfig
-from .plan import BatchPlan, PlanConfig, epoch_plan, make_buckets, square_bucket
+from .plan import BatchPlan, EpochPlans, PlanConfig, make_buckets, square_bucket
 from .reader import Split, open_split
 
 # Normalization constants in 0-255 units (generic photographic statistics, no pretrained weights involved).
@@ -91,14 +96,12 @@ class Loader:
         self.plan_cfg = plan_config(cfg, train)
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         self.threads = cfg.threads or max(1, (os.cpu_count() or 1) // local)
-        self._plans: dict[int, list[BatchPlan]] = {}
+        # A separate object, not a method: the DALI feed holds it, and a bound method would tie the loader into
+        # a reference cycle, freed only by the cyclic GC, which may then run in a forked DataLoader worker, where
+        # the pipeline's destructor waits forever for threads the fork did not copy.
+        self.plan = EpochPlans(split.height, split.width, self.plan_cfg, seed, rank, world)
         if device.type == "cpu":
             keep_freed_memory()  # batches are assembled in this process's memory on the CPU path
-
-    def plan(self, epoch: int) -> list[BatchPlan]:
-        if epoch not in self._plans:
-            self._plans = {epoch: epoch_plan(self.split.height, self.split.width, self.plan_cfg, self.seed, epoch, self.rank, self.world)}
-        return self._plans[epoch]
 
     def __len__(self) -> int:
         return len(self.plan(0))
@@ -145,23 +148,25 @@ def _color_jitter(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
 class _Feed:
     """external_source callback: the next planned batch as encoded bytes + per-sample parameters.
 
+    It runs on from one epoch's plan into the next, so that a pipeline kept across epochs never drains.
     ``full=False`` (CPU-only graph) gives only the bytes and the crop window: the rest of the plan is
     applied after decoding, outside DALI.
     """
 
-    def __init__(self, split: Split, full: bool = True):
-        self.split, self.full = split, full
-        self.plans: list[BatchPlan] = []
-        self.pos = 0
+    def __init__(self, split: Split, plans, full: bool = True):
+        self.split, self.plans, self.full = split, plans, full
+        self.epoch = self.step = 0
 
-    def set(self, plans: list[BatchPlan]) -> None:
-        self.plans, self.pos = plans, 0
+    def start(self, epoch: int, step: int) -> None:
+        self.epoch, self.step = epoch, step
 
     def __call__(self):
-        if self.pos >= len(self.plans):
-            raise StopIteration
-        p = self.plans[self.pos]
-        self.pos += 1
+        plans = self.plans(self.epoch)
+        if self.step >= len(plans):
+            self.epoch, self.step = self.epoch + 1, 0
+            plans = self.plans(self.epoch)
+        p = plans[self.step]
+        self.step += 1
         jpegs = [np.frombuffer(self.split.jpeg(int(i)), np.uint8) for i in p.index]
         anchor = list(np.stack([p.x, p.y], 1))
         shape = list(np.stack([p.cw, p.ch], 1))
@@ -178,8 +183,8 @@ class DaliLoader(Loader):
 
     In CPU-only mode the graph stops after the ROI decode and the decoded crops go through
     ``_cpu_tail`` (torchvision resize, flip, normalize, pad on a thread pool): DALI's CPU resize costs
-    ~10x torchvision's uint8 kernel (1.0 vs 0.1 ms for a 224x224 output, ~5 vs 0.7 ms at 360 kpx;
-    benchmarks/results/loader_throughput_*), while its decoder runs at the libjpeg-turbo limit.
+    ~10x torchvision's uint8 kernel (1.0 vs 0.1 ms for a 224x224 output, ~5 vs 0.7 ms at 360 kpx, measured
+    on 2 EPYC cores), while its decoder runs at the libjpeg-turbo limit.
     """
 
     def __init__(self, *a, dali_tail: bool | None = None, **kw):
@@ -188,8 +193,9 @@ class DaliLoader(Loader):
         # Resize/flip/normalize/pad inside DALI: always on the GPU; on the CPU only when asked, which is how
         # the tests run the GPU path's graph on machines without a GPU.
         self.dali_tail = self.gpu if dali_tail is None else dali_tail
-        self.feed = _Feed(self.split, full=self.dali_tail)
+        self.feed = _Feed(self.split, self.plan, full=self.dali_tail)
         self.pipe = None
+        self._next: tuple[int, int] | None = None  # (epoch, step) of the batch the pipeline delivers next
         self._pool = None
 
     def _build(self):
@@ -198,7 +204,7 @@ class DaliLoader(Loader):
         gpu, tail = self.gpu, self.dali_tail
         out_dtype = types.FLOAT16 if self.dtype == torch.float16 else types.FLOAT
 
-        @pipeline_def(batch_size=self.cfg.batch_size, num_threads=self.threads, prefetch_queue_depth=2,
+        @pipeline_def(batch_size=self.cfg.batch_size, num_threads=self.threads, prefetch_queue_depth=self.cfg.prefetch,
                       device_id=(self.device.index or 0) if gpu else None, seed=self.seed)
         def pipe():
             dtypes = [types.UINT8, types.FLOAT, types.FLOAT, types.FLOAT, types.FLOAT, types.INT32, types.FLOAT, types.FLOAT, types.INT64]
@@ -225,22 +231,25 @@ class DaliLoader(Loader):
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
 
-        plans = self.plan(epoch)[start_step:]
-        # A pipeline left mid-epoch still holds prefetched batches: build a fresh one instead of resetting.
-        if self.pipe is not None:
-            del self.pipe
-        self.feed.set(plans)
-        self.pipe = self._build()
+        plans = self.plan(epoch)
+        # The pipeline is kept while the batches asked for are the ones it has prefetched (the next epoch
+        # after a finished one); otherwise (a restore, an epoch left early) a fresh one starts at the step.
+        if self.pipe is None or self._next != (epoch, start_step):
+            self.pipe = None  # frees the old pipeline and its prefetched batches first
+            self.feed.start(epoch, start_step)
+            self.pipe = self._build()
         stream = torch.cuda.current_stream(self.device) if self.gpu else None
-        for i, p in enumerate(plans):
+        for i in range(start_step, len(plans)):
+            p = plans[i]
+            self._next = None  # unknown until this batch arrives
             try:
                 outs = self.pipe.run()
-            except StopIteration:
-                raise LoaderError(f"DALI ended the epoch after {i} of {len(plans)} planned batches") from None
             except RuntimeError as e:
+                self.pipe = None
                 shards = sorted({self.split.tars[int(self.split.shard[j])].name for q in plans[i : i + 3] for j in q.index})
                 raise LoaderError(f"DALI failed on a batch from the shards {shards} of {self.split.folder}: {e}\n"
                                   f"Check them with `mame-fast shard {self.split.folder} --verify`.") from e
+            self._next = (epoch, i + 1) if i + 1 < len(plans) else (epoch + 1, 0)
             if not self.dali_tail:
                 yield self._finish(self._cpu_tail(outs[0], p), p)
                 continue
@@ -273,7 +282,9 @@ class DaliLoader(Loader):
         bias = (-torch.tensor(MEAN) / torch.tensor(STD)).repeat(W)
 
         def one(k: int) -> None:
-            a = torch.from_numpy(np.array(crops[k])).permute(2, 0, 1)  # HWC memory: channels-last fast path
+            # A view of DALI's output buffer, no copy (copying cost 0.8 ms per crop at full resolution, as much
+            # as the resize): it stays valid until the next pipe.run(), and the batch is built before that.
+            a = torch.from_numpy(np.asarray(crops[k])).permute(2, 0, 1)  # HWC memory: channels-last fast path
             oh, ow = int(p.out_h[k]), int(p.out_w[k])
             if a.shape[1:] != (oh, ow):
                 a = F.resize(a, [oh, ow], interpolation=F.InterpolationMode.BILINEAR, antialias=True)
@@ -299,6 +310,8 @@ def build_loader(cfg: DataConfig, split_name: str, train: bool, seed: int, rank:
                  device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> Loader:
     """The loader the config asks for (``auto``: DALI when installed, else the PIL fallback)."""
     device = device or torch.device("cpu")
+    if cfg.prefetch < 1:
+        raise ValueError(f"data.prefetch must be at least 1, got {cfg.prefetch}")
     split = open_split(cfg.shards, split_name, cfg.res)
     kind = cfg.loader
     if kind == "auto":

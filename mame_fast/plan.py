@@ -166,6 +166,21 @@ def epoch_plan(h: np.ndarray, w: np.ndarray, cfg: PlanConfig, seed: int, epoch: 
     return [_batch(c, k[c[0]], h, w, cfg, u, jitter) for c in chunks[rank::world]]
 
 
+class EpochPlans:
+    """``epoch -> epoch_plan(...)`` for one rank, computed on demand. Keeps the last two epochs: the DALI
+    feed reads the next epoch's plan while the current one is still being consumed."""
+
+    def __init__(self, h: np.ndarray, w: np.ndarray, cfg: PlanConfig, seed: int, rank: int = 0, world: int = 1):
+        self.h, self.w, self.cfg, self.seed, self.rank, self.world = h, w, cfg, seed, rank, world
+        self._cache: dict[int, list[BatchPlan]] = {}
+
+    def __call__(self, epoch: int) -> list[BatchPlan]:
+        if epoch not in self._cache:
+            keep = {e: p for e, p in self._cache.items() if e == epoch - 1}
+            self._cache = {**keep, epoch: epoch_plan(self.h, self.w, self.cfg, self.seed, epoch, self.rank, self.world)}
+        return self._cache[epoch]
+
+
 def _batch(idx: np.ndarray, bk: int, h: np.ndarray, w: np.ndarray, cfg: PlanConfig, u: np.ndarray, jitter: np.ndarray) -> BatchPlan:
     b = cfg.buckets
     H, W = int(b.h[bk]), int(b.w[bk])

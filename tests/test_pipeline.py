@@ -156,6 +156,31 @@ def test_restore_then_continue_gives_the_same_batches(shards, loader):
         assert torch.equal(i1, i2) and torch.equal(x1, x2)
 
 
+@pytest.mark.parametrize("loader", LOADERS)
+def test_one_loader_over_epochs_equals_fresh_loaders(shards, loader):
+    """Used as the trainer uses it (epochs in a row, one left early and resumed, one skipped), a loader
+    gives the batches a new loader gives for each (epoch, step). The DALI loader keeps its pipeline, which
+    has already prefetched from the next epoch, only where that is what is asked for. Batches are kept
+    without copies: none may be overwritten by later ones (DALI's output buffers are reused)."""
+    cfg = cfg_for(shards, "full", loader)
+    L = build_loader(cfg, "train", True, seed=3)
+    got = {(0, i): b for i, b in enumerate(L.epoch(0))}
+    pipe = getattr(L, "pipe", None)
+    for i, b in enumerate(L.epoch(1)):
+        got[1, i] = b
+        if i == 1:
+            break  # left early, as on Ctrl-C or a step limit
+    assert getattr(L, "pipe", None) is pipe  # the next epoch came from the same pipeline
+    got |= {(1, i): b for i, b in enumerate(L.epoch(1, start_step=2), start=2)}
+    got |= {(2, i): b for i, b in enumerate(L.epoch(2))}
+    got |= {(4, i): b for i, b in enumerate(L.epoch(4))}
+    for e in (0, 1, 2, 4):
+        want = list(build_loader(cfg, "train", True, seed=3).epoch(e))
+        assert len(want) == L.steps(e) == sum(k[0] == e for k in got)
+        for i, b in enumerate(want):
+            assert torch.equal(got[e, i].index, b.index) and torch.equal(got[e, i].images, b.images), (e, i)
+
+
 # Bad shard folders: a clear error naming the shard, raised when the loader is built (before training).
 
 
