@@ -153,7 +153,7 @@ class _Feed:
     applied after decoding, outside DALI.
     """
 
-    def __init__(self, split: Split, plans, full: bool = True):
+    def __init__(self, split: Split, plans: EpochPlans, full: bool = True):
         self.split, self.plans, self.full = split, plans, full
         self.epoch = self.step = 0
 
