@@ -6,10 +6,21 @@ Contenders (training mode: random aspect-preserving crop with scale jitter + fli
 - ``ImageFolder``: torchvision ImageFolder + PIL over the raw JPEG folder, what most users start from
   (256: RandomResizedCrop to a square; full: aspect-kept resize to the same pixel budget, random
   batches padded to their largest image, as the official MAMe baselines do);
-- ``decode limit``: libjpeg-turbo decode only (PIL ``Image.load``), in a tight loop, one process per core.
+- ``decode limit (PIL)``, ``(torchvision.io)``: libjpeg-turbo decode only (PIL ``Image.load``, the issue's
+  reference, and torchvision's ``decode_jpeg``, which has less per-image overhead), in a tight loop, one
+  process per core;
+- ``augment limit``: the DALI CPU loader's per-image steps with no loader machinery around them (a
+  whole-image decode, the planned crop and the loader's own ``tail_one``: resize, flip, normalize to float32
+  into a batch, pad), in a tight loop, one process per core. Its decode is of the whole image, so DALI's
+  ROI decode can beat it.
 
-Claim (issue 3): on 2 CPU cores, DALI CPU >= 1.5x ImageFolder and >= 80% of the decode limit, at 256
-and at full resolution.
+Each loader runs in a process of its own (as in a training run), the limits in pools of their own.
+
+Claims (issue 3), on 2 CPU cores, at 256 and at full resolution: DALI CPU >= 1.5x ImageFolder, and >= 80%
+of the decode limit. The second is out of reach with this augmentation on these cores: DALI's read + ROI
+decode costs about one full decode, 80% allows 1.25 decodes of work per image in all, and the CPU tail
+(resize, flip, float32 normalization) costs more than what is left (the breakdown under each table). The loader is measured
+against the augment limit instead, goal >= 80%: its own machinery may cost at most a fifth.
 
     python benchmarks/loader_throughput.py [--per-class 40] [--repeats 3] [--workers 2]
 """
@@ -19,8 +30,10 @@ from __future__ import annotations
 import argparse
 import io
 import math
+import multiprocessing
 import os
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +44,9 @@ from _common import summary, write_results
 from mame_fast import _mp_context
 from mame_fast import metadata as md
 from mame_fast.config import DataConfig
-from mame_fast.pipeline import MEAN, STD, build_loader, dali_available
+from mame_fast.pipeline import MEAN, STD, build_loader, dali_available, keep_freed_memory, normalize_rows, resize_hwc, tail_one
+from mame_fast.plan import BatchPlan
+from mame_fast.reader import open_split
 from mame_fast.sample import SampleSpec, write_sample
 from mame_fast.shard import ShardSettings, load_manifest, write_shards
 
@@ -103,28 +118,72 @@ def imagefolder_loader(root: Path, res: str, crop: int, pixels: int, batch: int,
 # -- decode limit ----------------------------------------------------------------------------------------
 
 
-def _decode_all(files: list[Path]) -> int:
-    blobs = [f.read_bytes() for f in files]  # from memory: the limit of the decoder, not of the disk
+def _second_pass(loop) -> float:
+    """Seconds of ``loop()``'s second run: the first one pays the fresh process's page faults, which the
+    loaders, measured after a warm-up epoch, no longer pay."""
+    loop()
     t = time.perf_counter()
-    for b in blobs:
-        Image.open(io.BytesIO(b)).load()  # decode only (convert("RGB") would add a copy of each image)
+    loop()
     return time.perf_counter() - t
 
 
-def decode_limit(files: list[Path], workers: int) -> list[float]:
-    """Seconds each of ``workers`` processes takes to decode its share of ``files`` in a tight loop
-    (the wall time is the largest; the core time their sum)."""
-    parts = [files[i::workers] for i in range(workers)]
+def _decode_all(job: tuple[list[Path], str]) -> float:
+    files, how = job
+    blobs = [f.read_bytes() for f in files]  # from memory: the limit of the decoder, not of the disk
+    if how == "torchvision":
+        from torchvision.io import decode_jpeg
+
+        torch.set_num_threads(1)
+        tensors = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
+        return _second_pass(lambda: [decode_jpeg(b) for b in tensors])
+    # decode only (convert("RGB") would add a copy of each image)
+    return _second_pass(lambda: [Image.open(io.BytesIO(b)).load() for b in blobs])
+
+
+def decode_limit(files: list[Path], workers: int, how: str) -> list[float]:
+    """Seconds each of ``workers`` processes takes to decode its share of ``files`` in a tight loop, with
+    PIL or torchvision.io (both libjpeg-turbo; torchvision has less per-image overhead). The wall time is
+    the largest; the core time their sum."""
     with _mp_context().Pool(workers) as pool:
-        return pool.map(_decode_all, parts)
+        return pool.map(_decode_all, [(files[i::workers], how) for i in range(workers)])
+
+
+def _augment_all(job: tuple[Path, str, list[BatchPlan]]) -> float:
+    from torchvision.io import decode_jpeg
+
+    folder, res, plans = job
+    torch.set_num_threads(1)
+    keep_freed_memory()  # as the loader does
+    split = open_split(folder, "train", res)
+    blobs = {int(i): torch.frombuffer(bytearray(split.jpeg(int(i))), dtype=torch.uint8) for p in plans for i in p.index}
+
+    def loop():
+        for p in plans:
+            out = torch.empty((len(p.index), p.height, p.width, 3))  # a channels-last batch, as the loader's
+            affine = normalize_rows(p.width)
+            for k, i in enumerate(p.index):
+                img = decode_jpeg(blobs[int(i)]).permute(1, 2, 0)  # HWC
+                x, y = int(round(float(p.x[k]))), int(round(float(p.y[k])))
+                # contiguous, as DALI's decoded crop (the resize takes twice as long on a strided view)
+                crop = img[y : y + int(round(float(p.ch[k]))), x : x + int(round(float(p.cw[k])))].contiguous()
+                tail_one(crop, int(p.out_h[k]), int(p.out_w[k]), bool(p.flip[k]), out[k], affine, True)
+
+    return _second_pass(loop)
+
+
+def augment_limit(cfg: DataConfig, plans: list[BatchPlan], workers: int) -> list[float]:
+    """The loader's per-image work with nothing around it (no queue, threads or batching machinery): the
+    epoch's planned samples, each decoded whole (torchvision.io), cropped, then the CPU tail's own
+    ``tail_one`` (resize, flip, normalize into a batch, pad), in a tight loop, one process per core.
+    Seconds per process, as ``decode_limit``."""
+    with _mp_context().Pool(workers) as pool:
+        return pool.map(_augment_all, [(Path(cfg.shards), cfg.res, plans[i::workers]) for i in range(workers)])
 
 
 def breakdown(cfg: DataConfig, epoch: int) -> tuple[float, float, float]:
     """DALI CPU's work split in parts, each run alone on all threads, in core-seconds for one epoch:
-    the DALI graph (read + ROI decode), the torchvision tail (resize, flip, normalize, pad) on the decoded
-    crops, and of that tail the resize alone."""
-    from torchvision.transforms.v2 import functional as F
-
+    the DALI graph (read + ROI decode), the CPU tail (resize, flip, normalize, pad) on the decoded crops,
+    and of that tail the resize alone."""
     # No prefetch: the timed runs decode exactly the epoch's batches, none of the next epoch's.
     loader = build_loader(DataConfig(**{**cfg.__dict__, "loader": "dali", "prefetch": 1}), "train", True, 0)
     plans = loader.plan(epoch)
@@ -136,23 +195,55 @@ def breakdown(cfg: DataConfig, epoch: int) -> tuple[float, float, float]:
     decode = time.process_time() - t
     loader.feed.start(epoch, 0)
     pipe = loader._build()
-    crops = []
-    for _ in plans:  # the same crops again, copied (run() reuses its buffers) for the tail alone
-        out = pipe.run()[0]
-        crops.append([np.array(out[i]) for i in range(len(out))])
+    crops = [pipe.run()[0] for _ in plans]  # the same crops again, kept for the tail alone (valid while referenced)
     t = time.process_time()
     for p, c in zip(plans, crops):
-        loader._cpu_tail(c, p)
+        loader._cpu_tail(c, p)()
     tail = time.process_time() - t
 
     def resize(job):
         p, c = job
-        for k, a in enumerate(c):
-            F.resize(torch.from_numpy(a).permute(2, 0, 1), [int(p.out_h[k]), int(p.out_w[k])], antialias=True)
+        for k in range(len(c)):
+            resize_hwc(torch.from_numpy(np.asarray(c[k])), int(p.out_h[k]), int(p.out_w[k]))
 
     t = time.process_time()
     list(loader._pool.map(resize, zip(plans, crops)))
     return decode, tail, time.process_time() - t
+
+
+def run_contender(name: str, cfg: DataConfig, root: Path, args) -> tuple[list[float], list[float], tuple | None]:
+    """Epoch times of one contender (one loader over all rounds; round 0, with the start-up, not counted);
+    for DALI CPU also the cores it kept busy and its breakdown."""
+    torch.set_num_threads(1)  # the main thread only consumes batches; the cores belong to the loader
+    # A spawned process inherits "spawn" as its start method: DataLoader workers would re-import torch each
+    # epoch. They start as in a user's run (fork on Linux).
+    multiprocessing.set_start_method(_mp_context().get_start_method(), force=True)
+    n = load_manifest(Path(cfg.shards))["splits"]["train"]["count"]
+    if name == "ImageFolder + PIL":
+        folder = imagefolder_loader(root, cfg.res, args.crop, args.pixels, args.batch_size, args.workers)
+
+        def epoch(rep: int):
+            return (y for _, y in folder)
+    else:
+        kind, device = ("pil", "cpu") if name == "PIL fallback" else ("dali", "cuda" if name == "DALI GPU" else "cpu")
+        loader = build_loader(DataConfig(**{**cfg.__dict__, "loader": kind}), "train", True, 0, device=torch.device(device))
+
+        def epoch(rep: int):
+            return (b.labels for b in loader.epoch(rep))
+    times, busy = [], []
+    for rep in range(args.repeats + 1):
+        cpu, t = time.process_time(), time.perf_counter()
+        got = sum(len(y) for y in epoch(rep))
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t
+        assert got == n, (name, got, n)
+        if rep:
+            times.append(dt)
+            busy.append((time.process_time() - cpu) / dt)  # DALI's threads are in this process
+    if name != "DALI CPU":
+        return times, busy, None
+    return times, busy, breakdown(cfg, 1)
 
 
 # -- main ------------------------------------------------------------------------------------------------
@@ -167,7 +258,7 @@ def main() -> None:
     ap.add_argument("--crop", type=int, default=224)
     ap.add_argument("--pixels", type=int, default=360_000)
     args = ap.parse_args()
-    torch.set_num_threads(1)  # the main process only consumes batches; the cores belong to the loaders
+    torch.set_num_threads(1)  # inherited by the limits' forked processes: one thread per process, one per core
     root, shards = prepare(args.per_class, args.workers)
     n = load_manifest(shards["full"])["splits"]["train"]["count"]
     sections = []
@@ -177,68 +268,63 @@ def main() -> None:
         # The layout the trainer asks for by default (channels-last); ImageFolder hands NCHW, as torchvision does.
         cfg = DataConfig(shards=str(shards[res]), res=res, batch_size=args.batch_size, crop=args.crop, pixels=args.pixels,
                          threads=args.workers)
-        # One loader per contender over all rounds, as a training run uses it (round 0 includes the start-up).
-        loaders = {}
-        if dali_available():
-            loaders["DALI CPU"] = build_loader(DataConfig(**{**cfg.__dict__, "loader": "dali"}), "train", True, 0)
-            if torch.cuda.is_available():
-                loaders["DALI GPU"] = build_loader(DataConfig(**{**cfg.__dict__, "loader": "dali"}), "train", True, 0, device=torch.device("cuda"))
-        loaders["PIL fallback"] = build_loader(DataConfig(**{**cfg.__dict__, "loader": "pil"}), "train", True, 0)
-        imagefolder = imagefolder_loader(root, res, args.crop, args.pixels, args.batch_size, args.workers)
-        times: dict[str, list[float]] = {k: [] for k in [*loaders, "ImageFolder + PIL", "decode limit"]}
-        busy, limit_core = [], []
-        for rep in range(args.repeats + 1):  # round 0: warm-up (page cache, imports, start-up), not counted
-            for name, loader in loaders.items():
-                cpu, t = time.process_time(), time.perf_counter()
-                got = sum(len(b.labels) for b in loader.epoch(rep))
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                dt = time.perf_counter() - t
-                assert got == n, (name, got, n)
-                if rep:
-                    times[name].append(dt)
-                    if name == "DALI CPU":
-                        busy.append((time.process_time() - cpu) / dt)  # DALI's threads are in this process
-            t = time.perf_counter()
-            got = sum(len(y) for _, y in imagefolder)
-            assert got == n, ("ImageFolder", got, n)
-            if rep:
-                times["ImageFolder + PIL"].append(time.perf_counter() - t)
-            parts = decode_limit(files, args.workers)
-            if rep:
-                times["decode limit"].append(max(parts))
-                limit_core.append(sum(parts))
-        limit = summary(times["decode limit"])[0]
+        contenders = (["DALI CPU"] + (["DALI GPU"] if torch.cuda.is_available() else []) if dali_available() else []) + ["PIL fallback", "ImageFolder + PIL"]
+        limits = ["decode limit (PIL)", "decode limit (torchvision.io)", "augment limit"]
+        times: dict[str, list[float]] = {}
+        busy: list[float] = []
         split_note = ""
-        if dali_available():
-            dec, tail, rs = breakdown(cfg, 1)
+        # Each loader runs in a process of its own, as in a training run. In one process, the forks of the
+        # other contenders (DataLoader workers, the limits' pools) leave every page of the heap copy-on-write,
+        # and the next DALI epoch paid a page fault per page it wrote: -10% at 256.
+        spawn = multiprocessing.get_context("spawn")
+        for name in contenders:
+            with ProcessPoolExecutor(1, mp_context=spawn) as ex:
+                times[name], b, parts = ex.submit(run_contender, name, cfg, root, args).result()
+            if name == "DALI CPU":
+                busy, (dec, tail, rs) = b, parts
+        plans = build_loader(DataConfig(**{**cfg.__dict__, "loader": "pil"}), "train", True, 0).plan
+        limit_core = []
+        for rep in range(args.repeats + 1):  # round 0: warm-up, not counted
+            parts = {limits[0]: decode_limit(files, args.workers, "pil"), limits[1]: decode_limit(files, args.workers, "torchvision"),
+                     limits[2]: augment_limit(cfg, plans(rep), args.workers)}
+            if rep:
+                for name, ps in parts.items():
+                    times.setdefault(name, []).append(max(ps))
+                limit_core.append([sum(ps) for ps in parts.values()])
+        ref = {k: summary(times[k])[0] for k in limits}
+        if busy:
             ms = lambda core_s: 1e3 * core_s / n  # noqa: E731  core-milliseconds per image
-            lim = ms(summary(limit_core)[0])
+            lim_pil, lim_tv, lim_aug = (ms(summary([c[j] for c in limit_core])[0]) for j in range(3))
             split_note = (
                 f"\nWhere DALI CPU's time goes, in core-ms per image (each part run alone on all threads, measured as process CPU time): "
-                f"DALI graph (read + ROI decode) {ms(dec):.2f}, torchvision tail {ms(tail):.2f} (of which the resize "
-                f"{ms(rs):.2f}; then flip, normalize to float32, pad), against {lim:.2f} for the decode limit's full "
-                f"decode. With both parts perfectly overlapped on {args.workers} cores this design reaches at most "
-                f"**{lim / (ms(dec) + ms(tail)):.0%}** of the decode limit; during the timed epochs the loader kept "
+                f"DALI graph (read + ROI decode) {ms(dec):.2f}, CPU tail {ms(tail):.2f} (of which the resize "
+                f"{ms(rs):.2f}; then flip, normalize to float32, pad), against a full decode of {lim_pil:.2f} (PIL) or "
+                f"{lim_tv:.2f} (torchvision.io) and {lim_aug:.2f} for the augment limit's whole per-image work. With both "
+                f"parts perfectly overlapped on {args.workers} cores this design reaches at most "
+                f"**{lim_pil / (ms(dec) + ms(tail)):.0%}** of the PIL decode limit; during the timed epochs the loader kept "
                 f"{summary(busy)[0]:.2f} of {args.workers} cores busy.\n")
         base = summary(times["ImageFolder + PIL"])[0]
         rows = [
             f"### --res {res}: {n} training images, source {src_mpx / n:.2f} Mpx mean "
             f"({'256x256 data_256/' if res == '256' else 'data/ originals, longest side 1000'}), "
             f"output {'%dx%d crops' % (args.crop, args.crop) if res == '256' else '~%d px per image, bucketed' % args.pixels}\n",
-            "| contender | epoch s (median [min, max]) | images/s | source Mpx/s | vs ImageFolder | vs decode limit |",
-            "|---|---|---|---|---|---|",
+            "| contender | epoch s (median [min, max]) | images/s | source Mpx/s | vs ImageFolder | vs decode limit (PIL) "
+            "| vs decode limit (torchvision.io) | vs augment limit |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for name, ts in times.items():
             med, lo, hi = summary(ts)
-            rows.append(f"| {name} | {med:.2f} [{lo:.2f}, {hi:.2f}] | {n / med:.0f} | {src_mpx / med:.1f} | {base / med:.2f}x | {limit / med:.0%} |")
+            rows.append(f"| {name} | {med:.2f} [{lo:.2f}, {hi:.2f}] | {n / med:.0f} | {src_mpx / med:.1f} | {base / med:.2f}x | " + " | ".join(f"{r / med:.0%}" for r in ref.values()) + " |")
         sections.append("\n".join(rows) + "\n" + split_note)
         print(sections[-1], flush=True)
     body = (
         f"{args.workers} workers/threads per contender, batch {args.batch_size}, {args.repeats} timed epochs after one "
-        f"warm-up (median [min, max]). Each loader is built once and runs the epochs in a row, as in training "
+        f"warm-up (median [min, max]). Each loader runs in a process of its own, is built once and runs the epochs in a row, as in training "
         f"(DataLoaders start their workers each epoch, as by default). mame-fast's loaders hand channels-last float32. "
-        f"The decode limit decodes the same files from memory in {args.workers} processes.\n\n" + "\n".join(sections)
+        f"The limits run in {args.workers} processes, one per core, from memory: the decode limits decode the same "
+        f"files (PIL, the issue's reference, and torchvision.io, both libjpeg-turbo); the augment limit does the DALI "
+        f"CPU loader's per-image work, a whole-image decode (torchvision.io), the planned crop and the loader's own "
+        f"tail function (resize, flip, normalize to float32 into a batch, pad), with nothing around it.\n\n" + "\n".join(sections)
     )
     print("saved", write_results("loader_throughput", "Loader throughput", body, ("torch", "torchvision", "nvidia-dali-cuda130", "pillow")))
 

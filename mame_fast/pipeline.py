@@ -20,10 +20,11 @@ pipeline at that step.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -168,22 +169,22 @@ class _Feed:
         p = plans[self.step]
         self.step += 1
         jpegs = [np.frombuffer(self.split.jpeg(int(i)), np.uint8) for i in p.index]
-        anchor = list(np.stack([p.x, p.y], 1))
-        shape = list(np.stack([p.cw, p.ch], 1))
+        # Everything but the JPEGs as dense arrays, one sample per row: DALI checks and wraps each element of a
+        # list in Python (~2.5 us each), work done while holding the GIL that the CPU tail's threads need.
+        anchor, shape = np.stack([p.x, p.y], 1), np.stack([p.cw, p.ch], 1)
         if not self.full:
             return jpegs, anchor, shape
-        f32 = lambda a: [np.float32(v) for v in a]  # noqa: E731  per-sample scalars
-        return (jpegs, anchor, shape, f32(p.out_w), f32(p.out_h), [np.int32(v) for v in p.flip],
-                [np.float32(p.height)] * len(p.index), [np.float32(p.width)] * len(p.index),
-                [np.array([v], np.int64) for v in self.split.labels[p.index]])
+        n = len(p.index)
+        return (jpegs, anchor, shape, p.out_w.astype(np.float32), p.out_h.astype(np.float32), p.flip.astype(np.int32),
+                np.full(n, p.height, np.float32), np.full(n, p.width, np.float32), self.split.labels[p.index].reshape(n, 1))
 
 
 class DaliLoader(Loader):
     """The DALI implementation; GPU (mixed decode) when ``device`` is CUDA, CPU-only mode otherwise.
 
     In CPU-only mode the graph stops after the ROI decode and the decoded crops go through
-    ``_cpu_tail`` (torchvision resize, flip, normalize, pad on a thread pool): DALI's CPU resize costs
-    ~10x torchvision's uint8 kernel (1.0 vs 0.1 ms for a 224x224 output, ~5 vs 0.7 ms at 360 kpx, measured
+    ``_cpu_tail`` (torch's antialiased uint8 resize, flip, normalize, pad on a thread pool): DALI's CPU
+    resize costs ~10x torch's uint8 kernel (1.0 vs 0.1 ms for a 224x224 output, ~5 vs 0.7 ms at 360 kpx, measured
     on 2 EPYC cores), while its decoder runs at the libjpeg-turbo limit.
     """
 
@@ -205,7 +206,10 @@ class DaliLoader(Loader):
         out_dtype = types.FLOAT16 if self.dtype == torch.float16 else types.FLOAT
 
         @pipeline_def(batch_size=self.cfg.batch_size, num_threads=self.threads, prefetch_queue_depth=self.cfg.prefetch,
-                      device_id=(self.device.index or 0) if gpu else None, seed=self.seed)
+                      device_id=(self.device.index or 0) if gpu else None, seed=self.seed,
+                      # Outputs stay valid while referenced: the CPU tail relies on it (with exec_dynamic=False,
+                      # test_one_loader_over_epochs... and test_gpu_graph_on_cpu... fail at full resolution).
+                      exec_dynamic=True)
         def pipe():
             dtypes = [types.UINT8, types.FLOAT, types.FLOAT, types.FLOAT, types.FLOAT, types.INT32, types.FLOAT, types.FLOAT, types.INT64]
             n = 9 if tail else 3
@@ -239,6 +243,7 @@ class DaliLoader(Loader):
             self.feed.start(epoch, start_step)
             self.pipe = self._build()
         stream = torch.cuda.current_stream(self.device) if self.gpu else None
+        pending = None  # CPU path: (plan, batch in the making) of the previous step, whose tail is still running
         for i in range(start_step, len(plans)):
             p = plans[i]
             self._next = None  # unknown until this batch arrives
@@ -251,7 +256,12 @@ class DaliLoader(Loader):
                                   f"Check them with `mame-fast shard {self.split.folder} --verify`.") from e
             self._next = (epoch, i + 1) if i + 1 < len(plans) else (epoch + 1, 0)
             if not self.dali_tail:
-                yield self._finish(self._cpu_tail(outs[0], p), p)
+                # This batch's tail is queued behind the previous one's before that one is awaited, so the pool
+                # keeps working while this thread feeds DALI and finishes batches (+6% at 256 on 2 cores).
+                job = self._cpu_tail(outs[0], p)
+                if pending is not None:
+                    yield self._finish(pending[1](), pending[0])
+                pending = (p, job)
                 continue
             img_t, lbl_t = outs[0].as_tensor(), outs[1].as_tensor()
             images = torch.empty(img_t.shape(), dtype=to_torch_type[img_t.dtype], device=self.device)
@@ -259,9 +269,12 @@ class DaliLoader(Loader):
             feed_ndarray(img_t, images, cuda_stream=stream)
             feed_ndarray(lbl_t, labels, cuda_stream=stream)
             yield self._finish(images, p, labels)
+        if pending is not None:
+            yield self._finish(pending[1](), pending[0])
 
-    def _cpu_tail(self, crops, p: BatchPlan) -> torch.Tensor:
-        """Resize, flip, normalize and pad the decoded crops into one (n, 3, H, W) float32 batch.
+    def _cpu_tail(self, crops, p: BatchPlan) -> Callable[[], torch.Tensor]:
+        """Start resizing, flipping, normalizing and padding the decoded crops into one (n, 3, H, W) float32
+        batch on the thread pool; the returned function waits for it and gives the batch.
 
         Each thread writes its samples straight into the requested memory format of an uninitialized
         batch (zeroing only padding): allocating with zeros and converting the layout afterwards took
@@ -269,41 +282,81 @@ class DaliLoader(Loader):
         """
         from concurrent.futures import ThreadPoolExecutor
 
-        from torchvision.transforms.v2 import functional as F
-
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.threads)  # torch kernels release the GIL
         n, H, W = len(p.index), p.height, p.width
-        cl = self.cfg.channels_last
-        out = torch.empty((n, H, W, 3) if cl else (n, 3, H, W), dtype=torch.float32)
-        # Normalization as one multiply-add over whole HWC rows: broadcasting a 3-vector over the innermost
-        # axis is not vectorized by torch (1.8 ms per 360 kpx image); a row-length vector is (0.34 ms).
-        scale = (1 / torch.tensor(STD)).repeat(W)
-        bias = (-torch.tensor(MEAN) / torch.tensor(STD)).repeat(W)
+        out = torch.empty((n, H, W, 3) if self.cfg.channels_last else (n, 3, H, W), dtype=torch.float32)
+        affine = normalize_rows(W)
 
-        def one(k: int) -> None:
-            # A view of DALI's output buffer, no copy (copying cost 0.8 ms per crop at full resolution, as much
-            # as the resize): it stays valid until the next pipe.run(), and the batch is built before that.
-            a = torch.from_numpy(np.asarray(crops[k])).permute(2, 0, 1)  # HWC memory: channels-last fast path
-            oh, ow = int(p.out_h[k]), int(p.out_w[k])
-            if a.shape[1:] != (oh, ow):
-                a = F.resize(a, [oh, ow], interpolation=F.InterpolationMode.BILINEAR, antialias=True)
-            x = a.permute(1, 2, 0)  # (oh, ow, 3), contiguous
-            if p.flip[k]:
-                x = x.flip(1)
-            if cl:  # one fused pass from uint8 into the batch's rows (0.20 ms vs 0.34 with a temporary)
-                torch.addcmul(bias[: ow * 3], x.reshape(oh, ow * 3), scale[: ow * 3], out=out[k, :oh, :ow].reshape(oh, ow * 3))
-                out[k, oh:].zero_()
-                out[k, :oh, ow:].zero_()
-            else:
-                y = x.reshape(oh, ow * 3).float()
-                y.mul_(scale[: ow * 3]).add_(bias[: ow * 3])
-                out[k, :, :oh, :ow].copy_(y.view(oh, ow, 3).permute(2, 0, 1))
-                out[k, :, oh:].zero_()
-                out[k, :, :oh, ow:].zero_()
+        todo = iter(range(n))  # shared by the threads: each takes the next image when it is free
 
-        list(self._pool.map(one, range(n)))
-        return out.permute(0, 3, 1, 2) if cl else out
+        def work() -> None:
+            for k in todo:
+                # A view of DALI's output buffer, no copy (copying cost 0.8 ms per crop at full resolution, as much
+                # as the resize). The pipeline runs DALI's dynamic executor, where an output stays valid while it
+                # is referenced (``crops`` here), however many runs later.
+                crop = torch.from_numpy(np.asarray(crops[k]))
+                tail_one(crop, int(p.out_h[k]), int(p.out_w[k]), bool(p.flip[k]), out[k], affine, self.cfg.channels_last)
+
+        # One task per thread rather than per image: fewer futures and wake-ups under the GIL.
+        done = [self._pool.submit(work) for _ in range(min(self.threads, n))]
+
+        def result() -> torch.Tensor:
+            for f in done:
+                f.result()
+            return out.permute(0, 3, 1, 2) if self.cfg.channels_last else out
+
+        return result
+
+
+@functools.lru_cache(maxsize=64)  # one per bucket width; read-only, shared by the pool's threads
+def normalize_rows(width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and bias of the normalization repeated along HWC rows of up to ``width`` pixels.
+
+    Normalizing is one multiply-add over whole rows: broadcasting a 3-vector over the innermost axis is not
+    vectorized by torch (1.8 ms per 360 kpx image); a row-length vector is (0.34 ms).
+    """
+    return (1 / torch.tensor(STD)).repeat(width), (-torch.tensor(MEAN) / torch.tensor(STD)).repeat(width)
+
+
+def resize_hwc(crop: torch.Tensor, oh: int, ow: int) -> torch.Tensor:
+    """A uint8 HWC image resized to (oh, ow, 3) (contiguous), bilinear with antialiasing.
+
+    torch's antialiased uint8 kernel, the one torchvision's resize calls, without torchvision's 20 us of
+    dispatch per call (a fifth of a 224 px resize, spent holding the GIL the tail's threads share). A 1HWC
+    view seen as NCHW is unambiguously channels-last, so the output is too, with no repacking.
+    """
+    if crop.shape[:2] == (oh, ow):
+        return crop
+    x = torch.nn.functional.interpolate(crop[None].permute(0, 3, 1, 2), size=(oh, ow), mode="bilinear", antialias=True, align_corners=False)
+    return x[0].permute(1, 2, 0)
+
+
+def tail_one(crop: torch.Tensor, oh: int, ow: int, flip: bool, out: torch.Tensor, affine: tuple[torch.Tensor, torch.Tensor],
+             channels_last: bool) -> None:
+    """One decoded uint8 HWC crop resized to (oh, ow), flipped, normalized and written top-left into ``out``
+    ((H, W, 3) if ``channels_last``, else (3, H, W)), the rest of ``out`` zeroed. The CPU tail's whole
+    per-image work (the benchmark's augment limit runs it too)."""
+    x = resize_hwc(crop, oh, ow)
+    if flip:
+        x = x.flip(1)
+    scale, bias = affine
+    if channels_last:  # one fused pass from uint8 into the batch's rows (0.20 ms vs 0.34 with a temporary)
+        H, W = out.shape[:2]
+        torch.addcmul(bias[: ow * 3], x.reshape(oh, ow * 3), scale[: ow * 3], out=out[:oh, :ow].reshape(oh, ow * 3))
+        if oh < H:
+            out[oh:].zero_()
+        if ow < W:
+            out[:oh, ow:].zero_()
+    else:
+        H, W = out.shape[1:]
+        y = x.reshape(oh, ow * 3).float()
+        y.mul_(scale[: ow * 3]).add_(bias[: ow * 3])
+        out[:, :oh, :ow].copy_(y.view(oh, ow, 3).permute(2, 0, 1))
+        if oh < H:
+            out[:, oh:].zero_()
+        if ow < W:
+            out[:, :oh, ow:].zero_()
 
 
 def build_loader(cfg: DataConfig, split_name: str, train: bool, seed: int, rank: int = 0, world: int = 1,

@@ -249,7 +249,7 @@ def test_config_fields_documented():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_gpu_graph_on_cpu_matches_the_cpu_tail(shards, res, train, dtype):
     """The GPU path's DALI graph (resize, flip, crop_mirror_normalize with padding, feed_ndarray) run in
-    CPU-only mode gives the same batches as the CPU path's torchvision tail, up to resampling details."""
+    CPU-only mode gives the same batches as the CPU path's torch tail, up to resampling details."""
     from mame_fast.pipeline import DaliLoader
 
     cfg = cfg_for(shards, res, "dali", channels_last=False)
