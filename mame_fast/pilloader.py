@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .pipeline import MEAN, STD, Batch, Loader, valid_mask
+from .pipeline import MEAN, STD, Batch, Loader, LoaderError, valid_mask
 from .plan import BatchPlan
 from .reader import Split
 
@@ -50,7 +50,12 @@ class _PlannedBatches(torch.utils.data.Dataset):
         p = self.plans[j]
         out = torch.zeros((len(p.index), p.height, p.width, 3), dtype=torch.uint8)
         for k, i in enumerate(p.index):
-            a = decode_planned(bytes(self.split.jpeg(int(i))), p.x[k], p.y[k], p.cw[k], p.ch[k], p.out_w[k], p.out_h[k], bool(p.flip[k]))
+            try:
+                a = decode_planned(bytes(self.split.jpeg(int(i))), p.x[k], p.y[k], p.cw[k], p.ch[k], p.out_w[k], p.out_h[k], bool(p.flip[k]))
+            except (OSError, ValueError, SyntaxError) as e:  # what PIL raises for unreadable or damaged images
+                tar = self.split.tars[int(self.split.shard[i])]
+                raise LoaderError(f"{tar}: sample {self.split.keys[i]} cannot be decoded ({e}). "
+                                  f"Check the shards with `mame-fast shard {self.split.folder} --verify`.") from e
             out[k, : a.shape[0], : a.shape[1]] = torch.from_numpy(a)
         return out  # uint8: a quarter of the bytes of float32 to move between processes and to the device
 

@@ -20,6 +20,7 @@ pipeline at that step.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
@@ -124,6 +125,28 @@ class Loader:
             labels = torch.from_numpy(self.split.labels[p.index]).to(self.device, non_blocking=True)
         sizes = torch.from_numpy(np.stack([p.out_h, p.out_w], 1)).to(self.device, non_blocking=True)
         return Batch(images=images, labels=labels.long().view(-1), sizes=sizes, index=torch.from_numpy(p.index), padded=p.padded)
+
+
+def _undecodable(split: Split, index: np.ndarray) -> list[str]:
+    """``shard.tar:key`` of the samples among ``index`` that PIL cannot decode (after a DALI failure)."""
+    import io
+
+    from PIL import Image
+
+    bad = []
+    for i in index:
+        try:
+            Image.open(io.BytesIO(bytes(split.jpeg(int(i))))).load()
+        except Exception:  # any failure is what we are looking for
+            bad.append(f"{split.tars[int(split.shard[i])].name}:{split.keys[i]}")
+    return bad
+
+
+def _settle(pending: tuple[BatchPlan, Callable[[], torch.Tensor]] | None) -> None:
+    """Wait for a batch's CPU tail to end, whatever its outcome (it is being abandoned)."""
+    if pending is not None:
+        with contextlib.suppress(Exception):
+            pending[1]()
 
 
 def valid_mask(p: BatchPlan, device: torch.device) -> torch.Tensor:
@@ -243,34 +266,44 @@ class DaliLoader(Loader):
             self.feed.start(epoch, start_step)
             self.pipe = self._build()
         stream = torch.cuda.current_stream(self.device) if self.gpu else None
-        pending = None  # CPU path: (plan, batch in the making) of the previous step, whose tail is still running
-        for i in range(start_step, len(plans)):
-            p = plans[i]
-            self._next = None  # unknown until this batch arrives
-            try:
-                outs = self.pipe.run()
-            except RuntimeError as e:
-                self.pipe = None
-                shards = sorted({self.split.tars[int(self.split.shard[j])].name for q in plans[i : i + 3] for j in q.index})
-                raise LoaderError(f"DALI failed on a batch from the shards {shards} of {self.split.folder}: {e}\n"
-                                  f"Check them with `mame-fast shard {self.split.folder} --verify`.") from e
-            self._next = (epoch, i + 1) if i + 1 < len(plans) else (epoch + 1, 0)
-            if not self.dali_tail:
-                # This batch's tail is queued behind the previous one's before that one is awaited, so the pool
-                # keeps working while this thread feeds DALI and finishes batches (+6% at 256 on 2 cores).
-                job = self._cpu_tail(outs[0], p)
-                if pending is not None:
-                    yield self._finish(pending[1](), pending[0])
-                pending = (p, job)
-                continue
-            img_t, lbl_t = outs[0].as_tensor(), outs[1].as_tensor()
-            images = torch.empty(img_t.shape(), dtype=to_torch_type[img_t.dtype], device=self.device)
-            labels = torch.empty(lbl_t.shape(), dtype=torch.int64, device=self.device)
-            feed_ndarray(img_t, images, cuda_stream=stream)
-            feed_ndarray(lbl_t, labels, cuda_stream=stream)
-            yield self._finish(images, p, labels)
-        if pending is not None:
-            yield self._finish(pending[1](), pending[0])
+        pending = None  # CPU path: (plan, batch in the making) whose tail the pool is still running
+        try:
+            for i in range(start_step, len(plans)):
+                p = plans[i]
+                self._next = None  # unknown until this batch arrives
+                try:
+                    outs = self.pipe.run()
+                except RuntimeError as e:
+                    _settle(pending)  # its tail reads the outputs of the pipeline about to be dropped
+                    pending, self.pipe = None, None
+                    # The failing batch is this one or one being prefetched: name what PIL cannot decode among them.
+                    window = np.concatenate([q.index for q in plans[i : i + self.cfg.prefetch + 1]])
+                    bad = _undecodable(self.split, window)
+                    where = (f"samples {bad}" if bad else
+                             f"a batch from the shards {sorted({self.split.tars[int(self.split.shard[j])].name for j in window})}")
+                    raise LoaderError(f"DALI failed on {where} of {self.split.folder}: {e}\n"
+                                      f"Check them with `mame-fast shard {self.split.folder} --verify`.") from e
+                self._next = (epoch, i + 1) if i + 1 < len(plans) else (epoch + 1, 0)
+                if not self.dali_tail:
+                    # This batch's tail is queued behind the previous one's before that one is awaited, so the pool
+                    # keeps working while this thread feeds DALI and finishes batches (+6% at 256 on 2 cores).
+                    prev, pending = pending, (p, self._cpu_tail(outs[0], p))
+                    if prev is not None:
+                        yield self._finish(prev[1](), prev[0])
+                    continue
+                img_t, lbl_t = outs[0].as_tensor(), outs[1].as_tensor()
+                images = torch.empty(img_t.shape(), dtype=to_torch_type[img_t.dtype], device=self.device)
+                labels = torch.empty(lbl_t.shape(), dtype=torch.int64, device=self.device)
+                feed_ndarray(img_t, images, cuda_stream=stream)
+                feed_ndarray(lbl_t, labels, cuda_stream=stream)
+                yield self._finish(images, p, labels)
+            if pending is not None:
+                last, pending = pending, None
+                yield self._finish(last[1](), last[0])
+        finally:
+            # Left early (a break, an error in the consumer): the pool may still be writing a batch from this
+            # pipeline's outputs, and a restore is about to drop the pipeline.
+            _settle(pending)
 
     def _cpu_tail(self, crops, p: BatchPlan) -> Callable[[], torch.Tensor]:
         """Start resizing, flipping, normalizing and padding the decoded crops into one (n, 3, H, W) float32

@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw
 from mame_fast import metadata as md
 from mame_fast import plan as pl
 from mame_fast.config import DataConfig
-from mame_fast.pipeline import build_loader, dali_available
+from mame_fast.pipeline import LoaderError, build_loader, dali_available
 from mame_fast.reader import open_split
 from mame_fast.shard import ShardError, ShardSettings, split_shards, write_shards
 
@@ -196,6 +196,24 @@ def test_truncated_shard(shards, tmp_path):
     tar.write_bytes(tar.read_bytes()[:-5000])
     with pytest.raises(ShardError, match=f"{tar.name}.*truncated or changed"):
         build_loader(cfg_for(s, "full", "pil"), "train", True, 0)
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_corrupt_sample_in_a_shard(shards, tmp_path, loader):
+    """A sample whose bytes are damaged inside an intact tar (sizes and index still agree, so nothing can
+    be seen up front) stops the epoch with an error naming its shard."""
+    s = _copy(shards, tmp_path)
+    split = open_split(s, "train")
+    i = len(split) // 2
+    tar = split.tars[int(split.shard[i])]
+    data = bytearray(tar.read_bytes())
+    o, n = int(split.offset[i]), int(split.size[i])
+    data[o + 2 : o + n] = b"\x00" * (n - 2)  # keeps the JPEG start marker: the decoder fails on the rest
+    tar.write_bytes(bytes(data))
+    L = build_loader(cfg_for(s, "full", loader), "train", True, 0)
+    with pytest.raises(LoaderError, match=f"{tar.name}.*{split.keys[i]}"):
+        for _ in L.epoch(0):
+            pass
 
 
 def test_missing_index(shards, tmp_path):
