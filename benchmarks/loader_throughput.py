@@ -45,6 +45,7 @@ from mame_fast import _mp_context
 from mame_fast import metadata as md
 from mame_fast.config import DataConfig
 from mame_fast.pipeline import MEAN, STD, build_loader, dali_available, keep_freed_memory, normalize_rows, resize_hwc, tail_one
+from mame_fast.pilloader import decode_crop
 from mame_fast.plan import BatchPlan
 from mame_fast.reader import open_split
 from mame_fast.sample import SampleSpec, write_sample
@@ -149,23 +150,18 @@ def decode_limit(files: list[Path], workers: int, how: str) -> list[float]:
 
 
 def _augment_all(job: tuple[Path, str, list[BatchPlan]]) -> float:
-    from torchvision.io import decode_jpeg
-
     folder, res, plans = job
     torch.set_num_threads(1)
     keep_freed_memory()  # as the loader does
     split = open_split(folder, "train", res)
-    blobs = {int(i): torch.frombuffer(bytearray(split.jpeg(int(i))), dtype=torch.uint8) for p in plans for i in p.index}
+    blobs = {int(i): bytes(split.jpeg(int(i))) for p in plans for i in p.index}
 
     def loop():
         for p in plans:
             out = torch.empty((len(p.index), p.height, p.width, 3))  # a channels-last batch, as the loader's
             affine = normalize_rows(p.width)
             for k, i in enumerate(p.index):
-                img = decode_jpeg(blobs[int(i)]).permute(1, 2, 0)  # HWC
-                x, y = int(round(float(p.x[k]))), int(round(float(p.y[k])))
-                # contiguous, as DALI's decoded crop (the resize takes twice as long on a strided view)
-                crop = img[y : y + int(round(float(p.ch[k]))), x : x + int(round(float(p.cw[k])))].contiguous()
+                crop = decode_crop(blobs[int(i)], p.x[k], p.y[k], p.cw[k], p.ch[k])
                 tail_one(crop, int(p.out_h[k]), int(p.out_w[k]), bool(p.flip[k]), out[k], affine, True)
 
     return _second_pass(loop)

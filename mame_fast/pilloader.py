@@ -1,11 +1,13 @@
-"""Stage 2c': the fallback loader: PIL decode + torch DataLoader, executing the same plan as DALI.
+"""Stage 2c': the fallback loader: libjpeg-turbo decode in torch DataLoader workers, executing the same plan as DALI.
 
-For machines without DALI (macOS, ARM) or on request (``data.loader=pil``), and the baseline in
-``benchmarks/loader_throughput.py``. Same plan (order, buckets, crops, flips), same normalization and
-padding, so the training semantics do not depend on the loader; pixels differ only by resampling
-details (PIL's antialiased bilinear vs DALI's). A DataLoader item is a whole planned batch, so the
-batch shape comes from the plan, not from collation.
-"""
+For machines without DALI (macOS, ARM, the GPU machines lent to this project) or on request
+(``data.loader=pil``), and a baseline in ``benchmarks/loader_throughput.py``. Same plan (order, buckets,
+crops, flips), same normalization and padding, so the training semantics do not depend on the loader;
+pixels differ only by resampling details (torch's or PIL's antialiased bilinear vs DALI's). A DataLoader
+item is a whole planned batch, so the batch shape comes from the plan, not from collation. Samples are read
+through the shards' index (``reader.py``), not ``webdataset.WebDataset``: a streaming reader's shuffle
+buffer cannot execute the plan (buckets, exact epochs across ranks, a restart at step k). The shards stay
+readable by webdataset (``tests/test_shard.py``)."""
 
 from __future__ import annotations
 
@@ -17,19 +19,44 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .pipeline import MEAN, STD, Batch, Loader, LoaderError, valid_mask
+from .pipeline import Batch, Loader, LoaderError, normalize_rows, resize_hwc, valid_mask
 from .plan import BatchPlan
 from .reader import Split
 
 
-def decode_planned(data: bytes, x: float, y: float, cw: float, ch: float, ow: int, oh: int, flip: bool) -> np.ndarray:
-    """One planned sample as uint8 HWC: crop (x, y, cw, ch) of the stored image, resized to (oh, ow)."""
+def decode_planned(data: bytes, x: float, y: float, cw: float, ch: float, ow: int, oh: int, flip: bool) -> torch.Tensor:
+    """One planned sample as uint8 HWC: crop (x, y, cw, ch) of the stored image, resized to (oh, ow).
+
+    Two routes to the same result, up to resampling details. Where the output is less than half the crop's
+    size, PIL decodes in the DCT domain at 1/2, 1/4 or 1/8 scale (``draft``), which skips most of the work.
+    Otherwise torchvision.io decodes (libjpeg-turbo, straight into a tensor) and the DALI CPU tail's own
+    resize follows: 2.3x faster than PIL's decode, conversion and resize (0.39 vs 0.90 ms per image at 256,
+    3.3 vs 7.6 at full, one core).
+    """
+    if min(ow / cw, oh / ch) < 0.5:
+        return torch.from_numpy(_decode_planned_pil(data, x, y, cw, ch, ow, oh, flip))
+    out = resize_hwc(decode_crop(data, x, y, cw, ch), oh, ow)
+    return out.flip(1) if flip else out
+
+
+def decode_crop(data: bytes, x: float, y: float, cw: float, ch: float) -> torch.Tensor:
+    """The crop (x, y, cw, ch) (rounded to whole pixels) of a JPEG as contiguous uint8 HWC, decoded by
+    torchvision.io (the whole image: libjpeg-turbo has no ROI decode there)."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    img = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB).permute(1, 2, 0)  # HWC memory
+    x0, y0 = int(round(float(x))), int(round(float(y)))
+    w, h = max(1, int(round(float(cw)))), max(1, int(round(float(ch))))
+    # contiguous, as DALI's decoded crop: the resize takes twice as long on a strided view
+    return img[y0 : y0 + h, x0 : x0 + w].contiguous()
+
+
+def _decode_planned_pil(data: bytes, x: float, y: float, cw: float, ch: float, ow: int, oh: int, flip: bool) -> np.ndarray:
     im = Image.open(io.BytesIO(data))
     W, H = im.size
     scale = min(ow / cw, oh / ch)
-    if scale < 0.5 and im.format == "JPEG":
-        # DCT-domain downscaling (1/2, 1/4, 1/8) when the output is much smaller than the stored image.
-        im.draft("RGB", (math.ceil(W * scale), math.ceil(H * scale)))
+    if im.format == "JPEG":
+        im.draft("RGB", (math.ceil(W * scale), math.ceil(H * scale)))  # DCT-domain downscaling
     r = W / im.size[0]
     im = im.convert("RGB")
     box = (x / r, y / r, (x + cw) / r, (y + ch) / r)
@@ -52,26 +79,30 @@ class _PlannedBatches(torch.utils.data.Dataset):
         for k, i in enumerate(p.index):
             try:
                 a = decode_planned(bytes(self.split.jpeg(int(i))), p.x[k], p.y[k], p.cw[k], p.ch[k], p.out_w[k], p.out_h[k], bool(p.flip[k]))
-            except (OSError, ValueError, SyntaxError) as e:  # what PIL raises for unreadable or damaged images
+            except (OSError, ValueError, SyntaxError, RuntimeError) as e:  # what PIL and torchvision.io raise for damaged images
                 tar = self.split.tars[int(self.split.shard[i])]
                 raise LoaderError(f"{tar}: sample {self.split.keys[i]} cannot be decoded ({e}). "
                                   f"Check the shards with `mame-fast shard {self.split.folder} --verify`.") from e
-            out[k, : a.shape[0], : a.shape[1]] = torch.from_numpy(a)
+            out[k, : a.shape[0], : a.shape[1]] = a
         return out  # uint8: a quarter of the bytes of float32 to move between processes and to the device
 
 
 class PilLoader(Loader):
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
+        import torchvision.io  # noqa: F401  here, so that the workers forked each epoch do not import it again (~0.6 s each)
+
         plans = self.plan(epoch)[start_step:]
         dl = torch.utils.data.DataLoader(
             _PlannedBatches(self.split, plans), batch_size=None, shuffle=False, num_workers=self.threads,
             pin_memory=self.device.type == "cuda", prefetch_factor=self.cfg.prefetch if self.threads else None,
         )
-        mean = torch.tensor(MEAN, device=self.device).view(1, 3, 1, 1)
-        std = torch.tensor(STD, device=self.device).view(1, 3, 1, 1)
         for p, raw in zip(plans, dl):
-            x = raw.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
-            x = (x - mean) / std
+            n, H, W, _ = raw.shape
+            scale, bias = (t.to(self.device) for t in normalize_rows(W))
+            # One multiply-add from uint8 over whole NHWC rows (see normalize_rows), giving a channels-last
+            # float32 batch: on CPU 3x faster than broadcasting over an NCHW view (0.63 vs 2.1 ms per 360 kpx image).
+            x = torch.addcmul(bias, raw.to(self.device, non_blocking=True).view(n, H, W * 3), scale)
+            x = x.view(n, H, W, 3).permute(0, 3, 1, 2)
             if p.padded:
                 x = x * valid_mask(p, self.device)  # padding is exactly 0, as in DALI's output
             yield self._finish(x, p)
