@@ -11,6 +11,7 @@ readable by webdataset (``tests/test_shard.py``)."""
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 from typing import Iterator
@@ -33,7 +34,7 @@ def decode_planned(data: bytes, x: float, y: float, cw: float, ch: float, ow: in
     resize follows: 2.3x faster than PIL's decode, conversion and resize (0.39 vs 0.90 ms per image at 256,
     3.3 vs 7.6 at full, one core).
     """
-    if min(ow / cw, oh / ch) < 0.5:
+    if min(ow / cw, oh / ch) < 0.5 or not _torchvision_decodes():
         return torch.from_numpy(_decode_planned_pil(data, x, y, cw, ch, ow, oh, flip))
     out = resize_hwc(decode_crop(data, x, y, cw, ch), oh, ow)
     return out.flip(1) if flip else out
@@ -51,15 +52,27 @@ def decode_crop(data: bytes, x: float, y: float, cw: float, ch: float) -> torch.
     return img[y0 : y0 + h, x0 : x0 + w].contiguous()
 
 
+@functools.lru_cache(maxsize=1)
+def _torchvision_decodes() -> bool:
+    """torchvision.io still decodes JPEGs: deprecated since torchvision 0.29 in favour of TorchCodec, to be
+    removed; without it every sample takes the PIL route (slower, same results up to resampling)."""
+    try:
+        from torchvision.io import decode_jpeg  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _decode_planned_pil(data: bytes, x: float, y: float, cw: float, ch: float, ow: int, oh: int, flip: bool) -> np.ndarray:
     im = Image.open(io.BytesIO(data))
     W, H = im.size
     scale = min(ow / cw, oh / ch)
     if im.format == "JPEG":
         im.draft("RGB", (math.ceil(W * scale), math.ceil(H * scale)))  # DCT-domain downscaling
-    r = W / im.size[0]
+    rx, ry = W / im.size[0], H / im.size[1]  # the draft's scale, per axis (its sizes are rounded up)
     im = im.convert("RGB")
-    box = (x / r, y / r, (x + cw) / r, (y + ch) / r)
+    # Clamped: float32 plans and the draft's rounding can put the far edge a hair past the image.
+    box = (x / rx, y / ry, min((x + cw) / rx, im.size[0]), min((y + ch) / ry, im.size[1]))
     im = im.resize((int(ow), int(oh)), Image.BILINEAR, box=box)  # crop + antialiased resize in one pass
     if flip:
         im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
@@ -89,7 +102,7 @@ class _PlannedBatches(torch.utils.data.Dataset):
 
 class PilLoader(Loader):
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
-        import torchvision.io  # noqa: F401  here, so that the workers forked each epoch do not import it again (~0.6 s each)
+        _torchvision_decodes()  # imports torchvision.io here, so that the workers forked each epoch do not (~0.6 s each)
 
         plans = self.plan(epoch)[start_step:]
         dl = torch.utils.data.DataLoader(

@@ -67,6 +67,24 @@ def test_fallback_gives_dalis_batches(shards, res, train):
         assert (a.images - b.images).abs().mean() < 0.1  # measured up to 0.05; a wrong flip gives 0.3
 
 
+@pytest.mark.parametrize("size", [(1001, 800), (640, 480)])
+@pytest.mark.parametrize("out", [(120, 96), (600, 480)])  # DCT-scaled (PIL draft) and full decodes
+def test_fallback_decodes_crops_reaching_the_image_edge(size, out):
+    """A crop whose far edge lies a float32 hair past the image, or past a draft image whose sides were
+    rounded up by different ratios (1001 -> 126 but 800 -> 100 at 1/8), decodes to the planned size."""
+    import io
+
+    from mame_fast.pilloader import decode_planned
+
+    W, H = size
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (H, W, 3), np.uint8)).save(buf, "JPEG")
+    x, cw = np.float32(0.3), np.float32(W - 0.3 + 1e-3)
+    for flip in (False, True):
+        img = decode_planned(buf.getvalue(), x, np.float32(0), cw, np.float32(H), out[0], out[1], flip)
+        assert tuple(img.shape) == (out[1], out[0], 3) and img.dtype == torch.uint8
+
+
 @pytest.mark.parametrize("loader", LOADERS)
 def test_dtype_and_channels_last(shards, loader):
     cfg = cfg_for(shards, "256", loader, channels_last=True)
