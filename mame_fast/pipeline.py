@@ -374,22 +374,17 @@ def tail_one(crop: torch.Tensor, oh: int, ow: int, flip: bool, out: torch.Tensor
     if flip:
         x = x.flip(1)
     scale, bias = affine
+    hw = out if channels_last else out.permute(1, 2, 0)  # an (H, W, 3) view either way
+    rows = x.reshape(oh, ow * 3)
     if channels_last:  # one fused pass from uint8 into the batch's rows (0.20 ms vs 0.34 with a temporary)
-        H, W = out.shape[:2]
-        torch.addcmul(bias[: ow * 3], x.reshape(oh, ow * 3), scale[: ow * 3], out=out[:oh, :ow].reshape(oh, ow * 3))
-        if oh < H:
-            out[oh:].zero_()
-        if ow < W:
-            out[:oh, ow:].zero_()
-    else:
-        H, W = out.shape[1:]
-        y = x.reshape(oh, ow * 3).float()
-        y.mul_(scale[: ow * 3]).add_(bias[: ow * 3])
-        out[:, :oh, :ow].copy_(y.view(oh, ow, 3).permute(2, 0, 1))
-        if oh < H:
-            out[:, oh:].zero_()
-        if ow < W:
-            out[:, :oh, ow:].zero_()
+        torch.addcmul(bias[: ow * 3], rows, scale[: ow * 3], out=out[:oh, :ow].reshape(oh, ow * 3))
+    else:  # the batch's rows are not contiguous in HWC order: normalize, then copy across
+        hw[:oh, :ow].copy_(torch.addcmul(bias[: ow * 3], rows, scale[: ow * 3]).view(oh, ow, 3))
+    H, W = hw.shape[:2]
+    if oh < H:
+        hw[oh:].zero_()
+    if ow < W:
+        hw[:oh, ow:].zero_()
 
 
 def build_loader(cfg: DataConfig, split_name: str, train: bool, seed: int, rank: int = 0, world: int = 1,
