@@ -9,7 +9,9 @@ import statistics
 from importlib import metadata
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
+# Where results and generated samples go; gpu_check.sh's smoke run points them at a temporary folder.
+RESULTS = Path(os.environ.get("MAME_FAST_RESULTS") or Path(__file__).parent / "results")
+WORK = Path(os.environ.get("MAME_FAST_BENCH_WORK") or Path(__file__).parent / "_work")
 
 
 def cpu_model() -> str:

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from _common import summary, write_results
+from _common import WORK, summary, write_results
 from mame_fast import _mp_context
 from mame_fast import metadata as md
 from mame_fast.config import DataConfig
@@ -50,8 +50,6 @@ from mame_fast.plan import BatchPlan
 from mame_fast.reader import open_split
 from mame_fast.sample import SampleSpec, write_sample
 from mame_fast.shard import ShardSettings, load_manifest, write_shards
-
-WORK = Path(__file__).parent / "_work"
 
 
 def prepare(per_class: int, workers: int) -> tuple[Path, dict[str, Path]]:
@@ -154,13 +152,13 @@ def _augment_all(job: tuple[Path, str, list[BatchPlan]]) -> float:
     torch.set_num_threads(1)
     keep_freed_memory()  # as the loader does
     split = open_split(folder, "train", res)
-    blobs = {int(i): bytes(split.jpeg(int(i))) for p in plans for i in p.index}
+    blobs = {int(i): bytes(split.jpeg(int(i))) for p in plans for i in p.samples}
 
     def loop():
         for p in plans:
             out = torch.empty((len(p.index), p.height, p.width, 3))  # a channels-last batch, as the loader's
             affine = normalize_rows(p.width)
-            for k, i in enumerate(p.index):
+            for k, i in enumerate(p.samples):  # the fillers are copies, not decoded again (plan.py)
                 crop = decode_crop(blobs[int(i)], p.x[k], p.y[k], p.cw[k], p.ch[k])
                 tail_one(crop, int(p.out_h[k]), int(p.out_w[k]), bool(p.flip[k]), out[k], affine, True)
 
@@ -225,7 +223,7 @@ def run_contender(name: str, cfg: DataConfig, root: Path, args) -> tuple[list[fl
         loader = build_loader(DataConfig(**{**cfg.__dict__, "loader": kind}), "train", True, 0, device=torch.device(device))
 
         def epoch(rep: int):
-            return (b.labels for b in loader.epoch(rep))
+            return (b.labels[: b.real] for b in loader.epoch(rep))  # images of the epoch, fillers not counted
     times, busy = [], []
     for rep in range(args.repeats + 1):
         cpu, t = time.process_time(), time.perf_counter()

@@ -1,120 +1,267 @@
-"""Training throughput with the real loader against the same model on in-memory batches, in one run.
+"""Training throughput over whole epochs: the real loader against the same model on in-memory batches.
 
-Three numbers per resolution: the loader alone (images/s it can deliver), training on batches already in
-memory (the model's speed with no loading cost: real batches from the loader, cached and replayed, so
-shapes and values are the real ones), and training with the real loader. The ratio real/in-memory
-shows what loading costs the training loop; the data-wait share shows where the time goes.
+For each configuration (resolution, cuDNN autotuning on or off), in a process of its own so that no
+kernel choice or cache carries over from one to the next:
 
-Claim (issue 4): on a GPU the real loader reaches >= 95% of the in-memory throughput; on a CPU-only
-machine compute and loading share the same cores, so the ratio is reported with the breakdown.
+- **first epoch**: a fresh loader and model, timed from the build to the end of epoch 0, with the shape
+  warm-up (when autotuning is on) reported on its own. Its overhead is the first epoch's time minus a
+  steady epoch's; divided by the number of batch shapes it gives a per-shape cost, which is extrapolated
+  to the real MAMe train split (20,300 images, its own shape count from the real metadata).
+- **steady state**: ``--epochs`` whole epochs in a row with the real loader, which keeps its pipeline
+  across epochs as in training; then the same number of whole epochs over the same epoch's batches
+  cached on the device (the model's speed with no loading cost: same shapes, same values). The data
+  wait is the share of the loop spent inside the loader's ``next()``: on a GPU, the per-batch Python
+  work the loader does on the training thread.
+- **GPU busy**: the mean of ``nvidia-smi``'s utilization samples during the steady real-loader epochs.
+- **reference CNN** (``--reference``): timm's ``resnet50`` on in-memory 224x224 batches, channels-last,
+  bf16 autocast, cuDNN autotuning on: a tuned CNN's images/s and FLOP/s on the same card, to read our
+  models' figures against.
 
-    python benchmarks/train_throughput.py [--model tiny] [--steps 12] [--batch-size 16]
+Everything goes through the trainer's own ``train_step``, ``warm_up`` and runtime. Goals (issue 10), on a
+GPU: real loader >= 95% of in-memory batches at 256 and full; first-epoch overhead <= 10% of an epoch at
+the real MAMe train size.
+
+    python benchmarks/train_throughput.py [--model small] [--per-class 100] [--batch-size 64] [--epochs 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from _common import summary, write_results
 from loader_throughput import prepare
+from mame_fast import metadata as md
 from mame_fast.config import load
-from mame_fast.model import build, load_spec
-from mame_fast.pipeline import build_loader
-from mame_fast.train import make_optimizer, make_schedule, setup_runtime, train_step
+from mame_fast.model import build, count_flops, load_spec
+from mame_fast.pipeline import build_loader, plan_config
+from mame_fast.plan import batch_shapes
+from mame_fast.runtime import setup_runtime
+from mame_fast.train import make_optimizer, make_schedule, train_step, warm_up
+
+REAL_TRAIN = 20_300
 
 
-def measure(cfg, steps: int, warmup: int, repeats: int) -> dict:
-    rt = setup_runtime(cfg)
-    dtype = rt.amp_dtype or torch.float32
-    loader = build_loader(cfg.data, "train", True, cfg.seed, device=rt.device, dtype=dtype)
-    model = build(load_spec(cfg.model)).to(rt.device).to(memory_format=torch.channels_last)
+class GpuBusy:
+    """Mean GPU utilization (%) sampled by nvidia-smi every 100 ms while the block runs; None without it."""
+
+    def __enter__(self):
+        self.samples: list[float] = []
+        self.proc = None
+        if torch.cuda.is_available() and shutil.which("nvidia-smi"):
+            gpu = str(torch.cuda.current_device())
+            self.proc = subprocess.Popen(["nvidia-smi", "-i", gpu, "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
+                                          "-lms", "100"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            self.thread = threading.Thread(target=self._read, daemon=True)
+            self.thread.start()
+        return self
+
+    def _read(self):
+        for line in self.proc.stdout:
+            try:
+                self.samples.append(float(line.strip()))
+            except ValueError:
+                pass
+
+    def __exit__(self, *exc):
+        if self.proc:
+            self.proc.terminate()
+            self.proc.wait()
+            self.thread.join(timeout=2)
+
+    @property
+    def mean(self) -> float | None:
+        return float(np.mean(self.samples[1:])) if len(self.samples) > 2 else None
+
+
+def measure(cfg, epochs: int) -> dict:
+    """One configuration: first epoch, steady real-loader epochs, in-memory epochs (see the module docstring)."""
+    t_build = time.perf_counter()
+    rt = setup_runtime(cfg.precision, cfg.cudnn_benchmark)
+    loader = build_loader(cfg.data, "train", True, cfg.seed, device=rt.device, dtype=rt.dtype)
+    spec = load_spec(cfg.model)
+    model = build(spec).to(rt.device).to(memory_format=torch.channels_last)
     opt = make_optimizer(model, cfg, cfg.data.batch_size)
-    sched = make_schedule(opt, cfg, loader.steps(0))
+    sched = make_schedule(opt, cfg, loader.steps(0) * (2 * epochs + 2))
     rng = np.random.default_rng(0)
+    shapes = loader.shapes()
+    warm = warm_up(model, shapes, [], rt) if rt.cudnn_benchmark else 0.0
 
-    def sync():
-        if rt.device.type == "cuda":
-            torch.cuda.synchronize()
-
-    def loader_only(epoch: int) -> tuple[float, int]:
-        it = loader.epoch(epoch)
-        for _ in range(warmup):
-            next(it)
-        t, n = time.perf_counter(), 0
-        for _ in range(steps):
-            n += len(next(it).labels)
-        sync()
-        return time.perf_counter() - t, n
-
-    def train(batches, wait: list) -> tuple[float, int]:
+    def run_epoch(batches) -> tuple[float, float, int, int]:
+        """Seconds, seconds inside next(), images and steps of one pass over ``batches``."""
+        t, wait, n, steps = time.perf_counter(), 0.0, 0, 0
         it = iter(batches)
-        for _ in range(warmup):
-            train_step(model, next(it), opt, sched, None, rt, cfg, rng)
-        sync()
-        t, n, w = time.perf_counter(), 0, 0.0
-        for _ in range(steps):
+        while True:
             tw = time.perf_counter()
-            b = next(it)
-            w += time.perf_counter() - tw
+            b = next(it, None)
+            wait += time.perf_counter() - tw
+            if b is None:
+                break
             loss, _, _ = train_step(model, b, opt, sched, None, rt, cfg, rng)
-            n += len(b.labels)
-        loss.item()  # one sync at the end, as the loop does at log steps
-        dt = time.perf_counter() - t
-        wait.append(w / dt)
-        return dt, n
+            n, steps = n + b.real, steps + 1
+        loss.item()  # the loop syncs at log steps; here once per epoch
+        return time.perf_counter() - t, wait, n, steps
 
-    cached = []
-    for b in loader.epoch(99):  # real batches, kept in memory and replayed
-        cached.append(b)
-        if len(cached) == warmup + steps:
-            break
-    out = {"loader alone": [], "in-memory batches": [], "real loader": []}
-    waits: list[float] = []
-    for r in range(repeats):
-        dt, n = loader_only(r)
-        out["loader alone"].append(n / dt)
-        dt, n = train(cached, [])
-        out["in-memory batches"].append(n / dt)
-        dt, n = train(loader.epoch(r), waits)
-        out["real loader"].append(n / dt)
-    return {"ips": out, "wait": float(np.median(waits)), "device": str(rt.device), "loader": type(loader).__name__,
-            "shape": tuple(cached[0].images.shape)}
+    first, _, n, _ = run_epoch(loader.epoch(0))
+    first_total = time.perf_counter() - t_build  # build, warm-up and epoch 0
+    real, waits = [], []
+    with GpuBusy() as busy:
+        for e in range(1, epochs + 1):
+            dt, w, n, steps = run_epoch(loader.epoch(e))
+            real.append(dt)
+            waits.append(w)
+    cached = list(loader.epoch(epochs + 1))  # one real epoch's batches, kept on the device
+    mem = [run_epoch(cached)[0] for _ in range(epochs)]
+    step_ms = 1e3 * float(np.median(real)) / steps
+    flops = {s: count_flops(model, s[1], s[2]) for s in shapes}  # forward, per image, on the device
+    img_flops = float(np.mean([flops[(b.images.shape[0], b.images.shape[2], b.images.shape[3])] for b in cached]))
+    return {
+        "device": str(rt.device), "loader": type(loader).__name__, "images": n, "steps": steps, "shapes": len(shapes),
+        "first_epoch_s": first, "first_total_s": first_total, "warmup_s": warm, "real_s": real, "memory_s": mem,
+        "wait_ms_per_step": 1e3 * float(np.median(waits)) / steps, "step_ms": step_ms, "wait_share": float(np.median(waits) / np.median(real)),
+        "gpu_busy": busy.mean, "train_flops_per_image": 3 * img_flops,
+    }
+
+
+def reference(batch: int, steps: int) -> dict:
+    """timm resnet50, in-memory 224x224 batches, channels-last, bf16, autotuned: a tuned CNN on this card."""
+    import timm
+
+    rt = setup_runtime("auto", cudnn_benchmark=True)
+    model = timm.create_model("resnet50", num_classes=29).to(rt.device).to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+    x = torch.randn(batch, 3, 224, 224, device=rt.device, dtype=rt.dtype).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 29, (batch,), device=rt.device)
+
+    def step():
+        with rt.autocast():
+            loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(5):
+        step()
+    rt.synchronize()
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    rt.synchronize()
+    dt = time.perf_counter() - t
+    return {"ips": batch * steps / dt, "train_flops_per_image": 3 * count_flops(model, 224, 224), "device": str(rt.device)}
+
+
+def real_shape_count(cfg) -> int:
+    """Batch shapes of an epoch on the real MAMe train split with this data config (from the real metadata)."""
+    rows = [r for r in md.load_dir().rows if r.subset == "train"]
+    h, w = np.array([r.height for r in rows], float), np.array([r.width for r in rows], float)
+    return len(batch_shapes(h, w, plan_config(cfg.data, True)))
+
+
+def child(args) -> None:
+    """Run one configuration and print its result as one JSON line (called in a fresh process)."""
+    if args.child == "reference":
+        out = reference(args.reference_batch, args.reference_steps)
+    else:
+        cfg = load(None, json.loads(args.sets))
+        out = measure(cfg, args.epochs)
+        out["real_shapes"] = real_shape_count(cfg)
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def run_child(what: str, args, sets: list[str] | None = None) -> dict | None:
+    cmd = [sys.executable, __file__, "--child", what, "--epochs", str(args.epochs), "--sets", json.dumps(sets or []),
+           "--reference-batch", str(args.reference_batch), "--reference-steps", str(args.reference_steps)]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    lines = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+    if p.returncode or not lines:
+        print(f"{what} {sets} failed (rc {p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}", flush=True)
+        return None
+    return json.loads(lines[-1][7:])
+
+
+def table(title: str, m: dict) -> str:
+    n = m["images"]
+    real, mem = [n / t for t in m["real_s"]], [n / t for t in m["memory_s"]]
+    steady = float(np.median(m["real_s"]))
+    overhead = m["first_total_s"] - steady
+    per_shape = overhead / m["shapes"]
+    real_epoch = REAL_TRAIN / summary(real)[0]
+    real_overhead = per_shape * m["real_shapes"]
+    ratio = summary(real)[0] / summary(mem)[0]
+    busy = "n/a" if m["gpu_busy"] is None else f"{m['gpu_busy']:.0f}%"
+    tflops = summary(real)[0] * m["train_flops_per_image"] / 1e12
+    return "\n".join([
+        f"### {title}: {n} images per epoch, {m['steps']} steps, {m['shapes']} batch shapes, {m['loader']} on {m['device']}\n",
+        "| measurement | images/s (median [min, max]) |", "|---|---|",
+        f"| in-memory batches | {summary(mem)[0]:.0f} [{summary(mem)[1]:.0f}, {summary(mem)[2]:.0f}] |",
+        f"| real loader | {summary(real)[0]:.0f} [{summary(real)[1]:.0f}, {summary(real)[2]:.0f}] |",
+        "",
+        f"- real loader / in-memory batches: **{ratio:.1%}**; data wait {m['wait_share']:.1%} of the loop "
+        f"({m['wait_ms_per_step']:.2f} ms per step of {m['step_ms']:.2f} ms); GPU busy {busy}; "
+        f"{tflops:.1f} TFLOP/s of model training work (3x forward FLOPs).",
+        f"- first epoch: {m['first_total_s']:.2f} s from the build (shape warm-up {m['warmup_s']:.2f} s) against "
+        f"{steady:.2f} s for a steady epoch: overhead {overhead:.2f} s, {per_shape * 1e3:.0f} ms per shape. On the real MAMe "
+        f"train split ({m['real_shapes']} shapes, an epoch of {real_epoch:.1f} s at this speed): {real_overhead:.2f} s, "
+        f"**{real_overhead / real_epoch:.1%}** of an epoch (all of the overhead counted per shape).",
+        "",
+    ])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="tiny")
-    ap.add_argument("--per-class", type=int, default=40)
-    ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--model", default="small")
+    ap.add_argument("--per-class", type=int, default=100)
+    ap.add_argument("--epochs", type=int, default=3, help="steady epochs timed, for each of real loader and in-memory")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--res", default="256,full")
+    ap.add_argument("--crop", type=int, default=224)
+    ap.add_argument("--pixels", type=int, default=360_000)
+    ap.add_argument("--cudnn", default="auto", help="'auto' (on and off on a GPU, off on a CPU), 'on' or 'off'")
+    ap.add_argument("--reference", action="store_true", help="also time timm's resnet50 (GPU)")
+    ap.add_argument("--reference-batch", type=int, default=128)
+    ap.add_argument("--reference-steps", type=int, default=30)
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--sets", default="[]", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child:
+        return child(args)
     _, shards = prepare(args.per_class, args.workers)
+    cuda = torch.cuda.is_available()
+    modes = {"auto": ["on", "off"] if cuda else ["off"], "on": ["on"], "off": ["off"]}[args.cudnn]
     sections = []
-    for res, shard_dir, extra in (("256", shards["256"], ["data.crop=224"]), ("full", shards["full"], ["data.pixels=360000"])):
-        cfg = load(None, [f"model={args.model}", f"data.res={res}", f"data.shards={shard_dir}", f"data.batch_size={args.batch_size}",
-                          f"data.threads={args.workers}", "optim.name=sgd"] + extra)
-        m = measure(cfg, args.steps, args.warmup, args.repeats)
-        med = {k: summary(v) for k, v in m["ips"].items()}
-        ratio = med["real loader"][0] / med["in-memory batches"][0]
-        lines = [f"### --res {res}: model `{args.model}`, batch {tuple(m['shape'])} (first batch), {m['loader']} on {m['device']}\n",
-                 "| measurement | images/s (median [min, max]) |", "|---|---|"]
-        lines += [f"| {k} | {v[0]:.1f} [{v[1]:.1f}, {v[2]:.1f}] |" for k, v in med.items()]
-        lines += ["", f"Real loader / in-memory batches: **{ratio:.0%}**; share of the real-loader loop spent waiting for "
-                      f"data: {m['wait']:.0%}.\n"]
-        sections.append("\n".join(lines))
-        print(sections[-1], flush=True)
-    body = (f"{args.steps} timed steps after {args.warmup} warm-up steps, {args.repeats} repeats (median [min, max]); "
-            f"SGD, fp32 on CPU / bf16 autocast on GPU, channels-last. In-memory batches are real loader batches cached and "
-            f"replayed.\n\n" + "\n".join(sections))
-    print("saved", write_results("train_throughput", "Training throughput: real loader vs in-memory batches", body,
-                                 ("torch", "timm", "nvidia-dali-cuda130")))
+    for res in args.res.split(","):
+        extra = [f"data.crop={args.crop}"] if res == "256" else [f"data.pixels={args.pixels}"]
+        for mode in modes:
+            sets = [f"model={args.model}", f"data.res={res}", f"data.shards={shards[res]}", f"data.batch_size={args.batch_size}",
+                    f"data.threads={args.workers}", "optim.name=sgd", f"cudnn_benchmark={mode == 'on'}"] + extra
+            m = run_child("measure", args, sets)
+            if m:
+                sections.append(table(f"--res {res}, model `{args.model}`, batch {args.batch_size}, cuDNN autotuning {mode}", m))
+                print(sections[-1], flush=True)
+    if args.reference and cuda:
+        r = run_child("reference", args)
+        if r:
+            sections.append(f"### reference: timm `resnet50`, in-memory 224x224 batches of {args.reference_batch}, channels-last, "
+                            f"bf16, autotuned, on {r['device']}\n\n{r['ips']:.0f} images/s, "
+                            f"{r['ips'] * r['train_flops_per_image'] / 1e12:.1f} TFLOP/s of training work (3x forward FLOPs).\n")
+            print(sections[-1], flush=True)
+    body = (f"{args.epochs} steady whole epochs per measurement after the first; {args.workers} loader threads; SGD, bf16 autocast "
+            f"on GPU / fp32 on CPU, channels-last; each configuration in a fresh process. In-memory batches are one real "
+            f"epoch's batches cached on the device and replayed.\n\n" + "\n".join(sections))
+    print("saved", write_results("train_throughput", "Training throughput over whole epochs: real loader vs in-memory batches",
+                                 body, ("torch", "timm", "nvidia-dali-cuda130")))
 
 
 if __name__ == "__main__":

@@ -133,10 +133,12 @@ def demo(
     out: Path = typer.Option(Path("demo"), help="Folder for the sample data, shards, runs and report."),
     workers: int = typer.Option(os.cpu_count() or 1),
     config: Path = typer.Option(Path(__file__).resolve().parent.parent / "configs" / "demo.yaml", help="Training config of the demo."),
+    per_class: str = typer.Option("40,10,10", help="Images per class of the generated sample, for train,val,test."),
+    set_: List[str] = typer.Option([], "--set", help="Override a key of the demo's training config (repeatable)."),
 ) -> None:
     """The README's main job: sample data -> shards -> training (tiny, CPU) -> diagnosis -> report."""
     from . import shard as sh
-    from .config import load
+    from .config import ConfigError, load
     from .diagnose import diagnose_run
     from .report import write_report
     from .train import run
@@ -144,14 +146,17 @@ def demo(
     t0 = time.time()
     root = out / "mame"
     if not (root / "MAMe_dataset.csv").exists():
-        sample(root, per_class="40,10,10", max_side=1000, large=2, seed=0, workers=workers, zip=False)
+        sample(root, per_class=per_class, max_side=1000, large=2, seed=0, workers=workers, zip=False)
     shard(root, out=out / "shards", res="full", max_side=None, max_pixels=None, quality=90, shard_size=32.0,
           workers=workers, splits="train,val,test", seed=0, skip_bad=False, verify=False)
     problems = sh.verify(out / "shards" / "full")
     if problems:
         _fail(f"shards do not verify: {problems[:3]}")
     console.print("[green]shards verified[/]")
-    cfg = load(config, [f"data.shards={out / 'shards' / 'full'}", f"out={out / 'runs'}"])
+    try:
+        cfg = load(config, [f"data.shards={out / 'shards' / 'full'}", f"out={out / 'runs'}", *set_])
+    except ConfigError as e:
+        _fail(str(e))
     run_dir = run(cfg, name="demo-tiny", meta={"hypothesis": "A tiny CNN learns the sample's classes well above chance (3.4%) in a few CPU minutes.", "after": []}, console=console)
     d = diagnose_run(run_dir)
     console.print(f"diagnosis: [bold]{d.verdict}[/]: {'; '.join(d.reasons)}\nnext: {d.next_step}")

@@ -36,7 +36,9 @@ class DataConfig:
     pixels: int = 360_000
     """Pixel budget per image in res=full mode (each bucket has about this many pixels)."""
     buckets: int = 20
-    """Number of aspect-ratio buckets in res=full mode, between 1:4 and 4:1."""
+    """Number of aspect-ratio buckets in res=full mode, between 1:4 and 4:1 (fewer if some round to one shape)."""
+    side_multiple: int = 32
+    """Bucket sides are multiples of this (res=full); the model's total stride must divide it."""
     scale_min: float = 0.35
     """Training crops cover a random fraction in [scale_min, 1] of the largest crop of the bucket's shape."""
     flip: bool = True
@@ -87,6 +89,10 @@ class TrainConfig:
     """'auto' (bf16 on GPU, fp32 on CPU), 'bf16', 'fp16' (with GradScaler) or 'fp32'."""
     compile: bool = False
     """torch.compile the model."""
+    cudnn_benchmark: bool = False
+    """cuDNN autotuning on GPU: a kernel search for every new batch shape (see benchmarks/results for the measured trade)."""
+    warmup: str = "auto"
+    """Forward and backward once per batch shape before step 0: 'auto' (when cudnn_benchmark is on), 'always', 'never'."""
     sync_bn: bool = False
     """SyncBatchNorm across ranks."""
     log_every: int = 10

@@ -8,7 +8,6 @@ ledger keeps every look at it, with the time, so a report can show that it was l
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import json
 from pathlib import Path
@@ -21,7 +20,8 @@ from .config import load
 from .model import build, spec_from_dict
 from .pipeline import build_loader
 from .records import update_run_info
-from .train import evaluate, setup_runtime
+from .runtime import setup_runtime
+from .train import evaluate
 
 
 class AlreadyTested(RuntimeError):
@@ -51,11 +51,13 @@ def evaluate_test_set(run_dir: Path, which: str = "best", again: bool = False) -
         model.load_state_dict({k.removeprefix("module."): v for k, v in state["ema"].items()})
     else:
         model.load_state_dict(state["model"])
-    # The one place that decides device and precision; 'auto' because evaluation needs no GradScaler and
-    # may run where the training did not (an fp16 GPU run tested on a CPU machine).
-    rt = setup_runtime(dataclasses.replace(cfg, precision="auto"))
+    # The one place that decides device and precision: the run's own precision, as in its validation (an fp16
+    # run tested on a machine without a GPU is evaluated in fp32: evaluation needs no GradScaler).
+    rt = setup_runtime(cfg.precision, training=False)
     model.to(rt.device)
-    loader = build_loader(cfg.data, "test", False, cfg.seed, device=rt.device, dtype=rt.amp_dtype or torch.float32)
+    if cfg.data.channels_last:
+        model.to(memory_format=torch.channels_last)
+    loader = build_loader(cfg.data, "test", False, cfg.seed, device=rt.device, dtype=rt.dtype)
     m = evaluate(model, loader, rt, spec.num_classes)
     result = {"time": dt.datetime.now().isoformat(timespec="seconds"), "checkpoint": which, "epoch": state["epoch"],
               "classes": state["classes"], **m}

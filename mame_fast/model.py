@@ -100,6 +100,14 @@ def merge_stages(spec: ModelSpec, stages: list[dict]) -> ModelSpec:
     return replace(spec, stages=tuple(out))
 
 
+def total_stride(spec: ModelSpec) -> int:
+    """How much the network shrinks its input: the stem's stride times every stage's."""
+    out = spec.stem_stride
+    for s in spec.stages:
+        out *= s.stride
+    return out
+
+
 def spec_dict(spec: ModelSpec) -> dict:
     d = {f.name: getattr(spec, f.name) for f in fields(spec)}
     d["stages"] = [{f.name: getattr(s, f.name) for f in fields(s)} for s in spec.stages]
@@ -263,7 +271,7 @@ def count_flops(model: nn.Module, h: int, w: int) -> int:
     was = model.training
     model.eval()
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        model(torch.zeros(1, 3, h, w))
+        model(torch.zeros(1, 3, h, w, device=next(model.parameters()).device))
     model.train(was)
     return fc.get_total_flops()
 

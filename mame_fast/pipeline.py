@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from .config import DataConfig
-from .plan import BatchPlan, EpochPlans, PlanConfig, make_buckets, square_bucket
+from .plan import BatchPlan, EpochPlans, PlanConfig, batch_shapes, make_buckets, square_bucket
 from .reader import Split, open_split
 
 # Normalization constants in 0-255 units (generic photographic statistics, no pretrained weights involved).
@@ -45,11 +45,16 @@ class LoaderError(RuntimeError):
 
 @dataclass
 class Batch:
+    """One planned batch on the training device. Its n rows are always ``batch_size``: the first ``real``
+    are the batch's samples, the rest weightless fillers (copies of them, see plan.py) that keep the set of
+    batch shapes small and fixed. Losses and metrics use ``[:real]``."""
+
     images: torch.Tensor  # (n, 3, H, W) normalized, padding = 0, on the training device
     labels: torch.Tensor  # (n,) int64, on the training device
     sizes: torch.Tensor  # (n, 2) int32 valid (h, w) of each image, top-left aligned, on the device
-    index: torch.Tensor  # (n,) int64 sample index in the split (CPU)
+    index: torch.Tensor  # (real,) int64 sample index in the split of the real rows (CPU)
     padded: bool  # some image is smaller than the batch shape: the model should mask (see model.py)
+    real: int  # rows [0, real) are samples, rows [real, n) fillers
 
 
 def dali_available() -> bool:
@@ -77,7 +82,7 @@ def keep_freed_memory() -> bool:
 
 def plan_config(cfg: DataConfig, train: bool) -> PlanConfig:
     if cfg.res == "full":
-        buckets = make_buckets(cfg.pixels, cfg.buckets)
+        buckets = make_buckets(cfg.pixels, cfg.buckets, multiple=cfg.side_multiple)
     elif cfg.res == "256":
         buckets = square_bucket(cfg.crop)
     else:
@@ -102,6 +107,7 @@ class Loader:
         # a reference cycle, freed only by the cyclic GC, which may then run in a forked DataLoader worker, where
         # the pipeline's destructor waits forever for threads the fork did not copy.
         self.plan = EpochPlans(split.height, split.width, self.plan_cfg, seed, rank, world)
+        self._rows: tuple[int | None, dict[str, torch.Tensor]] = (None, {})
         if device.type == "cpu":
             keep_freed_memory()  # batches are assembled in this process's memory on the CPU path
 
@@ -111,20 +117,41 @@ class Loader:
     def steps(self, epoch: int) -> int:
         return len(self.plan(epoch))
 
+    def shapes(self) -> list[tuple[int, int, int]]:
+        """Every batch shape (rows, H, W) this loader gives, in any epoch (plan.batch_shapes)."""
+        return batch_shapes(self.split.height, self.split.width, self.plan_cfg)
+
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         raise NotImplementedError
 
-    def _finish(self, images: torch.Tensor, p: BatchPlan, labels: torch.Tensor | None = None) -> Batch:
-        """Common tail on the device: colour jitter, dtype, memory format."""
+    def rows(self, epoch: int) -> dict[str, torch.Tensor]:
+        """Labels (steps, n), valid sizes (steps, n, 2) and colour factors (steps, n, 3) of every batch of an epoch,
+        on the training device, copied there in one go when the epoch starts.
+
+        A batch then takes views of them: no host-to-device copy per step. A copy from pageable memory makes the
+        training thread wait for it, and that wait keeps the host from queueing work ahead of the GPU."""
+        if self._rows[0] != epoch:
+            plans = self.plan(epoch)
+            host = {
+                "labels": np.stack([self.split.labels[p.index] for p in plans]),
+                "sizes": np.stack([np.stack([p.out_h, p.out_w], 1) for p in plans]).astype(np.int32),
+                "color": np.stack([p.color for p in plans]).astype(np.float32),
+            }
+            cuda = self.device.type == "cuda"
+            self._rows = (epoch, {k: (torch.from_numpy(v).pin_memory() if cuda else torch.from_numpy(v)).to(self.device, non_blocking=True)
+                                  for k, v in host.items()})
+        return self._rows[1]
+
+    def _finish(self, images: torch.Tensor, epoch: int, step: int) -> Batch:
+        """Common tail on the device: labels and sizes, colour jitter, dtype, memory format."""
+        p, rows = self.plan(epoch)[step], self.rows(epoch)
+        sizes = rows["sizes"][step]
         if self.plan_cfg.color_jitter:
-            valid = valid_mask(p, self.device)
-            images = _color_jitter(images.float(), torch.from_numpy(p.color).to(self.device)) * valid
+            images = _color_jitter(images.float(), rows["color"][step]) * valid_mask(sizes, p.height, p.width, torch.float32)
         images = images.to(self.dtype)
         images = images.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last else images.contiguous()
-        if labels is None:
-            labels = torch.from_numpy(self.split.labels[p.index]).to(self.device, non_blocking=True)
-        sizes = torch.from_numpy(np.stack([p.out_h, p.out_w], 1)).to(self.device, non_blocking=True)
-        return Batch(images=images, labels=labels.long().view(-1), sizes=sizes, index=torch.from_numpy(p.index), padded=p.padded)
+        return Batch(images=images, labels=rows["labels"][step], sizes=sizes, index=torch.from_numpy(p.samples),
+                     padded=p.padded, real=p.real)
 
 
 def _undecodable(split: Split, index: np.ndarray) -> list[str]:
@@ -149,22 +176,29 @@ def _settle(pending: tuple[BatchPlan, Callable[[], torch.Tensor]] | None) -> Non
             pending[1]()
 
 
-def valid_mask(p: BatchPlan, device: torch.device) -> torch.Tensor:
-    """(n, 1, H, W) float mask of the real pixels of a planned batch (top-left aligned)."""
-    hh = torch.arange(p.height, device=device).view(1, -1, 1) < torch.from_numpy(p.out_h).to(device).view(-1, 1, 1)
-    ww = torch.arange(p.width, device=device).view(1, 1, -1) < torch.from_numpy(p.out_w).to(device).view(-1, 1, 1)
-    return (hh & ww).unsqueeze(1).float()
+def valid_mask(sizes: torch.Tensor, h: int, w: int, dtype: torch.dtype) -> torch.Tensor:
+    """(n, 1, h, w) mask of the real pixels of a batch whose images have valid sizes (n, 2), top-left aligned."""
+    hh = torch.arange(h, device=sizes.device).view(1, -1, 1) < sizes[:, 0].view(-1, 1, 1)
+    ww = torch.arange(w, device=sizes.device).view(1, 1, -1) < sizes[:, 1].view(-1, 1, 1)
+    return (hh & ww).unsqueeze(1).to(dtype)
+
+
+@functools.lru_cache(maxsize=8)
+def _constants(device: torch.device) -> dict[str, torch.Tensor]:
+    """Normalization and luma constants on a device, copied there once: a copy per batch would be a host wait."""
+    t = {"mean": MEAN, "std": STD, "luma": (0.299, 0.587, 0.114)}
+    return {k: torch.tensor(v, device=device).view(1, 3, 1, 1) for k, v in t.items()}
 
 
 def _color_jitter(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     """Brightness, contrast, saturation factors f (n, 3) applied in pixel space to normalized x (n,3,H,W)."""
-    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
+    c = _constants(x.device)
+    mean, std, luma = c["mean"], c["std"], c["luma"]
     p = x * std + mean
     p = p * f[:, 0].view(-1, 1, 1, 1)
-    gray = (p * torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    gray = (p * luma).sum(1, keepdim=True)
     p = (p - gray.mean((2, 3), keepdim=True)) * f[:, 1].view(-1, 1, 1, 1) + gray.mean((2, 3), keepdim=True)
-    gray = (p * torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    gray = (p * luma).sum(1, keepdim=True)
     p = gray + (p - gray) * f[:, 2].view(-1, 1, 1, 1)
     return (p.clamp(0, 255) - mean) / std
 
@@ -199,7 +233,7 @@ class _Feed:
             return jpegs, anchor, shape
         n = len(p.index)
         return (jpegs, anchor, shape, p.out_w.astype(np.float32), p.out_h.astype(np.float32), p.flip.astype(np.int32),
-                np.full(n, p.height, np.float32), np.full(n, p.width, np.float32), self.split.labels[p.index].reshape(n, 1))
+                np.full(n, p.height, np.float32), np.full(n, p.width, np.float32))
 
 
 class DaliLoader(Loader):
@@ -228,28 +262,29 @@ class DaliLoader(Loader):
         gpu, tail = self.gpu, self.dali_tail
         out_dtype = types.FLOAT16 if self.dtype == torch.float16 else types.FLOAT
 
+        layout = "HWC" if self.cfg.channels_last else "CHW"  # HWC seen as NCHW is channels-last: no transpose after
+
         @pipeline_def(batch_size=self.cfg.batch_size, num_threads=self.threads, prefetch_queue_depth=self.cfg.prefetch,
                       device_id=(self.device.index or 0) if gpu else None, seed=self.seed,
                       # Outputs stay valid while referenced: the CPU tail relies on it (with exec_dynamic=False,
                       # test_one_loader_over_epochs... and test_gpu_graph_on_cpu... fail at full resolution).
                       exec_dynamic=True)
         def pipe():
-            dtypes = [types.UINT8, types.FLOAT, types.FLOAT, types.FLOAT, types.FLOAT, types.INT32, types.FLOAT, types.FLOAT, types.INT64]
-            n = 9 if tail else 3
+            dtypes = [types.UINT8, types.FLOAT, types.FLOAT, types.FLOAT, types.FLOAT, types.INT32, types.FLOAT, types.FLOAT]
+            n = 8 if tail else 3
             jpeg, anchor, shape, *rest = fn.external_source(source=self.feed, num_outputs=n, batch=True, parallel=False, dtype=dtypes[:n])
             # Decode only the planned crop (ROI decode): fewer pixels to decode, colour-convert and resize.
             img = fn.decoders.image_slice(jpeg, anchor, shape, device="mixed" if gpu else "cpu", output_type=types.RGB,
                                           axis_names="WH", normalized_anchor=False, normalized_shape=False)
             if not tail:
                 return img  # uint8 HWC crops of varying size: the tail runs in _cpu_tail
-            rx, ry, flip, ph, pw, label = rest
+            rx, ry, flip, ph, pw = rest
             img = fn.resize(img, resize_x=rx, resize_y=ry, antialias=True)
             img = fn.flip(img, horizontal=flip)
-            img = fn.crop_mirror_normalize(
+            return fn.crop_mirror_normalize(
                 img, crop_h=ph, crop_w=pw, crop_pos_x=0.0, crop_pos_y=0.0, out_of_bounds_policy="pad", fill_values=0.0,
-                mean=list(MEAN), std=list(STD), dtype=out_dtype, output_layout="CHW",
+                mean=list(MEAN), std=list(STD), dtype=out_dtype, output_layout=layout,
             )
-            return img, (label.gpu() if gpu else label)
 
         p = pipe()
         p.build()
@@ -265,45 +300,47 @@ class DaliLoader(Loader):
             self.pipe = None  # frees the old pipeline and its prefetched batches first
             self.feed.start(epoch, start_step)
             self.pipe = self._build()
+        self.rows(epoch)  # labels and sizes of the whole epoch to the device, before the first batch
+        # GPU: outputs bound to torch's stream, so neither run() nor the copy waits on the host for the GPU.
         stream = torch.cuda.current_stream(self.device) if self.gpu else None
-        pending = None  # CPU path: (plan, batch in the making) whose tail the pool is still running
+        pending = None  # CPU path: (step, batch in the making) whose tail the pool is still running
         try:
             for i in range(start_step, len(plans)):
-                p = plans[i]
                 self._next = None  # unknown until this batch arrives
                 try:
-                    outs = self.pipe.run()
+                    outs = self.pipe.run(stream) if self.gpu else self.pipe.run()
                 except RuntimeError as e:
                     _settle(pending)  # its tail reads the outputs of the pipeline about to be dropped
                     pending, self.pipe = None, None
-                    # The failing batch is this one or one being prefetched: name what PIL cannot decode among them.
-                    window = np.concatenate([q.index for q in plans[i : i + self.cfg.prefetch + 1]])
-                    bad = _undecodable(self.split, window)
-                    where = (f"samples {bad}" if bad else
-                             f"a batch from the shards {sorted({self.split.tars[int(self.split.shard[j])].name for j in window})}")
-                    raise LoaderError(f"DALI failed on {where} of {self.split.folder}: {e}\n"
-                                      f"Check them with `mame-fast shard {self.split.folder} --verify`.") from e
+                    raise self._decode_error(plans, i, e) from e
                 self._next = (epoch, i + 1) if i + 1 < len(plans) else (epoch + 1, 0)
                 if not self.dali_tail:
                     # This batch's tail is queued behind the previous one's before that one is awaited, so the pool
                     # keeps working while this thread feeds DALI and finishes batches (+6% at 256 on 2 cores).
-                    prev, pending = pending, (p, self._cpu_tail(outs[0], p))
+                    prev, pending = pending, (i, self._cpu_tail(outs[0], plans[i]))
                     if prev is not None:
-                        yield self._finish(prev[1](), prev[0])
+                        yield self._finish(prev[1](), epoch, prev[0])
                     continue
-                img_t, lbl_t = outs[0].as_tensor(), outs[1].as_tensor()
+                img_t = outs[0].as_tensor()
                 images = torch.empty(img_t.shape(), dtype=to_torch_type[img_t.dtype], device=self.device)
-                labels = torch.empty(lbl_t.shape(), dtype=torch.int64, device=self.device)
                 feed_ndarray(img_t, images, cuda_stream=stream)
-                feed_ndarray(lbl_t, labels, cuda_stream=stream)
-                yield self._finish(images, p, labels)
+                yield self._finish(images.permute(0, 3, 1, 2) if self.cfg.channels_last else images, epoch, i)
             if pending is not None:
                 last, pending = pending, None
-                yield self._finish(last[1](), last[0])
+                yield self._finish(last[1](), epoch, last[0])
         finally:
             # Left early (a break, an error in the consumer): the pool may still be writing a batch from this
             # pipeline's outputs, and a restore is about to drop the pipeline.
             _settle(pending)
+
+    def _decode_error(self, plans: list[BatchPlan], i: int, e: Exception) -> LoaderError:
+        """The failing batch is this one or one being prefetched: name what PIL cannot decode among them."""
+        window = np.concatenate([q.samples for q in plans[i : i + self.cfg.prefetch + 1]])
+        bad = _undecodable(self.split, window)
+        where = (f"samples {bad}" if bad else
+                 f"a batch from the shards {sorted({self.split.tars[int(self.split.shard[j])].name for j in window})}")
+        return LoaderError(f"DALI failed on {where} of {self.split.folder}: {e}\n"
+                           f"Check them with `mame-fast shard {self.split.folder} --verify`.")
 
     def _cpu_tail(self, crops, p: BatchPlan) -> Callable[[], torch.Tensor]:
         """Start resizing, flipping, normalizing and padding the decoded crops into one (n, 3, H, W) float32
@@ -321,7 +358,7 @@ class DaliLoader(Loader):
         out = torch.empty((n, H, W, 3) if self.cfg.channels_last else (n, 3, H, W), dtype=torch.float32)
         affine = normalize_rows(W)
 
-        todo = iter(range(n))  # shared by the threads: each takes the next image when it is free
+        todo = iter(range(p.real))  # shared by the threads: each takes the next image when it is free
 
         def work() -> None:
             for k in todo:
@@ -332,14 +369,21 @@ class DaliLoader(Loader):
                 tail_one(crop, int(p.out_h[k]), int(p.out_w[k]), bool(p.flip[k]), out[k], affine, self.cfg.channels_last)
 
         # One task per thread rather than per image: fewer futures and wake-ups under the GIL.
-        done = [self._pool.submit(work) for _ in range(min(self.threads, n))]
+        done = [self._pool.submit(work) for _ in range(min(self.threads, p.real))]
 
         def result() -> torch.Tensor:
             for f in done:
                 f.result()
+            copy_fillers(out, p.real)
             return out.permute(0, 3, 1, 2) if self.cfg.channels_last else out
 
         return result
+
+
+def copy_fillers(out: torch.Tensor, real: int) -> None:
+    """Rows [real, n) of a batch become the copies plan.py made them (row k is row k % real): decoded once."""
+    if real < len(out):
+        out[real:] = out[torch.arange(real, len(out)) % real]
 
 
 @functools.lru_cache(maxsize=64)  # one per bucket width; read-only, shared by the pool's threads

@@ -186,8 +186,9 @@ def hist_epochs(epochs: int, n: int) -> set[int]:
 
 
 @torch.no_grad()
-def save_histograms(run_dir: Path, model, loader, epoch: int, bins: int = 60) -> None:
-    """Weights and activations per stage (one validation batch), as histogram counts in hist/epoch_N.npz."""
+def save_histograms(run_dir: Path, model, batch, epoch: int, autocast, bins: int = 60) -> None:
+    """Weights and activations per stage (one validation batch, run under the run's ``autocast`` context, as
+    everything that runs the model), as histogram counts in hist/epoch_N.npz."""
     out = Path(run_dir) / "hist"
     out.mkdir(exist_ok=True)
     data = {}
@@ -198,9 +199,9 @@ def save_histograms(run_dir: Path, model, loader, epoch: int, bins: int = 60) ->
         data[f"weights/stage{s + 1}"] = w.numpy()
     was = model.training
     model.eval()
-    batch = next(iter(loader.epoch(0)))
     taps: dict = {}
-    model.features(batch.images, batch.sizes if batch.padded else None, taps)
+    with autocast():
+        model.features(batch.images, batch.sizes if batch.padded else None, taps)
     model.train(was)
     for k, v in taps.items():
         data[f"activations/{k}"] = v.float().flatten().cpu().numpy()

@@ -28,50 +28,14 @@ import yaml
 from . import __version__
 from . import checkpoint as ckpt
 from . import records
-from .config import TrainConfig, to_dict
-from .model import build, load_spec, spec_dict
+from .config import ConfigError, TrainConfig, to_dict
+from .model import build, load_spec, spec_dict, total_stride
 from .pipeline import build_loader
+from .runtime import Runtime, setup_runtime
 
 
 class TrainingDiverged(RuntimeError):
     pass
-
-
-# -- runtime: the one place that decides devices, precision and ranks ---------------------------------
-
-
-@dataclass
-class Runtime:
-    rank: int
-    world: int
-    local_rank: int
-    device: torch.device
-    amp_dtype: torch.dtype | None  # autocast dtype, None = fp32
-    scaler: torch.amp.GradScaler
-    master: bool
-
-
-def setup_runtime(cfg: TrainConfig) -> Runtime:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True  # one kernel search per bucket shape, then reused
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=dt.timedelta(minutes=10))
-    p = cfg.precision
-    if p == "auto":
-        p = "bf16" if cuda else "fp32"
-    if p not in ("bf16", "fp16", "fp32"):
-        raise ValueError(f"precision must be auto, bf16, fp16 or fp32, got {cfg.precision!r}")
-    if p == "fp16" and not cuda:
-        raise ValueError("precision=fp16 needs a GPU (GradScaler); use bf16 or fp32 on CPU")
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[p]
-    scaler = torch.amp.GradScaler(device.type, enabled=p == "fp16")
-    return Runtime(rank, world, local_rank, device, amp, scaler, rank == 0)
 
 
 # -- run folder ---------------------------------------------------------------------------------------
@@ -99,7 +63,9 @@ def _broadcast(obj, rt: Runtime):
 
 
 def soft_targets(y: torch.Tensor, n: int, smoothing: float) -> torch.Tensor:
-    return F.one_hot(y, n).float() * (1 - smoothing) + smoothing / n
+    # scatter_, not F.one_hot: one_hot may check the labels' range on the host, a sync in the step.
+    onehot = torch.zeros(len(y), n, device=y.device).scatter_(1, y.view(-1, 1), 1.0)
+    return onehot * (1 - smoothing) + smoothing / n
 
 
 def mix(x: torch.Tensor, t: torch.Tensor, cfg, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,13 +87,15 @@ def mix(x: torch.Tensor, t: torch.Tensor, cfg, rng: np.random.Generator) -> tupl
 
 
 def train_step(model, batch, opt, sched, ema, rt: Runtime, cfg: TrainConfig, rng: np.random.Generator):
-    """One optimization step; returns device tensors (loss, correct count, grad norm): no host sync."""
+    """One optimization step; returns device tensors (loss, correct count, grad norm): no host sync.
+    Loss and accuracy cover the batch's real rows; its fillers (plan.py) go through the model but weigh nothing."""
     o = cfg.optim
     target = soft_targets(batch.labels, model_classes(model), o.label_smoothing)
     x, target = mix(batch.images, target, o, rng)
-    with torch.autocast(rt.device.type, dtype=rt.amp_dtype or torch.float32, enabled=rt.amp_dtype is not None):
+    with rt.autocast():
         logits = model(x, batch.sizes if batch.padded else None)
-    loss = torch.sum(-target * F.log_softmax(logits.float(), -1), -1).mean()
+    r = batch.real
+    loss = torch.sum(-target[:r] * F.log_softmax(logits[:r].float(), -1), -1).mean()
     opt.zero_grad(set_to_none=True)
     rt.scaler.scale(loss).backward()
     rt.scaler.unscale_(opt)
@@ -137,7 +105,7 @@ def train_step(model, batch, opt, sched, ema, rt: Runtime, cfg: TrainConfig, rng
     sched.step()
     if ema is not None:
         ema.update(model)
-    return loss.detach(), (logits.argmax(-1) == batch.labels).sum(), gnorm.detach()
+    return loss.detach(), (logits[:r].argmax(-1) == batch.labels[:r]).sum(), gnorm.detach()
 
 
 def model_classes(model) -> int:
@@ -156,12 +124,14 @@ def evaluate(model, loader, rt: Runtime, num_classes: int, epoch: int = 0) -> di
     conf = torch.zeros(num_classes * num_classes, dtype=torch.float64, device=rt.device)
     sums = torch.zeros(3, dtype=torch.float64, device=rt.device)  # loss, top5 correct, count
     for b in loader.epoch(epoch):
-        with torch.autocast(rt.device.type, dtype=rt.amp_dtype or torch.float32, enabled=rt.amp_dtype is not None):
-            logits = model(b.images, b.sizes if b.padded else None).float()
-        sums[0] += F.cross_entropy(logits, b.labels, reduction="sum")
-        sums[1] += (logits.topk(min(5, num_classes), -1).indices == b.labels[:, None]).any(-1).sum()
-        sums[2] += len(b.labels)
-        conf += torch.bincount(b.labels * num_classes + logits.argmax(-1), minlength=num_classes**2)
+        with rt.autocast():
+            logits = model(b.images, b.sizes if b.padded else None)[: b.real].float()
+        labels = b.labels[: b.real]
+        sums[0] += F.cross_entropy(logits, labels, reduction="sum")
+        sums[1] += (logits.topk(min(5, num_classes), -1).indices == labels[:, None]).any(-1).sum()
+        sums[2] += b.real
+        # index_add_, not bincount: bincount sizes its output from the data, a host sync per batch.
+        conf.index_add_(0, labels * num_classes + logits.argmax(-1), torch.ones_like(labels, dtype=conf.dtype))
     if rt.world > 1:
         dist.all_reduce(conf)
         dist.all_reduce(sums)
@@ -217,6 +187,32 @@ def make_schedule(opt, cfg: TrainConfig, steps_per_epoch: int):
 # -- the run ------------------------------------------------------------------------------------------
 
 
+def warm_up(model: torch.nn.Module, train_shapes: list, eval_shapes: list, rt: Runtime) -> float:
+    """Forward and backward once per training shape, forward once per evaluation shape (padded, masked), so that
+    cuDNN's autotuner has searched its kernels for every shape before step 0. Runs on a copy of the model
+    under a forked RNG: BatchNorm statistics, weights and random streams of the run stay untouched.
+    Returns the seconds it took."""
+    import copy
+
+    t0 = time.perf_counter()
+    m = copy.deepcopy(model)
+    fmt = torch.channels_last if next(model.parameters()).is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    devices = [rt.device.index or 0] if rt.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        for shapes, train in ((train_shapes, True), (eval_shapes, False)):
+            m.train(train)
+            for n, h, w in shapes:
+                x = torch.zeros(n, 3, h, w, device=rt.device, dtype=rt.dtype).contiguous(memory_format=fmt)
+                sizes = None if train else torch.tensor([[h, w]], device=rt.device).expand(n, 2)
+                with torch.set_grad_enabled(train), rt.autocast():
+                    out = m(x, sizes)
+                if train:
+                    out.float().sum().backward()
+    del m
+    rt.synchronize()
+    return time.perf_counter() - t0
+
+
 def any_rank(flags: list[bool], rt: Runtime) -> list[bool]:
     """Whether each flag is set on any rank (one all-reduce), so that all ranks take the same branch."""
     if rt.world == 1:
@@ -246,7 +242,7 @@ def weights_digest(model) -> str:
 
 def run(cfg: TrainConfig, name: str = "run", resume: Path | None = None, meta: dict | None = None, console=None) -> Path:
     """Train per ``cfg``; returns the run folder. ``resume``: a run folder to continue exactly."""
-    rt = setup_runtime(cfg)
+    rt = setup_runtime(cfg.precision, cfg.cudnn_benchmark)
     try:
         return _run(cfg, name, resume, meta or {}, rt, console)
     finally:
@@ -263,6 +259,9 @@ def _run(cfg: TrainConfig, name: str, resume: Path | None, meta: dict, rt: Runti
         run_dir = Path(_broadcast(str(new_run_dir(Path(cfg.out), name)) if rt.master else None, rt))
         state = None
     spec = load_spec(cfg.model)
+    if cfg.data.res == "full" and cfg.data.side_multiple % total_stride(spec):
+        raise ConfigError(f"data.side_multiple={cfg.data.side_multiple} is not a multiple of model {cfg.model}'s total stride "
+                          f"{total_stride(spec)}: bucket sides would leave ragged borders; set data.side_multiple to a multiple of it")
     if rt.master and not resume:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         (run_dir / "model.yaml").write_text(yaml.safe_dump(spec_dict(spec), sort_keys=False))
@@ -273,13 +272,18 @@ def _run(cfg: TrainConfig, name: str, resume: Path | None, meta: dict, rt: Runti
     np.random.seed(cfg.seed + rt.rank)
 
     # Data: each rank reads its own part of every epoch (exact epochs across ranks, plan.py).
-    dtype = rt.amp_dtype or torch.float32
-    train_loader = build_loader(cfg.data, "train", True, cfg.seed, rt.rank, rt.world, rt.device, dtype)
-    val_loader = build_loader(cfg.data, "val", False, cfg.seed, rt.rank, rt.world, rt.device, dtype)
+    train_loader = build_loader(cfg.data, "train", True, cfg.seed, rt.rank, rt.world, rt.device, rt.dtype)
+    val_loader = build_loader(cfg.data, "val", False, cfg.seed, rt.rank, rt.world, rt.device, rt.dtype)
     classes = train_loader.split.classes
     spec = replace(spec, num_classes=len(classes))
+    # Every batch shape of every epoch, known before step 0 (plan.batch_shapes).
+    shapes = {"train": train_loader.shapes(), "val": val_loader.shapes()}
     if rt.master:
-        records.update_run_info(run_dir, {"classes": classes, "train_samples": len(train_loader.split)})
+        records.update_run_info(run_dir, {"classes": classes, "train_samples": len(train_loader.split),
+                                          "batch_shapes": shapes, "shape_count": {k: len(v) for k, v in shapes.items()}})
+        if console is not None:
+            console.print(f"batch shapes per epoch: {len(shapes['train'])} in training, {len(shapes['val'])} in validation "
+                          f"(cuDNN autotuning {'on' if rt.cudnn_benchmark else 'off'})")
 
     # Model, optimizer, schedule, EMA.
     model = build(spec).to(rt.device)
@@ -312,6 +316,12 @@ def _run(cfg: TrainConfig, name: str, resume: Path | None, meta: dict, rt: Runti
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
     if cfg.compile:
         net = torch.compile(net)
+    if cfg.warmup == "always" or (cfg.warmup == "auto" and rt.cudnn_benchmark):
+        cost = warm_up(model, shapes["train"], shapes["val"], rt)
+        if rt.master:
+            records.update_run_info(run_dir, {"warmup_s": cost})
+            if console is not None:
+                console.print(f"warm-up: {cost:.2f} s for {len(shapes['train']) + len(shapes['val'])} shapes")
 
     def save(kind: str, epoch: int, step: int) -> None:
         # RNG states differ per rank (dropout, drop-path): gather them all so that every rank resumes exactly.
@@ -334,6 +344,9 @@ def _run(cfg: TrainConfig, name: str, resume: Path | None, meta: dict, rt: Runti
     # Ctrl-C sets a flag; at the next log step all ranks agree to stop and save a resumable checkpoint.
     old_handler = signal.signal(signal.SIGINT, lambda *a: interrupted.append(True))
     seen: list[list[int]] = []
+    # One validation batch, taken once and kept for the histograms of every epoch (taking it later would restart
+    # the validation pipeline each time).
+    hist_batch = next(iter(val_loader.epoch(0))) if rt.master and cfg.hist_epochs > 0 else None
     status = "finished"
     halt = False
     try:
@@ -352,7 +365,7 @@ def _run(cfg: TrainConfig, name: str, resume: Path | None, meta: dict, rt: Runti
                     break
                 rng = np.random.default_rng([cfg.seed, epoch, step, rt.rank])  # mixup draws: no state to resume
                 loss, correct, gnorm = train_step(net, batch, opt, sched, ema, rt, cfg, rng)
-                acc.add(loss, correct, gnorm, len(batch.labels))
+                acc.add(loss, correct, gnorm, batch.real)
                 epoch_seen += batch.index.tolist() if cfg.record_samples else []
                 step += 1
                 global_step += 1
@@ -391,7 +404,7 @@ def _run(cfg: TrainConfig, name: str, resume: Path | None, meta: dict, rt: Runti
             save("last", epoch + 1, 0)
             if rt.master:
                 if epoch in records.hist_epochs(cfg.epochs, cfg.hist_epochs):
-                    records.save_histograms(run_dir, model, val_loader, epoch + 1)
+                    records.save_histograms(run_dir, model, hist_batch, epoch + 1, rt.autocast)
                     tb.histograms(run_dir, epoch + 1)
                 records.append_metrics(run_dir, row)
                 tb.epoch(row)

@@ -185,3 +185,79 @@ def test_ctrl_c_saves_a_resumable_checkpoint(shards, tmp_path):
     st = ckpt.load(d / "last.pt")
     assert st["epoch"] >= 1 and st["epoch"] < 50
     assert "--resume" in out
+
+
+def test_bf16_life_of_a_full_resolution_run(shards, tmp_path):
+    """The GPU's dtype path, on CPU (issue 10: it crashed at the end of epoch 1 on the H200, and here with
+    precision=bf16): bf16 batches and autocast at full resolution with EMA, histograms and the shape warm-up,
+    then `test` and `report`, through the command line."""
+    from typer.testing import CliRunner
+
+    from mame_fast.cli import app
+    from mame_fast.pipeline import build_loader
+
+    cli = CliRunner()
+    sets = [f"out={tmp_path}", "precision=bf16", "optim.ema=0.9", "epochs=2", "hist_epochs=2", "warmup=always", "data.pixels=3000",
+            "data.batch_size=16", "data.threads=1", "log_every=2"]
+    r = cli.invoke(app, ["train", "--res", "full", "--shards", str(shards), "--name", "bf16"] + [a for s in sets for a in ("--set", s)])
+    assert r.exit_code == 0, r.output
+    d = next(tmp_path.glob("*-bf16"))
+    info = read_run_info(d)
+    assert info["status"] == "finished" and info["warmup_s"] > 0
+    cfg = load(d / "config.yaml")
+    assert cfg.precision == "bf16"
+    want = {s: [list(x) for x in build_loader(cfg.data, s, s == "train", 0).shapes()] for s in ("train", "val")}
+    assert info["batch_shapes"] == want and info["shape_count"] == {k: len(v) for k, v in want.items()}
+    assert f"batch shapes per epoch: {len(want['train'])} in training, {len(want['val'])} in validation" in r.output
+    assert sorted(p.name for p in (d / "hist").glob("*.npz")) == ["epoch_001.npz", "epoch_002.npz"]
+    assert "val_ema" in read_metrics(d)[-1]
+    r = cli.invoke(app, ["test", str(d)])
+    assert r.exit_code == 0, r.output
+    assert json.loads((d / "test.json").read_text())["count"] == len(open_split(shards, "test"))
+    r = cli.invoke(app, ["report", "--root", str(tmp_path)])
+    assert r.exit_code == 0 and "bf16" in (tmp_path / "report.md").read_text()
+
+
+def test_warm_up_leaves_the_run_untouched():
+    """The shape warm-up runs a copy of the model under a forked RNG: weights, BatchNorm statistics, gradients and
+    the random stream of the run are as before (a model with dropout and drop-path, where the RNG matters)."""
+    from mame_fast.runtime import setup_runtime
+    from mame_fast.train import warm_up
+
+    torch.manual_seed(0)
+    model = build(ModelSpec(stem_width=8, stages=(StageSpec(16, 2, 2),), drop_path=0.2, dropout=0.3)).to(memory_format=torch.channels_last)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    cost = warm_up(model, [(4, 32, 64), (4, 64, 32)], [(4, 32, 64)], setup_runtime("bf16"))
+    assert cost > 0 and torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_fillers_weigh_nothing(shards):
+    """A batch completed with fillers trains exactly as its real rows alone: the same loss, accuracy and update.
+    (LayerNorm, so that rows do not see each other through batch statistics.)"""
+    import copy
+
+    import numpy as np
+
+    from mame_fast.pipeline import Batch, build_loader
+    from mame_fast.runtime import setup_runtime
+    from mame_fast.train import make_optimizer, make_schedule, train_step
+
+    cfg = load(None, [f"data.shards={shards}", "data.res=256", "data.crop=48", "data.batch_size=16", "optim.label_smoothing=0.1"])
+    b = list(build_loader(cfg.data, "val", False, 0).epoch(0))[-1]  # 29 images: 16, then 13 and 3 fillers
+    assert b.real == 13 and len(b.images) == 16
+    alone = Batch(b.images[:13], b.labels[:13], b.sizes[:13], b.index, b.padded, 13)
+    rt = setup_runtime("fp32")
+    out = []
+    for batch in (b, alone):
+        torch.manual_seed(0)
+        model = build(ModelSpec(stem_width=8, stages=(StageSpec(16, 1, 2),), norm="layernorm2d"))
+        opt = make_optimizer(model, cfg, 16)
+        loss, correct, _ = train_step(model, batch, opt, make_schedule(opt, cfg, 10), None, rt, cfg, np.random.default_rng(0))
+        out.append((loss, correct, copy.deepcopy(model.state_dict())))
+    torch.testing.assert_close(out[0][0], out[1][0])
+    assert out[0][1] == out[1][1]
+    for k in out[0][2]:
+        torch.testing.assert_close(out[0][2][k], out[1][2][k], msg=k)

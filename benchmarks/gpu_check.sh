@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# The whole GPU story in one prepared script (issue 10), tables under $OUT:
+#   1. pytest -m gpu: DALI GPU batches = the CPU path's, a bf16 full-resolution run completes, autocast in use,
+#      no host sync in the loader or the step;
+#   2. training throughput over whole epochs, real loader vs in-memory batches, at 256 and full (cuDNN
+#      autotuning on and off), first-epoch overhead, GPU busy, and timm's resnet50 as a reference;
+#   3. the demo end to end;
+#   4. the loader table at 256 and full (DALI GPU, DALI CPU, fallback, ImageFolder, decode/augment limits).
+# Most valuable first: a step that runs out of time leaves the earlier ones' tables in place.
+#
+#   OUT=/path bash benchmarks/gpu_check.sh            # a GPU machine: about 5 minutes on 16 cores, at most 6
+#   SMOKE=1 OUT=/tmp/x bash benchmarks/gpu_check.sh   # any machine: a tiny sample, GPU rows skipped (the test suite)
+#
+# On the lent GPU machines DALI travels in three parts: ../shared/gpu/README.md. Writes $OUT/gpu_check.md, the
+# benchmarks' result files under $OUT/results/ and $OUT/logs.tar.gz (every step's full log).
+set -uo pipefail
+: "${OUT:?set OUT to the folder for the results}"
+SMOKE=${SMOKE:-0}
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT" || exit 1
+PY=${PYTHON:-python3}
+case $PY in /*) ;; */*) PY="$ROOT/$PY" ;; esac  # the benchmarks run from benchmarks/
+NPROC=$(nproc)
+mkdir -p "$OUT/logs" "$OUT/results"
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MAME_FAST_RESULTS="$OUT/results"
+REPORT="$OUT/gpu_check.md"
+FAILED=0
+
+if [ "$SMOKE" = 1 ]; then
+  # A tiny sample in a temporary folder; one steady epoch; small images: the script's every path, in seconds.
+  export MAME_FAST_BENCH_WORK="$WORK/bench"
+  TRAIN_ARGS=(--model tiny --per-class 3 --batch-size 8 --epochs 1 --workers 2 --crop 64 --pixels 20000)
+  LOADER_ARGS=(--per-class 3 --repeats 1 --workers 2 --crop 64 --pixels 20000 --batch-size 8)
+  DEMO_ARGS=(--per-class 3,1,1 --workers 2 --set epochs=1)
+  LIMITS=(60 120 90 150)
+else
+  # Sized to a 16-core GPU machine: 2,900 images, epochs of a few seconds at full speed, three timed in a row.
+  TRAIN_ARGS=(--model small --per-class 100 --batch-size 64 --epochs 3 --workers "$NPROC" --reference)
+  LOADER_ARGS=(--per-class 100 --repeats 2 --workers "$NPROC")
+  DEMO_ARGS=(--workers "$NPROC")
+  LIMITS=(120 180 100 170)
+fi
+
+{
+  echo "# gpu_check.sh $( [ "$SMOKE" = 1 ] && echo '(SMOKE: tiny sample, no GPU rows)')"
+  echo
+  echo "- date: $(date -Iseconds), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet HEAD 2>/dev/null || echo ' + changes')"
+  echo "- machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $NPROC cores"
+  echo "- GPU: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo none)"
+  echo "- $("$PY" -c 'import sys, torch; v = [f"python {sys.version.split()[0]}", f"torch {torch.__version__}"]
+try:
+    import nvidia.dali as d; v.append(f"DALI {d.__version__}")
+except ImportError:
+    v.append("no DALI")
+print(", ".join(v))' 2>&1)"
+  echo
+} > "$REPORT"
+
+# step NAME LIMIT CMD...: runs CMD with a time limit, its output in logs/NAME.log, its status in the report.
+step() {
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  echo "== $name (limit ${limit}s)"
+  timeout --kill-after=10 "$limit" "$@" > "$OUT/logs/$name.log" 2>&1
+  local rc=$?
+  local took=$((SECONDS - t0))
+  if [ $rc -eq 0 ]; then
+    echo "- $name: ok in ${took} s" >> "$REPORT"
+  else
+    FAILED=1
+    echo "- $name: **failed** (rc $rc$( [ $rc -eq 124 ] && echo ', time limit'), ${took} s); see logs/$name.log" >> "$REPORT"
+    tail -n 25 "$OUT/logs/$name.log"
+  fi
+  echo "   rc $rc in ${took}s"
+}
+
+step gpu_tests "${LIMITS[0]}" "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py
+step train_throughput "${LIMITS[1]}" bash -c "cd benchmarks && exec \"$PY\" train_throughput.py ${TRAIN_ARGS[*]}"
+step demo "${LIMITS[2]}" "$PY" -m mame_fast demo --out "$WORK/demo" "${DEMO_ARGS[@]}"
+step loader_throughput "${LIMITS[3]}" bash -c "cd benchmarks && exec \"$PY\" loader_throughput.py ${LOADER_ARGS[*]}"
+
+{
+  echo
+  echo "## pytest -m gpu"
+  echo
+  echo '```'
+  tail -n 5 "$OUT/logs/gpu_tests.log"
+  echo '```'
+  echo
+  echo "## demo"
+  echo
+  echo '```'
+  grep -E "^epoch +[0-9]+ |diagnosis|demo finished|batch shapes|error" "$OUT/logs/demo.log" | tail -n 8
+  echo '```'
+  for f in "$OUT"/results/*.md; do
+    [ -f "$f" ] || continue
+    echo
+    sed 's/^# /## /' "$f"
+  done
+} >> "$REPORT"
+
+tar czf "$OUT/logs.tar.gz" -C "$OUT" logs && rm -rf "$OUT/logs"
+echo "report: $REPORT"
+exit $FAILED

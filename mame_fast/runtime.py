@@ -1,0 +1,83 @@
+"""Stage 4a: the one place that decides devices, ranks and precision, for training and evaluation alike.
+
+Everything that runs the model (the training step, validation, EMA evaluation, histograms, ``mame-fast
+test``) takes its autocast context from ``Runtime.autocast()``, so a GPU run and a CPU run with
+``precision=bf16`` go through the same dtype path: the loader hands over batches in the autocast dtype,
+and a model run outside autocast on such a batch fails (weights fp32, input bf16).
+
+Distributed setup comes only from torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+@dataclass
+class Runtime:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+    amp_dtype: torch.dtype | None  # autocast dtype, None = fp32
+    scaler: torch.amp.GradScaler
+    master: bool
+    cudnn_benchmark: bool = False
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the loader hands batches over in: the autocast dtype, else float32."""
+        return self.amp_dtype or torch.float32
+
+    def autocast(self):
+        """The autocast context for running the model (a no-op context for fp32)."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def synchronize(self) -> None:
+        """Wait for the device (timing only: never in the training step)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def resolve_precision(precision: str, cuda: bool, training: bool = True) -> str:
+    """'auto' -> bf16 on GPU, fp32 on CPU. fp16 needs a GPU to train (GradScaler); to evaluate an fp16 run
+    on a machine without one, fp32 is used (evaluation needs no scaler)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "auto":
+        return "bf16" if cuda else "fp32"
+    if precision == "fp16" and not cuda:
+        if training:
+            raise ValueError("precision=fp16 needs a GPU (GradScaler); use bf16 or fp32 on CPU")
+        return "fp32"
+    return precision
+
+
+def setup_runtime(precision: str = "auto", cudnn_benchmark: bool = False, training: bool = True) -> Runtime:
+    """Devices, ranks and precision for this process (from torchrun's environment when present)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    p = resolve_precision(precision, cuda, training)
+    if cuda:
+        torch.cuda.set_device(device)
+        # Autotuning pays a kernel search per new batch shape (see TrainConfig.cudnn_benchmark and the warm-up
+        # in train.py); TF32 for whatever still runs in fp32.
+        torch.backends.cudnn.benchmark = cudnn_benchmark
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=dt.timedelta(minutes=10))
+    scaler = torch.amp.GradScaler(device.type, enabled=p == "fp16")
+    return Runtime(rank, world, local_rank, device, _DTYPES[p], scaler, rank == 0, cuda and cudnn_benchmark)

@@ -1,0 +1,31 @@
+"""The prepared GPU check keeps working: ``SMOKE=1 benchmarks/gpu_check.sh`` runs every step of it on this
+machine (a tiny sample, GPU rows skipped) and writes its report."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke(tmp_path):
+    out = tmp_path / "out"
+    env = dict(os.environ, SMOKE="1", OUT=str(out), PYTHON=sys.executable)
+    r = subprocess.run(["bash", "benchmarks/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    report = (out / "gpu_check.md").read_text()
+    for step in ("gpu_tests", "train_throughput", "demo", "loader_throughput"):
+        assert f"- {step}: ok in" in report, report[:2000]
+    assert report.count("real loader / in-memory batches: **") == 2  # 256 and full
+    assert "| PIL fallback |" in report and "| augment limit |" in report and "demo finished in" in report
+    assert sorted(p.name for p in (out / "results").iterdir()) == sorted(
+        p.name for p in (out / "results").glob("*_throughput_*.md")) and len(list((out / "results").iterdir())) == 2
+    with tarfile.open(out / "logs.tar.gz") as t:
+        assert {"logs/gpu_tests.log", "logs/train_throughput.log", "logs/demo.log", "logs/loader_throughput.log"} <= set(t.getnames())

@@ -1,0 +1,102 @@
+"""What only CUDA can check (``pytest -m gpu``; skipped without a GPU, run by benchmarks/gpu_check.sh):
+DALI's GPU batches equal the CPU path's, a full-resolution run completes in bf16, autocast is in use,
+and neither the loader nor the training step makes the host wait for the GPU."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mame_fast.config import DataConfig, load
+from mame_fast.evaluate import evaluate_test_set
+from mame_fast.model import build, load_spec
+from mame_fast.pipeline import DaliLoader, build_loader, dali_available
+from mame_fast.reader import open_split
+from mame_fast.records import read_metrics, read_run_info
+from mame_fast.report import write_report
+from mame_fast.runtime import setup_runtime
+from mame_fast.train import make_optimizer, make_schedule, run, train_step
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+CUDA = torch.device("cuda", 0)
+
+
+@pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not installed")
+@pytest.mark.parametrize("res", ["256", "full"])
+@pytest.mark.parametrize("train", [True, False])
+def test_dali_gpu_batches_equal_the_cpu_path(shards, res, train):
+    """nvJPEG + DALI's GPU resize/normalize/pad against libjpeg-turbo + the torch CPU tail: one plan, so the same
+    samples, labels, sizes and padding, and pixels that differ only by decoder and resampling details."""
+    cfg = DataConfig(shards=str(shards), res=res, loader="dali", pixels=20_000, crop=64, batch_size=8, threads=2, side_multiple=8)
+    split = open_split(shards, "val")
+    gpu = DaliLoader(split, cfg, train, 0, 0, 1, CUDA, torch.float32)
+    cpu = DaliLoader(split, cfg, train, 0, 0, 1, torch.device("cpu"), torch.float32)
+    n = 0
+    for a, b in zip(gpu.epoch(0), cpu.epoch(0), strict=True):
+        assert a.images.is_cuda and a.images.shape == b.images.shape and a.real == b.real
+        assert torch.equal(a.index, b.index) and torch.equal(a.labels.cpu(), b.labels) and torch.equal(a.sizes.cpu(), b.sizes)
+        x = a.images.float().cpu()
+        for k, (h, w) in enumerate(a.sizes.tolist()):
+            assert x[k, :, h:].abs().sum() == 0 and x[k, :, :, w:].abs().sum() == 0
+        assert (x - b.images).abs().mean() < 0.05
+        n += a.real
+    assert n == len(split)
+
+
+def test_full_resolution_run_completes_in_bf16(shards, tmp_path):
+    """The crash found on the H200: a full-resolution run with EMA and histograms, then test and report."""
+    cfg = load(None, [f"data.shards={shards}", f"out={tmp_path}", "data.res=full", "data.pixels=20000", "data.batch_size=8",
+                      "epochs=2", "hist_epochs=2", "optim.ema=0.9", "log_every=2", "cudnn_benchmark=true"])
+    d = run(cfg, name="gpu-full")
+    info = read_run_info(d)
+    assert info["status"] == "finished" and info["device"].startswith("cuda") and info["warmup_s"] > 0
+    assert len(read_metrics(d)) == 2 and "val_ema" in read_metrics(d)[-1]
+    assert len(list((d / "hist").glob("epoch_*.npz"))) == 2
+    assert evaluate_test_set(d)["count"] == len(open_split(shards, "test"))
+    md, _ = write_report(tmp_path)
+    assert "gpu-full" in md.read_text()
+
+
+def _one_step_setup(shards, loader="auto"):
+    cfg = load(None, [f"data.shards={shards}", "data.res=full", "data.pixels=20000", "data.batch_size=8", f"data.loader={loader}",
+                      "data.color_jitter=0.2", "optim.mixup=0.2", "optim.clip_grad=1.0"])
+    rt = setup_runtime(cfg.precision)
+    loader = build_loader(cfg.data, "train", True, 0, device=rt.device, dtype=rt.dtype)
+    model = build(load_spec(cfg.model)).to(rt.device).to(memory_format=torch.channels_last)
+    opt = make_optimizer(model, cfg, 8)
+    return cfg, rt, loader, model, opt, make_schedule(opt, cfg, loader.steps(0))
+
+
+def test_bf16_autocast_is_in_use(shards):
+    cfg, rt, loader, model, opt, sched = _one_step_setup(shards)
+    assert rt.amp_dtype == torch.bfloat16  # precision=auto on a GPU
+    seen = []
+    model.stem[0].conv.register_forward_hook(lambda m, i, o: seen.append((i[0].dtype, o.dtype)))
+    b = next(iter(loader.epoch(0)))
+    assert b.images.dtype == torch.bfloat16 and b.images.is_contiguous(memory_format=torch.channels_last)
+    train_step(model, b, opt, sched, None, rt, cfg, np.random.default_rng(0))
+    assert seen == [(torch.bfloat16, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("loader_kind", ["dali", "pil"])
+def test_no_host_sync_in_the_loader_or_the_step(shards, loader_kind):
+    """torch's sync debug mode turns any synchronizing call (.item(), a pageable copy, bincount, one_hot's
+    checks) into an error, over steady steps: the host keeps queueing work ahead of the GPU."""
+    if loader_kind == "dali" and not dali_available():
+        pytest.skip("NVIDIA DALI is not installed")
+    cfg, rt, loader, model, opt, sched = _one_step_setup(shards, loader_kind)
+    for b in loader.epoch(0):  # every shape once: lazy initialization, per-width constants
+        train_step(model, b, opt, sched, None, rt, cfg, np.random.default_rng(0))
+    it = iter(loader.epoch(1))
+    train_step(model, next(it), opt, sched, None, rt, cfg, np.random.default_rng(0))  # the epoch's one upload
+    torch.cuda.synchronize()
+    checked = 0
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for b in it:
+            train_step(model, b, opt, sched, None, rt, cfg, np.random.default_rng(0))
+            checked += 1
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert checked >= 5
