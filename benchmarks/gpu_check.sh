@@ -11,6 +11,9 @@
 #   OUT=/path bash benchmarks/gpu_check.sh            # a GPU machine: about 5 minutes on 16 cores, at most 6
 #   SMOKE=1 OUT=/tmp/x bash benchmarks/gpu_check.sh   # any machine: a tiny sample, GPU rows skipped (the test suite)
 #
+# A rerun of some steps (after a fix, on a machine with little time left) sets STEPS, and may narrow them:
+#   STEPS="gpu_tests train_throughput" GPU_TESTS_K=dali TRAIN_VARIANTS=full:off:gpu,full:off:cpu LOADER_RES=full REFERENCE=0
+#
 # On the lent GPU machines DALI travels in three parts: ../shared/gpu/README.md. Writes $OUT/gpu_check.md, the
 # benchmarks' result files under $OUT/results/ and $OUT/logs.tar.gz (every step's full log).
 set -uo pipefail
@@ -37,7 +40,8 @@ if [ "$SMOKE" = 1 ]; then
   LIMITS=(60 120 90 150)
 else
   # Sized to a 16-core GPU machine: 2,900 images, epochs of a few seconds at full speed, three timed in a row.
-  TRAIN_ARGS=(--model small --per-class 100 --batch-size 64 --epochs 3 --workers "$NPROC" --reference)
+  TRAIN_ARGS=(--model small --per-class 100 --batch-size 64 --epochs 3 --workers "$NPROC")
+  [ "${REFERENCE:-1}" = 1 ] && TRAIN_ARGS+=(--reference)
   LOADER_ARGS=(--per-class 100 --repeats 2 --workers "$NPROC")
   DEMO_ARGS=(--workers "$NPROC")
   LIMITS=(120 180 100 170)
@@ -76,24 +80,26 @@ step() {
   echo "   rc $rc in ${took}s"
 }
 
-step gpu_tests "${LIMITS[0]}" "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py
-step train_throughput "${LIMITS[1]}" bash -c "cd benchmarks && exec \"$PY\" train_throughput.py ${TRAIN_ARGS[*]}"
-step demo "${LIMITS[2]}" "$PY" -m mame_fast demo --out "$WORK/demo" "${DEMO_ARGS[@]}"
-step loader_throughput "${LIMITS[3]}" bash -c "cd benchmarks && exec \"$PY\" loader_throughput.py ${LOADER_ARGS[*]}"
+STEPS=${STEPS:-gpu_tests train_throughput demo loader_throughput}
+[ -n "${TRAIN_VARIANTS:-}" ] && TRAIN_ARGS+=(--variants "$TRAIN_VARIANTS")
+[ -n "${LOADER_RES:-}" ] && LOADER_ARGS+=(--res "$LOADER_RES")
+wanted() { [[ " $STEPS " == *" $1 "* ]]; }
+wanted gpu_tests && step gpu_tests "${LIMITS[0]}" "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py -k "${GPU_TESTS_K:-}"
+wanted train_throughput && step train_throughput "${LIMITS[1]}" bash -c "cd benchmarks && exec \"$PY\" train_throughput.py ${TRAIN_ARGS[*]}"
+wanted demo && step demo "${LIMITS[2]}" "$PY" -m mame_fast demo --out "$WORK/demo" "${DEMO_ARGS[@]}"
+wanted loader_throughput && step loader_throughput "${LIMITS[3]}" bash -c "cd benchmarks && exec \"$PY\" loader_throughput.py ${LOADER_ARGS[*]}"
 
 {
-  echo
-  echo "## pytest -m gpu"
-  echo
-  echo '```'
-  tail -n 5 "$OUT/logs/gpu_tests.log"
-  echo '```'
-  echo
-  echo "## demo"
-  echo
-  echo '```'
-  grep -E "^epoch +[0-9]+ |diagnosis|demo finished|batch shapes|error" "$OUT/logs/demo.log" | tail -n 8
-  echo '```'
+  if wanted gpu_tests; then
+    printf '\n## pytest -m gpu\n\n```\n'
+    tail -n 5 "$OUT/logs/gpu_tests.log"
+    printf '```\n'
+  fi
+  if wanted demo; then
+    printf '\n## demo\n\n```\n'
+    grep -E "^epoch +[0-9]+ |diagnosis|demo finished|batch shapes|error" "$OUT/logs/demo.log" | tail -n 8
+    printf '```\n'
+  fi
   for f in "$OUT"/results/*.md; do
     [ -f "$f" ] || continue
     echo

@@ -251,12 +251,13 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--crop", type=int, default=224)
     ap.add_argument("--pixels", type=int, default=360_000)
+    ap.add_argument("--res", default="256,full", help="which resolutions to measure")
     args = ap.parse_args()
     torch.set_num_threads(1)  # inherited by the limits' forked processes: one thread per process, one per core
     root, shards = prepare(args.per_class, args.workers)
     n = load_manifest(shards["full"])["splits"]["train"]["count"]
     sections = []
-    for res in ("256", "full"):
+    for res in args.res.split(","):
         files = sorted((root / ("data_256" if res == "256" else "data")).iterdir())
         src_mpx = sum(Image.open(f).width * Image.open(f).height for f in files) / 1e6
         # The layout the trainer asks for by default (channels-last); ImageFolder hands NCHW, as torchvision does.

@@ -85,7 +85,7 @@ class GpuBusy:
 
 
 def measure(cfg, epochs: int) -> dict:
-    """One configuration: first epoch, steady real-loader epochs, in-memory epochs (see the module docstring)."""
+    """One configuration: start-up, per-shape first-use cost, first epoch, steady real-loader epochs, in-memory epochs."""
     t_build = time.perf_counter()
     rt = setup_runtime(cfg.precision, cfg.cudnn_benchmark)
     loader = build_loader(cfg.data, "train", True, cfg.seed, device=rt.device, dtype=rt.dtype)
@@ -95,7 +95,11 @@ def measure(cfg, epochs: int) -> dict:
     sched = make_schedule(opt, cfg, loader.steps(0) * (2 * epochs + 2))
     rng = np.random.default_rng(0)
     shapes = loader.shapes()
-    warm = warm_up(model, shapes, [], rt) if rt.cudnn_benchmark else 0.0
+    rt.synchronize()
+    startup = time.perf_counter() - t_build
+    # Forward and backward once per shape, twice: the first pass pays what a shape costs the first time it is seen
+    # (autotuning when on, heuristics and kernel loading when off), the second only the compute.
+    first_use, again = warm_up(model, shapes, [], rt), warm_up(model, shapes, [], rt)
 
     def run_epoch(batches) -> tuple[float, float, int, int]:
         """Seconds, seconds inside next(), images and steps of one pass over ``batches``."""
@@ -113,7 +117,6 @@ def measure(cfg, epochs: int) -> dict:
         return time.perf_counter() - t, wait, n, steps
 
     first, _, n, _ = run_epoch(loader.epoch(0))
-    first_total = time.perf_counter() - t_build  # build, warm-up and epoch 0
     real, waits = [], []
     with GpuBusy() as busy:
         for e in range(1, epochs + 1):
@@ -121,15 +124,16 @@ def measure(cfg, epochs: int) -> dict:
             real.append(dt)
             waits.append(w)
     cached = list(loader.epoch(epochs + 1))  # one real epoch's batches, kept on the device
-    mem = [run_epoch(cached)[0] for _ in range(epochs)]
-    step_ms = 1e3 * float(np.median(real)) / steps
+    with GpuBusy() as busy_mem:
+        mem = [run_epoch(cached)[0] for _ in range(epochs)]
     flops = {s: count_flops(model, s[1], s[2]) for s in shapes}  # forward, per image, on the device
     img_flops = float(np.mean([flops[(b.images.shape[0], b.images.shape[2], b.images.shape[3])] for b in cached]))
     return {
         "device": str(rt.device), "loader": type(loader).__name__, "images": n, "steps": steps, "shapes": len(shapes),
-        "first_epoch_s": first, "first_total_s": first_total, "warmup_s": warm, "real_s": real, "memory_s": mem,
-        "wait_ms_per_step": 1e3 * float(np.median(waits)) / steps, "step_ms": step_ms, "wait_share": float(np.median(waits) / np.median(real)),
-        "gpu_busy": busy.mean, "train_flops_per_image": 3 * img_flops,
+        "startup_s": startup, "first_use_s": first_use - again, "first_epoch_s": first, "real_s": real, "memory_s": mem,
+        "wait_ms_per_step": 1e3 * float(np.median(waits)) / steps, "step_ms": 1e3 * float(np.median(real)) / steps,
+        "wait_share": float(np.median(waits) / np.median(real)), "gpu_busy": busy.mean, "gpu_busy_memory": busy_mem.mean,
+        "train_flops_per_image": 3 * img_flops,
     }
 
 
@@ -194,26 +198,26 @@ def table(title: str, m: dict) -> str:
     n = m["images"]
     real, mem = [n / t for t in m["real_s"]], [n / t for t in m["memory_s"]]
     steady = float(np.median(m["real_s"]))
-    overhead = m["first_total_s"] - steady
-    per_shape = overhead / m["shapes"]
+    per_shape = m["first_use_s"] / m["shapes"]
+    fill = m["first_epoch_s"] - steady  # what the first epoch still costs once every shape has been seen
     real_epoch = REAL_TRAIN / summary(real)[0]
-    real_overhead = per_shape * m["real_shapes"]
+    real_overhead = per_shape * m["real_shapes"] + max(0.0, fill)
     ratio = summary(real)[0] / summary(mem)[0]
-    busy = "n/a" if m["gpu_busy"] is None else f"{m['gpu_busy']:.0f}%"
+    pct = lambda v: "n/a" if v is None else f"{v:.0f}%"  # noqa: E731
     tflops = summary(real)[0] * m["train_flops_per_image"] / 1e12
     return "\n".join([
         f"### {title}: {n} images per epoch, {m['steps']} steps, {m['shapes']} batch shapes, {m['loader']} on {m['device']}\n",
-        "| measurement | images/s (median [min, max]) |", "|---|---|",
-        f"| in-memory batches | {summary(mem)[0]:.0f} [{summary(mem)[1]:.0f}, {summary(mem)[2]:.0f}] |",
-        f"| real loader | {summary(real)[0]:.0f} [{summary(real)[1]:.0f}, {summary(real)[2]:.0f}] |",
+        "| measurement | images/s (median [min, max]) | GPU busy |", "|---|---|---|",
+        f"| in-memory batches | {summary(mem)[0]:.0f} [{summary(mem)[1]:.0f}, {summary(mem)[2]:.0f}] | {pct(m['gpu_busy_memory'])} |",
+        f"| real loader | {summary(real)[0]:.0f} [{summary(real)[1]:.0f}, {summary(real)[2]:.0f}] | {pct(m['gpu_busy'])} |",
         "",
-        f"- real loader / in-memory batches: **{ratio:.1%}**; data wait {m['wait_share']:.1%} of the loop "
-        f"({m['wait_ms_per_step']:.2f} ms per step of {m['step_ms']:.2f} ms); GPU busy {busy}; "
-        f"{tflops:.1f} TFLOP/s of model training work (3x forward FLOPs).",
-        f"- first epoch: {m['first_total_s']:.2f} s from the build (shape warm-up {m['warmup_s']:.2f} s) against "
-        f"{steady:.2f} s for a steady epoch: overhead {overhead:.2f} s, {per_shape * 1e3:.0f} ms per shape. On the real MAMe "
-        f"train split ({m['real_shapes']} shapes, an epoch of {real_epoch:.1f} s at this speed): {real_overhead:.2f} s, "
-        f"**{real_overhead / real_epoch:.1%}** of an epoch (all of the overhead counted per shape).",
+        f"- real loader / in-memory batches: **{ratio:.1%}**; time inside the loader's next() {m['wait_share']:.1%} of the loop "
+        f"({m['wait_ms_per_step']:.2f} ms per step of {m['step_ms']:.2f} ms); {tflops:.1f} TFLOP/s of training work (3x forward FLOPs).",
+        f"- start-up (CUDA, loader and model built) {m['startup_s']:.2f} s, once per process. First use of a shape: "
+        f"{per_shape * 1e3:.0f} ms each ({m['first_use_s']:.2f} s for {m['shapes']}, measured as a forward+backward pass over every "
+        f"shape minus a second such pass); the first epoch after that: {m['first_epoch_s']:.2f} s against {steady:.2f} s steady. "
+        f"On the real MAMe train split ({m['real_shapes']} shapes, an epoch of {real_epoch:.1f} s at this speed) the first epoch "
+        f"costs {real_overhead:.2f} s more than the others: **{real_overhead / real_epoch:.1%}** of an epoch.",
         "",
     ])
 
@@ -228,7 +232,8 @@ def main() -> None:
     ap.add_argument("--res", default="256,full")
     ap.add_argument("--crop", type=int, default=224)
     ap.add_argument("--pixels", type=int, default=360_000)
-    ap.add_argument("--cudnn", default="auto", help="'auto' (on and off on a GPU, off on a CPU), 'on' or 'off'")
+    ap.add_argument("--variants", default=None,
+                    help="comma-separated res:cudnn:decode, e.g. 256:on:gpu,full:off:cpu (default: on and off, gpu decode; on a CPU: off)")
     ap.add_argument("--reference", action="store_true", help="also time timm's resnet50 (GPU)")
     ap.add_argument("--reference-batch", type=int, default=128)
     ap.add_argument("--reference-steps", type=int, default=30)
@@ -239,17 +244,18 @@ def main() -> None:
         return child(args)
     _, shards = prepare(args.per_class, args.workers)
     cuda = torch.cuda.is_available()
-    modes = {"auto": ["on", "off"] if cuda else ["off"], "on": ["on"], "off": ["off"]}[args.cudnn]
+    default = [f"{r}:{m}:gpu" for r in args.res.split(",") for m in (("on", "off") if cuda else ("off",))]
     sections = []
-    for res in args.res.split(","):
+    for variant in args.variants.split(",") if args.variants else default:
+        res, mode, decode = variant.split(":")
         extra = [f"data.crop={args.crop}"] if res == "256" else [f"data.pixels={args.pixels}"]
-        for mode in modes:
-            sets = [f"model={args.model}", f"data.res={res}", f"data.shards={shards[res]}", f"data.batch_size={args.batch_size}",
-                    f"data.threads={args.workers}", "optim.name=sgd", f"cudnn_benchmark={mode == 'on'}"] + extra
-            m = run_child("measure", args, sets)
-            if m:
-                sections.append(table(f"--res {res}, model `{args.model}`, batch {args.batch_size}, cuDNN autotuning {mode}", m))
-                print(sections[-1], flush=True)
+        sets = [f"model={args.model}", f"data.res={res}", f"data.shards={shards[res]}", f"data.batch_size={args.batch_size}",
+                f"data.threads={args.workers}", "optim.name=sgd", f"cudnn_benchmark={mode == 'on'}", f"data.decode={decode}"] + extra
+        m = run_child("measure", args, sets)
+        if m:
+            where = f", JPEG decode on the {decode.upper()}" if cuda else ""
+            sections.append(table(f"--res {res}, model `{args.model}`, batch {args.batch_size}, cuDNN autotuning {mode}{where}", m))
+            print(sections[-1], flush=True)
     if args.reference and cuda:
         r = run_child("reference", args)
         if r:

@@ -204,36 +204,46 @@ def _color_jitter(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
 
 
 class _Feed:
-    """external_source callback: the next planned batch as encoded bytes + per-sample parameters.
+    """external_source callback: the next planned batch as encoded bytes + one row of parameters per sample.
 
     It runs on from one epoch's plan into the next, so that a pipeline kept across epochs never drains.
-    ``full=False`` (CPU-only graph) gives only the bytes and the crop window: the rest of the plan is
-    applied after decoding, outside DALI.
+    This is Python on the training thread, once per batch, so it is kept small: two inputs, the JPEGs and
+    every per-sample number in one dense float32 array (the graph slices it). DALI checks and wraps each input,
+    and each element of a list, in Python; the JPEGs are therefore wrapped once, as DALI tensors over the
+    memory-mapped shards (no copy, ~3 us per sample), and handed over as they are. Per batch of 64 on 2 EPYC
+    cores: 1.65 ms with eight inputs and JPEGs copied as numpy arrays, 0.82 ms like this.
     """
 
-    def __init__(self, split: Split, plans: EpochPlans, full: bool = True):
-        self.split, self.plans, self.full = split, plans, full
+    COLUMNS = ("x", "y", "cw", "ch", "out_w", "out_h", "flip", "height", "width")
+
+    def __init__(self, split: Split, plans: EpochPlans):
+        self.split, self.plans = split, plans
         self.epoch = self.step = 0
+        self._jpegs: list | None = None  # DALI TensorCPU per sample, views of the shards' memory maps
+
+    def jpegs(self, index: np.ndarray) -> list:
+        if self._jpegs is None:
+            from nvidia.dali.tensors import TensorCPU
+
+            # The views stay valid while the split (which holds the memory maps) lives: the feed holds both.
+            self._jpegs = [TensorCPU(np.frombuffer(self.split.jpeg(i), np.uint8)) for i in range(len(self.split))]
+        return [self._jpegs[i] for i in index]
 
     def start(self, epoch: int, step: int) -> None:
         self.epoch, self.step = epoch, step
 
-    def __call__(self):
+    def __call__(self) -> tuple[list[np.ndarray], np.ndarray]:
         plans = self.plans(self.epoch)
         if self.step >= len(plans):
             self.epoch, self.step = self.epoch + 1, 0
             plans = self.plans(self.epoch)
         p = plans[self.step]
         self.step += 1
-        jpegs = [np.frombuffer(self.split.jpeg(int(i)), np.uint8) for i in p.index]
-        # Everything but the JPEGs as dense arrays, one sample per row: DALI checks and wraps each element of a
-        # list in Python (~2.5 us each), work done while holding the GIL that the CPU tail's threads need.
-        anchor, shape = np.stack([p.x, p.y], 1), np.stack([p.cw, p.ch], 1)
-        if not self.full:
-            return jpegs, anchor, shape
         n = len(p.index)
-        return (jpegs, anchor, shape, p.out_w.astype(np.float32), p.out_h.astype(np.float32), p.flip.astype(np.int32),
-                np.full(n, p.height, np.float32), np.full(n, p.width, np.float32))
+        params = np.empty((n, len(self.COLUMNS)), np.float32)
+        params[:, :7] = np.stack([p.x, p.y, p.cw, p.ch, p.out_w, p.out_h, p.flip], 1)
+        params[:, 7], params[:, 8] = p.height, p.width
+        return self.jpegs(p.index), params
 
 
 class DaliLoader(Loader):
@@ -251,7 +261,7 @@ class DaliLoader(Loader):
         # Resize/flip/normalize/pad inside DALI: always on the GPU; on the CPU only when asked, which is how
         # the tests run the GPU path's graph on machines without a GPU.
         self.dali_tail = self.gpu if dali_tail is None else dali_tail
-        self.feed = _Feed(self.split, self.plan, full=self.dali_tail)
+        self.feed = _Feed(self.split, self.plan)
         self.pipe = None
         self._next: tuple[int, int] | None = None  # (epoch, step) of the batch the pipeline delivers next
         self._pool = None
@@ -259,7 +269,7 @@ class DaliLoader(Loader):
     def _build(self):
         from nvidia.dali import fn, pipeline_def, types
 
-        gpu, tail = self.gpu, self.dali_tail
+        gpu, tail, gpu_decode = self.gpu, self.dali_tail, self.cfg.decode == "gpu"
         out_dtype = types.FLOAT16 if self.dtype == torch.float16 else types.FLOAT
 
         layout = "HWC" if self.cfg.channels_last else "CHW"  # HWC seen as NCHW is channels-last: no transpose after
@@ -270,19 +280,21 @@ class DaliLoader(Loader):
                       # test_one_loader_over_epochs... and test_gpu_graph_on_cpu... fail at full resolution).
                       exec_dynamic=True)
         def pipe():
-            dtypes = [types.UINT8, types.FLOAT, types.FLOAT, types.FLOAT, types.FLOAT, types.INT32, types.FLOAT, types.FLOAT]
-            n = 8 if tail else 3
-            jpeg, anchor, shape, *rest = fn.external_source(source=self.feed, num_outputs=n, batch=True, parallel=False, dtype=dtypes[:n])
+            # no_copy: the JPEGs stay in the shards' memory maps, which live as long as the split.
+            jpeg, q = fn.external_source(source=self.feed, num_outputs=2, batch=True, parallel=False, no_copy=True,
+                                         dtype=[types.UINT8, types.FLOAT])
             # Decode only the planned crop (ROI decode): fewer pixels to decode, colour-convert and resize.
-            img = fn.decoders.image_slice(jpeg, anchor, shape, device="mixed" if gpu else "cpu", output_type=types.RGB,
-                                          axis_names="WH", normalized_anchor=False, normalized_shape=False)
+            # nvJPEG on the GPU ("mixed"), or libjpeg-turbo on DALI's CPU threads, the crop then sent to the GPU.
+            img = fn.decoders.image_slice(jpeg, q[0:2], q[2:4], device="mixed" if gpu and gpu_decode else "cpu",
+                                          output_type=types.RGB, axis_names="WH", normalized_anchor=False, normalized_shape=False)
             if not tail:
                 return img  # uint8 HWC crops of varying size: the tail runs in _cpu_tail
-            rx, ry, flip, ph, pw = rest
-            img = fn.resize(img, resize_x=rx, resize_y=ry, antialias=True)
-            img = fn.flip(img, horizontal=flip)
+            if gpu and not gpu_decode:
+                img = img.gpu()
+            img = fn.resize(img, resize_x=q[4], resize_y=q[5], antialias=True)
+            img = fn.flip(img, horizontal=fn.cast(q[6], dtype=types.INT32))
             return fn.crop_mirror_normalize(
-                img, crop_h=ph, crop_w=pw, crop_pos_x=0.0, crop_pos_y=0.0, out_of_bounds_policy="pad", fill_values=0.0,
+                img, crop_h=q[7], crop_w=q[8], crop_pos_x=0.0, crop_pos_y=0.0, out_of_bounds_policy="pad", fill_values=0.0,
                 mean=list(MEAN), std=list(STD), dtype=out_dtype, output_layout=layout,
             )
 

@@ -25,10 +25,13 @@ CUDA = torch.device("cuda", 0)
 @pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not installed")
 @pytest.mark.parametrize("res", ["256", "full"])
 @pytest.mark.parametrize("train", [True, False])
-def test_dali_gpu_batches_equal_the_cpu_path(shards, res, train):
-    """nvJPEG + DALI's GPU resize/normalize/pad against libjpeg-turbo + the torch CPU tail: one plan, so the same
-    samples, labels, sizes and padding, and pixels that differ only by decoder and resampling details."""
-    cfg = DataConfig(shards=str(shards), res=res, loader="dali", pixels=20_000, crop=64, batch_size=8, threads=2, side_multiple=8)
+@pytest.mark.parametrize("decode", ["gpu", "cpu"])
+def test_dali_gpu_batches_equal_the_cpu_path(shards, res, train, decode):
+    """DALI on the GPU (nvJPEG, or libjpeg-turbo on its CPU threads, then resize/normalize/pad on the GPU) against
+    libjpeg-turbo + the torch CPU tail: one plan, so the same samples, labels, sizes and padding, and pixels that
+    differ only by decoder and resampling details."""
+    cfg = DataConfig(shards=str(shards), res=res, loader="dali", pixels=20_000, crop=64, batch_size=8, threads=2, side_multiple=8,
+                     decode=decode)
     split = open_split(shards, "val")
     gpu = DaliLoader(split, cfg, train, 0, 0, 1, CUDA, torch.float32)
     cpu = DaliLoader(split, cfg, train, 0, 0, 1, torch.device("cpu"), torch.float32)
