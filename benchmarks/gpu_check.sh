@@ -13,6 +13,7 @@
 #
 # A rerun of some steps (after a fix, on a machine with little time left) sets STEPS, and may narrow them:
 #   STEPS="gpu_tests train_throughput" GPU_TESTS_K=dali TRAIN_VARIANTS=full:off:gpu,full:off:cpu LOADER_RES=full REFERENCE=0
+#   GPU_CHECK_LIMITS="60 170 1 95"   (seconds for gpu_tests, train_throughput, demo, loader_throughput)
 #
 # On the lent GPU machines DALI travels in three parts: ../shared/gpu/README.md. Writes $OUT/gpu_check.md, the
 # benchmarks' result files under $OUT/results/ and $OUT/logs.tar.gz (every step's full log).
@@ -37,14 +38,14 @@ if [ "$SMOKE" = 1 ]; then
   TRAIN_ARGS=(--model tiny --per-class 3 --batch-size 8 --epochs 1 --workers 2 --crop 64 --pixels 20000)
   LOADER_ARGS=(--per-class 3 --repeats 1 --workers 2 --crop 64 --pixels 20000 --batch-size 8)
   DEMO_ARGS=(--per-class 3,1,1 --workers 2 --set epochs=1)
-  LIMITS=(60 120 90 150)
+  LIMITS=(${GPU_CHECK_LIMITS:-60 120 90 150})
 else
   # Sized to a 16-core GPU machine: 2,900 images, epochs of a few seconds at full speed, three timed in a row.
   TRAIN_ARGS=(--model small --per-class 100 --batch-size 64 --epochs 3 --workers "$NPROC")
   [ "${REFERENCE:-1}" = 1 ] && TRAIN_ARGS+=(--reference)
   LOADER_ARGS=(--per-class 100 --repeats 2 --workers "$NPROC")
   DEMO_ARGS=(--workers "$NPROC")
-  LIMITS=(120 180 100 170)
+  LIMITS=(${GPU_CHECK_LIMITS:-120 180 100 170})  # seconds per step, in the order below
 fi
 
 {
