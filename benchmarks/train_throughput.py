@@ -233,7 +233,7 @@ def main() -> None:
     ap.add_argument("--crop", type=int, default=224)
     ap.add_argument("--pixels", type=int, default=360_000)
     ap.add_argument("--variants", default=None,
-                    help="comma-separated res:cudnn:decode, e.g. 256:on:gpu,full:off:cpu (default: on and off, gpu decode; on a CPU: off)")
+                    help="comma-separated res:cudnn:decode, e.g. 256:on:gpu,full:off:cpu (default: on and off, decode auto; on a CPU: off)")
     ap.add_argument("--reference", action="store_true", help="also time timm's resnet50 (GPU)")
     ap.add_argument("--reference-batch", type=int, default=128)
     ap.add_argument("--reference-steps", type=int, default=30)
@@ -244,7 +244,7 @@ def main() -> None:
         return child(args)
     _, shards = prepare(args.per_class, args.workers)
     cuda = torch.cuda.is_available()
-    default = [f"{r}:{m}:gpu" for r in args.res.split(",") for m in (("on", "off") if cuda else ("off",))]
+    default = [f"{r}:{m}:auto" for r in args.res.split(",") for m in (("on", "off") if cuda else ("off",))]
     sections = []
     for variant in args.variants.split(",") if args.variants else default:
         res, mode, decode = variant.split(":")
@@ -253,7 +253,7 @@ def main() -> None:
                 f"data.threads={args.workers}", "optim.name=sgd", f"cudnn_benchmark={mode == 'on'}", f"data.decode={decode}"] + extra
         m = run_child("measure", args, sets)
         if m:
-            where = f", JPEG decode on the {decode.upper()}" if cuda else ""
+            where = f", JPEG decode {decode}" if cuda else ""
             sections.append(table(f"--res {res}, model `{args.model}`, batch {args.batch_size}, cuDNN autotuning {mode}{where}", m))
             print(sections[-1], flush=True)
     if args.reference and cuda:

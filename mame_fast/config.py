@@ -51,8 +51,9 @@ class DataConfig:
     """DALI threads / DataLoader workers per rank (0: all cores divided among local ranks)."""
     prefetch: int = 4
     """Batches the loader prepares ahead (DALI prefetch queue depth; DataLoader prefetch factor)."""
-    decode: str = "gpu"
-    """Where DALI decodes JPEGs on a GPU machine: 'gpu' (nvJPEG) or 'cpu' (DALI's threads, leaving the GPU to training)."""
+    decode: str = "auto"
+    """Where DALI decodes JPEGs on a GPU machine: 'gpu' (nvJPEG), 'cpu' (DALI's threads, leaving the GPU to training) or
+    'auto': 'cpu' at res=full, where training keeps the GPU busy, 'gpu' at res=256, where the host is the bottleneck."""
     channels_last: bool = True
     """Hand batches over in channels-last memory format."""
 

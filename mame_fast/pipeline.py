@@ -246,6 +246,15 @@ class _Feed:
         return self.jpegs(p.index), params
 
 
+def gpu_decodes(cfg: DataConfig) -> bool:
+    """Whether DALI decodes on the GPU (when there is one). Measured on an H200 with the `small` model, batches of 64
+    (benchmarks/results/gpu_check_nvidia-h200_2026-11-26_run2.md): at full resolution training keeps the GPU 97-99%
+    busy and decoding on DALI's CPU threads frees it (95.3% of in-memory speed against 91.7%, 1,858 vs 1,785 img/s);
+    at 256 the step is host-bound (GPU 40-46% busy) and nvJPEG, partly on the hardware decoder, spares the CPU
+    (4,205 vs 3,930 img/s)."""
+    return cfg.decode == "gpu" or (cfg.decode == "auto" and cfg.res == "256")
+
+
 class DaliLoader(Loader):
     """The DALI implementation; GPU (mixed decode) when ``device`` is CUDA, CPU-only mode otherwise.
 
@@ -269,7 +278,7 @@ class DaliLoader(Loader):
     def _build(self):
         from nvidia.dali import fn, pipeline_def, types
 
-        gpu, tail, gpu_decode = self.gpu, self.dali_tail, self.cfg.decode == "gpu"
+        gpu, tail, gpu_decode = self.gpu, self.dali_tail, gpu_decodes(self.cfg)
         out_dtype = types.FLOAT16 if self.dtype == torch.float16 else types.FLOAT
 
         layout = "HWC" if self.cfg.channels_last else "CHW"  # HWC seen as NCHW is channels-last: no transpose after
