@@ -65,6 +65,7 @@ class OptimConfig:
     lr: float = 0.1
     """Peak learning rate per 256 images (scaled linearly to the global batch size)."""
     momentum: float = 0.9
+    """SGD momentum (Nesterov)."""
     weight_decay: float = 5e-5
     """Applied to conv/linear weights only, never to norms and biases."""
     warmup_epochs: float = 1.0
@@ -72,6 +73,7 @@ class OptimConfig:
     schedule: str = "cosine"
     """'cosine' (to 0 after warm-up), 'onecycle' (linear up, cosine down) or 'constant'."""
     label_smoothing: float = 0.1
+    """Share of the target spread evenly over all classes (0: one-hot targets)."""
     mixup: float = 0.0
     """Mixup Beta(a, a) parameter (0: off)."""
     cutmix: float = 0.0
@@ -87,7 +89,9 @@ class TrainConfig:
     model: str = "tiny"
     """Model spec: a name in configs/models/ or a path to a YAML spec."""
     epochs: int = 10
+    """Passes over the training split."""
     seed: int = 0
+    """Seeds the plan (order, crops, flips), the weights' initialization and dropout."""
     precision: str = "auto"
     """'auto' (bf16 on GPU, fp32 on CPU), 'bf16', 'fp16' (with GradScaler) or 'fp32'."""
     compile: bool = False
@@ -113,7 +117,9 @@ class TrainConfig:
     tensorboard: bool = False
     """Also log scalars, histograms and plots to TensorBoard (<run>/tb; needs `pip install tensorboard`)."""
     data: DataConfig = field(default_factory=DataConfig)
+    """Shards, resolution and input pipeline."""
     optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer, schedule and regularization."""
 
 
 def _fields(cls) -> dict[str, dataclasses.Field]:

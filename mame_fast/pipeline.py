@@ -246,6 +246,25 @@ class _Feed:
         return self.jpegs(p.index), params
 
 
+@functools.lru_cache(maxsize=1)
+def _live_dali_loaders() -> "weakref.WeakSet[DaliLoader]":
+    """Every DALI loader alive, so that their pipelines and the DALI tensors over the shard maps are released while
+    Python still runs: left to the interpreter's teardown, DALI's buffers (which hold Python objects when fed
+    without a copy) were freed after it and the process aborted at exit ('free(): invalid pointer')."""
+    import atexit
+    import weakref
+
+    loaders: weakref.WeakSet = weakref.WeakSet()
+
+    def release() -> None:
+        for loader in list(loaders):
+            loader.pipe = None
+            loader.feed._jpegs = None
+
+    atexit.register(release)
+    return loaders
+
+
 def gpu_decodes(cfg: DataConfig) -> bool:
     """Whether DALI decodes on the GPU (when there is one). Measured on an H200 with the `small` model, batches of 64
     (benchmarks/results/gpu_check_nvidia-h200_2026-11-26_run2.md): at full resolution training keeps the GPU 97-99%
@@ -271,6 +290,7 @@ class DaliLoader(Loader):
         # the tests run the GPU path's graph on machines without a GPU.
         self.dali_tail = self.gpu if dali_tail is None else dali_tail
         self.feed = _Feed(self.split, self.plan)
+        _live_dali_loaders().add(self)
         self.pipe = None
         self._next: tuple[int, int] | None = None  # (epoch, step) of the batch the pipeline delivers next
         self._pool = None

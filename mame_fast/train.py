@@ -167,6 +167,17 @@ def make_optimizer(model, cfg: TrainConfig, global_batch: int):
     raise ValueError(f"optim.name must be 'sgd' or 'adamw', got {o.name!r}")
 
 
+def restart_schedule(opt, sched, cfg: TrainConfig, global_batch: int) -> None:
+    """After a resume: the learning rate of ``cfg`` (which ``--set`` may have changed) from the current step on, along
+    the schedule of ``cfg`` (a changed ``epochs`` stretches or shortens the rest of the cosine). A restored scheduler
+    would otherwise keep the old peak."""
+    lr = cfg.optim.lr * global_batch / 256
+    sched.base_lrs = [lr] * len(opt.param_groups)
+    for g, f in zip(opt.param_groups, sched.lr_lambdas):
+        g["lr"] = lr * f(sched.last_epoch)
+    sched._last_lr = [g["lr"] for g in opt.param_groups]
+
+
 def make_schedule(opt, cfg: TrainConfig, steps_per_epoch: int):
     o = cfg.optim
     total = max(1, cfg.epochs * steps_per_epoch)
@@ -306,6 +317,7 @@ def _run(cfg: TrainConfig, name: str, resume: Path | None, meta: dict, rt: Runti
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
+        restart_schedule(opt, sched, cfg, cfg.data.batch_size * rt.world)
         rt.scaler.load_state_dict(state["scaler"])
         if ema is not None:
             ema.load_state_dict(state["ema"])
@@ -376,7 +388,7 @@ def _run(cfg: TrainConfig, name: str, resume: Path | None, meta: dict, rt: Runti
                     if diverged:
                         status = "diverged"
                         raise TrainingDiverged(
-                            f"loss became {stats['loss_last']} at epoch {epoch} step {step}; the last good checkpoint is "
+                            f"loss became {stats['loss_last']} at epoch {epoch + 1} step {step}; the last good checkpoint is "
                             f"{run_dir / 'last.pt'}. Lower optim.lr, add optim.clip_grad, or check the data.")
                     wait = t_wait / (time.perf_counter() - t0)
                     progress.update(epoch, step, stats, sched.get_last_lr()[0], wait)

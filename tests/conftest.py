@@ -10,7 +10,8 @@ import pytest
 from mame_fast.sample import SampleSpec, write_sample
 from mame_fast.shard import ShardSettings, write_shards
 
-TINY = SampleSpec(per_class=(3, 1, 1), max_side=320, large=1, large_side=1600, seed=0)
+# Split sizes that differ (87 train, 29 val, 58 test): a stage that reads the wrong split is caught by its count.
+TINY = SampleSpec(per_class=(3, 1, 2), max_side=320, large=1, large_side=1600, seed=0)
 BUDGET = 60_000  # pixels per stored image in the test shards: small, so every image is downscaled
 
 
@@ -33,3 +34,12 @@ def root_copy(mame_root, tmp_path) -> Path:
     dst = tmp_path / "root"
     shutil.copytree(mame_root, dst)
     return dst
+
+
+@pytest.fixture(scope="session")
+def dropout_spec(tmp_path_factory) -> Path:
+    """A small model with dropout and drop-path: its training consumes the RNG, so resuming must restore it."""
+    p = tmp_path_factory.mktemp("specs") / "dropout.yaml"
+    p.write_text("stem_width: 16\nstages:\n  - {width: 24, depth: 1, stride: 2}\n  - {width: 48, depth: 2, stride: 2}\n"
+                 "dropout: 0.3\ndrop_path: 0.2\n")
+    return p

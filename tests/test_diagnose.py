@@ -24,11 +24,16 @@ CASES = {
 }
 
 
+# What the course's method says to do next, per verdict (a word each next step must contain).
+NEXT_WORD = {"underfitting": "Grow the model (wider", "overfitting": "Regularize", "fitting": "Grow the model until it overfits",
+             "diverged": "Lower the learning rate", "unstable": "Lower the learning rate", "not converged": "Train longer"}
+
+
 @pytest.mark.parametrize("verdict", sorted(CASES))
 def test_verdicts(verdict):
     d = diagnose_history(*CASES[verdict])
     assert d.verdict == verdict, d.text()
-    assert d.next_step and d.reasons
+    assert d.next_step.startswith(NEXT_WORD[verdict]) and len(d.reasons) >= 1 and d.numbers["epochs"] == N
 
 
 def test_overfitting_reports_start_and_gap():

@@ -3,6 +3,8 @@ are real images, a report with every run, and the data report on the real metada
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -55,11 +57,19 @@ def test_card_has_five_parts_right_numbers_and_diff(two_runs):
     diff = {k: (a, b) for k, a, b in s["diff"]}
     assert diff["model"] == ("tiny", "small") and diff["epochs"] == ("2", "25") and diff["data.flip"] == ("True", "False")
     assert "optim.weight_decay" not in diff  # same in both
-    from mame_fast.report import outcomes
-
-    o = outcomes(over)
-    assert f"{100 * o['best_val']:.1f}%" in text and f"{100 * o['gap']:.1f}%" in text
-    assert "Note: the val loss turns up after a few epochs" in text and "overfitting" in text
+    # Part 4, computed here from metrics.jsonl, not by the code that writes the card.
+    rows = [json.loads(line) for line in (over / "metrics.jsonl").read_text().splitlines()]
+    best = max(rows, key=lambda r: r["val"]["top1"])
+    last = rows[-1]
+    assert f"| best val top-1 | {100 * best['val']['top1']:.1f}% (epoch {best['epoch']}) |" in text
+    assert f"| train/val gap | {100 * (last['train_top1'] - last['val']['top1']):.1f}% |" in text
+    assert f"| final train top-1 | {100 * last['train_top1']:.1f}% |" in text
+    assert f"| epochs run / status | {len(rows)} / finished |" in text
+    assert f"| images/s (mean), data wait | {sum(r['images_per_s'] for r in rows) / len(rows):.0f}," in text
+    under_rows = [json.loads(line) for line in (under / "metrics.jsonl").read_text().splitlines()]
+    under_best = max(under_rows, key=lambda r: r["val"]["top1"])
+    assert f"#1 (tiny-under): best val top-1 {100 * under_best['val']['top1']:.1f}% at epoch {under_best['epoch']}" in text
+    assert "Note: the val loss turns up after a few epochs" in text and "Automatic diagnosis: **overfitting**" in text
 
 
 def test_plots_are_real_images(two_runs):
@@ -76,8 +86,12 @@ def test_report_includes_every_run(two_runs):
     text = md.read_text()
     assert "## #1: tiny-under" in text and "## #2: small-over" in text
     assert "<h2>#1: tiny-under</h2>" in html.read_text() and "<h2>#2: small-over</h2>" in html.read_text()
-    assert [r["#"] for r in runs_table(root)] == [1, 2]
-    assert write_card(under).read_text().count("**") >= 10
+    table = runs_table(root)
+    assert [r["#"] for r in table] == [1, 2] and [r["diagnosis"] for r in table] == ["underfitting", "overfitting"]
+    rows = [json.loads(line) for line in (under / "metrics.jsonl").read_text().splitlines()]
+    assert table[0]["best val"] == f"{100 * max(r['val']['top1'] for r in rows):.1f}%" and table[0]["epochs"] == len(rows) == 2
+    card = write_card(under).read_text()
+    assert "None: this is a first experiment" in card and "Model `tiny`" in card and "2 epochs" in card
 
 
 def test_explore_reproduces_the_real_counts(tmp_path):

@@ -182,15 +182,49 @@ def test_zip_source_gives_the_same_shards(shards, tmp_path):
     assert set(sizes["width"]) == set(sizes["height"]) == {256}
 
 
-def test_verify_finds_tampering(mame_root, tmp_path):
-    folder = sh.write_shards(mame_root, tmp_path, sh.ShardSettings(max_pixels=BUDGET, splits=("val",)))
+def _lbl_offset(folder: Path) -> tuple[Path, int]:
+    idx = sh.split_shards(folder, "val")[0].with_suffix(".idx")
+    return idx, sh.read_index(idx)[0]["lbl"][0]
+
+
+def _edit_manifest(folder: Path, edit) -> None:
+    m = json.loads((folder / "manifest.json").read_text())
+    edit(m["splits"]["val"])
+    (folder / "manifest.json").write_text(json.dumps(m))
+
+
+def _flip_byte(path: Path, at: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _first_tar(folder: Path) -> Path:
+    return sh.split_shards(folder, "val")[0]
+
+
+# Each kind of damage `verify` claims to find, and the message it must give.
+DAMAGE = {
+    "bytes changed": (lambda f: _flip_byte(_first_tar(f), 3000), "checksum differs from the manifest"),
+    "index missing": (lambda f: _first_tar(f).with_suffix(".idx").unlink(), "missing tar or index"),
+    "tar truncated": (lambda f: _first_tar(f).write_bytes(_first_tar(f).read_bytes()[:700]), "unreadable"),
+    "index offsets wrong": (lambda f: (lambda i: i.write_text(i.read_text().replace(" 512 ", " 1024 ", 1)))(
+        _first_tar(f).with_suffix(".idx")), "does not match the tar"),
+    "label changed": (lambda f: _flip_byte(_first_tar(f), _lbl_offset(f)[1]), "differs from the manifest label"),
+    "sample order": (lambda f: _edit_manifest(f, lambda s: s["samples"]["key"].reverse()), "where the manifest has"),
+    "size in manifest": (lambda f: _edit_manifest(f, lambda s: s["samples"]["width"].__setitem__(0, 7)), "manifest says"),
+    "jpeg unreadable": (lambda f: _flip_byte(_first_tar(f), sh.read_index(_lbl_offset(f)[0])[0]["jpg"][0] + 2), "does not open"),
+    "manifest lists more": (lambda f: _edit_manifest(f, lambda s: s["samples"]["key"].append("ghost")), "manifest lists more val samples"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGE))
+def test_verify_finds_each_kind_of_damage(mame_root, tmp_path, case):
+    folder = sh.write_shards(mame_root, tmp_path, sh.ShardSettings(max_pixels=BUDGET, splits=("val",), shard_size_mb=0.3))
     assert sh.verify(folder) == []
-    tar = sh.split_shards(folder, "val")[0]
-    data = bytearray(tar.read_bytes())
-    data[3000] ^= 0xFF
-    tar.write_bytes(bytes(data))
+    DAMAGE[case][0](folder)
     problems = sh.verify(folder)
-    assert any("checksum" in p for p in problems)
+    assert any(DAMAGE[case][1] in p for p in problems), problems
 
 
 # ---------------------------------------------------------------------------------------------------

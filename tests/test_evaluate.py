@@ -1,0 +1,61 @@
+"""The test set, once: `mame-fast test` reads the test split with the checkpoint it names, records every look in
+the ledger, and refuses a second look unless asked."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mame_fast import checkpoint as ckpt
+from mame_fast.evaluate import AlreadyTested, evaluate_test_set
+from mame_fast.model import build, spec_from_dict
+from mame_fast.pipeline import build_loader
+from mame_fast.reader import open_split
+from mame_fast.train import run
+
+from .helpers import cfg_for
+
+
+def _top1(run_dir, which: str) -> tuple[float, int]:
+    """Top-1 of a checkpoint's weights on the test split, computed here with a plain loop."""
+    cfg_state = ckpt.load(run_dir / f"{which}.pt")
+    model = build(spec_from_dict(cfg_state["spec"]))
+    model.load_state_dict(cfg_state["model"])
+    model.eval()
+    from mame_fast.config import load
+
+    cfg = load(run_dir / "config.yaml")
+    right = n = 0
+    with torch.no_grad():
+        for b in build_loader(cfg.data, "test", False, 0).epoch(0):
+            pred = model(b.images, b.sizes if b.padded else None).argmax(-1)[: b.real]
+            right += int((pred == b.labels[: b.real]).sum())
+            n += b.real
+    return right / n, n
+
+
+def test_test_reads_the_test_split_with_the_named_checkpoint(shards, tmp_path):
+    d = run(cfg_for(shards, tmp_path, epochs=3, **{"optim.lr": 0.02}), name="look")
+    n_test, n_val = len(open_split(shards, "test")), len(open_split(shards, "val"))
+    assert n_test != n_val  # the fixture tells the splits apart
+    r = evaluate_test_set(d, "last")
+    top1, n = _top1(d, "last")
+    assert r["count"] == n == n_test and r["top1"] == pytest.approx(top1, abs=1e-9)
+    assert r["checkpoint"] == "last" and r["epoch"] == 3
+    best = ckpt.load(d / "best.pt")["epoch"]
+    r = evaluate_test_set(d, "best", again=True)
+    assert r["epoch"] == best and r["top1"] == pytest.approx(_top1(d, "best")[0], abs=1e-9)
+
+
+def test_test_set_runs_once(shards, tmp_path):
+    d = run(cfg_for(shards, tmp_path, epochs=1), name="once")
+    first = evaluate_test_set(d)
+    with pytest.raises(AlreadyTested, match=r"already evaluated on the test set at .* top-1"):
+        evaluate_test_set(d)
+    assert json.loads((d / "test.json").read_text())["time"] == first["time"]  # the refusal wrote nothing
+    again = evaluate_test_set(d, again=True)
+    assert again["top1"] == first["top1"] and again["count"] == first["count"] == len(open_split(shards, "test"))
+    ledger = [json.loads(x) for x in (tmp_path / "test_ledger.jsonl").read_text().splitlines()]
+    assert [x["again"] for x in ledger] == [False, True] and [x["run"] for x in ledger] == [d.name, d.name]
