@@ -41,15 +41,16 @@ import torch
 from PIL import Image
 
 from _common import WORK, summary, write_results
-from mame_fast import _mp_context
-from mame_fast import metadata as md
+from mame_fast.files import mp_context as _mp_context
+from mame_fast.data import metadata as md
 from mame_fast.config import DataConfig
-from mame_fast.pipeline import MEAN, STD, build_loader, dali_available, keep_freed_memory, normalize_rows, resize_hwc, tail_one
-from mame_fast.pilloader import decode_crop
-from mame_fast.plan import BatchPlan
-from mame_fast.reader import open_split
-from mame_fast.sample import SampleSpec, write_sample
-from mame_fast.shard import ShardSettings, load_manifest, write_shards
+from mame_fast.input import build_loader, dali_available
+from mame_fast.input.loader import MEAN, STD, keep_freed_memory, normalize_rows, resize_hwc, tail_one
+from mame_fast.input.fallback import decode_crop
+from mame_fast.input.plan import BatchPlan
+from mame_fast.input.reader import open_split
+from mame_fast.data.sample import SampleSpec, write_sample
+from mame_fast.data.shard import ShardSettings, load_manifest, write_shards
 
 
 def prepare(per_class: int, workers: int) -> tuple[Path, dict[str, Path]]:

@@ -23,10 +23,10 @@ from pathlib import Path
 from PIL import Image
 
 from _common import summary, write_results
-from mame_fast import _mp_context
-from mame_fast import metadata as md
-from mame_fast.sample import SampleSpec, write_sample
-from mame_fast.shard import ShardSettings, target_size, write_shards
+from mame_fast.files import mp_context as _mp_context
+from mame_fast.data import metadata as md
+from mame_fast.data.sample import SampleSpec, write_sample
+from mame_fast.data.shard import ShardSettings, target_size, write_shards
 
 
 def _naive_one(job):

@@ -41,13 +41,14 @@ import torch
 
 from _common import summary, write_results
 from loader_throughput import prepare
-from mame_fast import metadata as md
+from mame_fast.data import metadata as md
 from mame_fast.config import load
-from mame_fast.model import build, count_flops, load_spec
-from mame_fast.pipeline import build_loader, plan_config
-from mame_fast.plan import batch_shapes
-from mame_fast.runtime import setup_runtime
-from mame_fast.train import make_optimizer, make_schedule, train_step, warm_up
+from mame_fast.train.model import build, count_flops, load_spec
+from mame_fast.input import build_loader
+from mame_fast.input.loader import plan_config
+from mame_fast.input.plan import batch_shapes
+from mame_fast.train.runtime import setup_runtime
+from mame_fast.train.step import make_optimizer, make_schedule, train_step, warm_up
 
 REAL_TRAIN = 20_300
 
@@ -92,7 +93,7 @@ def measure(cfg, epochs: int) -> dict:
     spec = load_spec(cfg.model)
     model = build(spec).to(rt.device).to(memory_format=torch.channels_last)
     opt = make_optimizer(model, cfg, cfg.data.batch_size)
-    sched = make_schedule(opt, cfg, loader.steps(0) * (2 * epochs + 2))
+    sched = make_schedule(opt, cfg, loader.steps(0) * (2 * epochs + 2), cfg.data.batch_size)
     rng = np.random.default_rng(0)
     shapes = loader.shapes()
     rt.synchronize()

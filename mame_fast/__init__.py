@@ -1,27 +1,15 @@
 """mame-fast: high-throughput from-scratch CNN training on MAMe (Museum Art Medium).
 
-Stages, one module each: metadata -> sample (stand-in data) -> source/shard (WebDataset shards) ->
-plan (epoch order, buckets, crops) -> pipeline (DALI) / pilloader (fallback) -> model -> train ->
-records/diagnose/report. Nothing runs at import time.
+The packages follow the data flow, each depending only on those before it:
+
+- ``data``: stage 1, source images -> shards (metadata, sample, source, format, shard);
+- ``input``: stage 2, shards -> batches (plan, reader, loader contract, DALI, fallback);
+- ``train``: stages 3-4, the model and its training (model, runtime, evaluate, checkpoint, state, loop,
+  testset);
+- ``records``: stage 5, what a run leaves behind and what is read from it (rundir, records, plots, live,
+  diagnose, report, explore).
+
+``config`` and ``files`` serve them all; ``cli`` is the command line. Nothing runs at import time.
 """
 
 __version__ = "0.1.0"
-
-
-def atomic_write_text(path, text: str) -> None:
-    """Write a text file so that readers see the old content or the new, never half of it."""
-    import os
-    from pathlib import Path
-
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _mp_context():
-    """Process pool context for image work: fork where available (no re-import per worker, and it
-    works from an interactive main), spawn elsewhere."""
-    import multiprocessing as mp
-
-    return mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")

@@ -1,7 +1,18 @@
-"""The ``mame-fast`` command line: one sub-command per stage, each a thin layer over a module function."""
+"""The ``mame-fast`` command line: one sub-command per stage, each a thin layer over a module function.
+
+One error path: an expected failure (bad config or option, bad data, a missing checkpoint, a full disk) ends
+as one or two lines naming the file or key, what happened and what to do, with a distinct exit code; a
+traceback appears only with ``--debug`` or for a real bug.
+
+Exit codes: 0 done; 1 a bug (traceback); 2 bad input (options, config, data, files); 3 interrupted (a
+resumable checkpoint was saved); 4 diverged (the loss became non-finite); 5 an I/O failure (full disk,
+permissions).
+"""
 
 from __future__ import annotations
 
+import errno
+import functools
 import os
 import time
 from pathlib import Path
@@ -15,6 +26,13 @@ from rich.text import Text
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="High-throughput from-scratch CNN training on MAMe.")
 console = Console()
+EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_DIVERGED, EXIT_IO = 2, 3, 4, 5
+_options = {"debug": False}
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="Show the traceback of expected errors too.")) -> None:
+    _options["debug"] = debug
 
 
 class _Rate(ProgressColumn):
@@ -27,31 +45,65 @@ class _Rate(ProgressColumn):
         return Text(f"{task.completed / el:6.1f} img/s {task.fields.get('mb', 0) / el:6.1f} MB/s")
 
 
-def _fail(msg: str) -> None:
-    console.print(f"[bold red]error:[/] {msg}")
-    raise typer.Exit(2)
+def _fail(msg: str, code: int = EXIT_BAD_INPUT) -> None:
+    console.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _expected() -> tuple[type[BaseException], ...]:
+    from .config import ConfigError
+    from .data.format import ShardError
+    from .data.source import SourceError
+    from .input import LoaderError
+    from .records.live import MissingPackage
+    from .train.checkpoint import CheckpointError
+    from .train.testset import AlreadyTested
+
+    return ConfigError, ShardError, SourceError, LoaderError, MissingPackage, CheckpointError, AlreadyTested, OSError
+
+
+def io_sentence(e: OSError) -> str:
+    where = f"{e.filename}: " if e.filename else ""
+    if e.errno == errno.ENOSPC:
+        return f"{where}the disk is full. Nothing half-written was kept; free space and run the command again (it resumes)."
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{where}{e.strerror}: no permission to write there; choose another folder."
+    return f"{where}{e.strerror or e}"
+
+
+def expected_errors(fn):
+    """Expected failures as one sentence and an exit code (see the module docstring); ``--debug`` shows the traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except _expected() as e:
+            if _options["debug"]:
+                raise
+            if isinstance(e, OSError):
+                _fail(io_sentence(e), EXIT_IO)
+            _fail(str(e))
+
+    return wrapper
 
 
 @app.command()
+@expected_errors
 def sample(
     out: Path = typer.Argument(..., help="Folder to write the miniature MAMe into (official layout)."),
     per_class: str = typer.Option("40,10,10", help="Images per class for train,val,test."),
-    max_side: int = typer.Option(1000, help="Longest side of the written images in px."),
-    large: int = typer.Option(2, help="How many images to keep large (4096 px) to exercise big-image handling."),
+    max_side: int = typer.Option(1000, min=16, help="Longest side of the written images in px."),
+    large: int = typer.Option(2, min=0, help="How many images to keep large (4096 px) to exercise big-image handling."),
     seed: int = typer.Option(0),
-    workers: int = typer.Option(os.cpu_count() or 1),
+    workers: int = typer.Option(os.cpu_count() or 1, min=1),
     zip: bool = typer.Option(False, "--zip", help="Write MAMe_data.zip, MAMe_data_256.zip, MAMe_metadata.zip instead."),
 ) -> None:
     """Generate a MAMe-faithful miniature dataset from the real metadata."""
-    from .sample import SampleSpec, choose_rows, write_sample
-    from . import metadata as md
+    from .data import metadata as md
+    from .data.sample import SampleSpec, choose_rows, write_sample
 
-    try:
-        counts = tuple(int(x) for x in per_class.split(","))
-        assert len(counts) == 3
-    except (ValueError, AssertionError):
-        _fail(f"--per-class wants three integers 'train,val,test', got {per_class!r}")
-    spec = SampleSpec(per_class=counts, max_side=max_side, large=large, seed=seed)
+    spec = SampleSpec(per_class=_counts(per_class), max_side=max_side, large=large, seed=seed)
     n = len(choose_rows(md.load_dir(), spec, md.toy_files()))
     with Progress(TextColumn("sample"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console) as p:
         t = p.add_task("sample", total=n)
@@ -59,37 +111,37 @@ def sample(
     console.print(f"wrote {len(rows)} images ({', '.join(f'{s} {sum(r.subset == s for r in rows)}' for s in md.SPLITS)}) to {out}")
 
 
+def _counts(per_class: str) -> tuple[int, int, int]:
+    try:
+        counts = tuple(int(x) for x in per_class.split(","))
+    except ValueError:
+        counts = ()
+    if len(counts) != 3 or min(counts) < 0 or counts[0] < 1:
+        _fail(f"--per-class wants three counts 'train,val,test' (train at least 1), got {per_class!r}")
+    return counts
+
+
 @app.command()
+@expected_errors
 def shard(
     src: Path = typer.Argument(..., help="MAMe root (CSVs + data/ or data_256/) or the folder with the official zips; with --verify, a shard folder."),
     out: Path = typer.Option(Path("shards"), help="Output root; shards go to OUT/<variant>/."),
     res: str = typer.Option("full", help="'full' (data/, downscaled to the budget) or '256' (data_256/)."),
-    max_side: Optional[int] = typer.Option(None, help="Budget as longest side in px."),
-    max_pixels: Optional[int] = typer.Option(None, help="Budget in pixels per image (default 1,000,000 for full)."),
-    quality: int = typer.Option(90, help="JPEG quality of re-encoded images."),
-    shard_size: float = typer.Option(128.0, "--shard-size", help="Shard size in MB."),
-    workers: int = typer.Option(os.cpu_count() or 1),
+    max_side: Optional[int] = typer.Option(None, min=1, help="Budget as longest side in px."),
+    max_pixels: Optional[int] = typer.Option(None, min=1, help="Budget in pixels per image (default 1,000,000 for full)."),
+    quality: int = typer.Option(90, min=1, max=100, help="JPEG quality of re-encoded images."),
+    shard_size: float = typer.Option(128.0, "--shard-size", min=0.01, help="Shard size in MB."),
+    workers: int = typer.Option(os.cpu_count() or 1, min=1),
     splits: str = typer.Option("train,val,test"),
     seed: int = typer.Option(0),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unusable images, listing them in rejects.jsonl."),
     verify: bool = typer.Option(False, "--verify", help="Re-read the shards in SRC against manifest and index."),
 ) -> None:
     """Convert MAMe images into WebDataset shards with DALI index files and a manifest."""
-    from . import shard as sh
+    from .data import shard as sh
 
     if verify:
-        try:
-            problems = sh.verify(src)
-        except sh.ShardError as e:
-            _fail(str(e))
-        m = sh.load_manifest(src)
-        for p in problems:
-            console.print(f"[red]mismatch:[/] {p}")
-        n = sum(s["count"] for s in m["splits"].values())
-        if problems:
-            _fail(f"{len(problems)} problem(s) in {src}")
-        console.print(f"[green]ok:[/] {n} samples in {sum(len(s['shards']) for s in m['splits'].values())} shards match the manifest and index")
-        return
+        return _verify(src)
     if max_pixels is None and max_side is None and res == "full":
         max_pixels = 1_000_000
     settings = sh.ShardSettings(
@@ -98,21 +150,18 @@ def shard(
     )
     t0 = time.time()
     cols = (TextColumn("{task.description:>5}"), BarColumn(), MofNCompleteColumn(), _Rate(), TimeRemainingColumn())
-    try:
-        with Progress(*cols, console=console) as p:
-            tasks: dict[str, int] = {}
+    with Progress(*cols, console=console) as p:
+        tasks: dict[str, int] = {}
 
-            def tick(split: str, rec: dict | None, total: int) -> None:
-                if split not in tasks:
-                    tasks[split] = p.add_task(split, total=total, mb=0.0)
-                if rec is None:
-                    return
-                mb = p.tasks[tasks[split]].fields["mb"] + len(rec.get("jpg", b"")) / 2**20
-                p.update(tasks[split], advance=1, mb=mb)
+        def tick(split: str, rec: dict | None, total: int) -> None:
+            if split not in tasks:
+                tasks[split] = p.add_task(split, total=total, mb=0.0)
+            if rec is None:
+                return
+            mb = p.tasks[tasks[split]].fields["mb"] + len(rec.get("jpg", b"")) / 2**20
+            p.update(tasks[split], advance=1, mb=mb)
 
-            folder = sh.write_shards(src, out, settings, workers=workers, progress=tick)
-    except (sh.ShardError, ValueError) as e:
-        _fail(str(e))
+        folder = sh.write_shards(src, out, settings, workers=workers, progress=tick)
     m = sh.load_manifest(folder)
     table = Table(title=f"{folder} ({time.time() - t0:.1f} s)")
     for c in ("split", "samples", "shards", "MB", "classes"):
@@ -124,27 +173,37 @@ def shard(
         console.print(f"[yellow]skipped {m['rejected']} bad image(s); see {folder / 'rejects.jsonl'}[/]")
 
 
-def main() -> None:
-    app()
+def _verify(folder: Path) -> None:
+    from .data import shard as sh
+
+    problems = sh.verify(folder)
+    m = sh.load_manifest(folder)
+    for p in problems:
+        console.print(f"[red]mismatch:[/] {p}", highlight=False)
+    if problems:
+        _fail(f"{len(problems)} problem(s) in {folder}")
+    n = sum(s["count"] for s in m["splits"].values())
+    console.print(f"[green]ok:[/] {n} samples in {sum(len(s['shards']) for s in m['splits'].values())} shards match the manifest and index")
 
 
 @app.command()
+@expected_errors
 def demo(
     out: Path = typer.Option(Path("demo"), help="Folder for the sample data, shards, runs and report."),
-    workers: int = typer.Option(os.cpu_count() or 1),
-    config: Path = typer.Option(Path(__file__).resolve().parent.parent / "configs" / "demo.yaml", help="Training config of the demo."),
+    workers: int = typer.Option(os.cpu_count() or 1, min=1),
+    config: str = typer.Option("demo", help="Training config of the demo (a shipped config name or a YAML path)."),
     per_class: str = typer.Option("40,10,10", help="Images per class of the generated sample, for train,val,test."),
     set_: List[str] = typer.Option([], "--set", help="Override a key of the demo's training config (repeatable)."),
 ) -> None:
     """The README's main job: sample data -> shards -> training (tiny, CPU) -> diagnosis -> report."""
-    from . import shard as sh
-    from .config import ConfigError, load
-    from .diagnose import diagnose_run
-    from .report import write_report
-    from .train import run
+    from .config import load
+    from .data import shard as sh
+    from .records.diagnose import diagnose_run
+    from .records.report import write_report
 
     t0 = time.time()
     root = out / "mame"
+    cfg = load(config, [f"data.shards={out / 'shards' / 'full'}", f"out={out / 'runs'}", *set_])
     if not (root / "MAMe_dataset.csv").exists():
         sample(root, per_class=per_class, max_side=1000, large=2, seed=0, workers=workers, zip=False)
     shard(root, out=out / "shards", res="full", max_side=None, max_pixels=None, quality=90, shard_size=32.0,
@@ -153,111 +212,140 @@ def demo(
     if problems:
         _fail(f"shards do not verify: {problems[:3]}")
     console.print("[green]shards verified[/]")
-    try:
-        cfg = load(config, [f"data.shards={out / 'shards' / 'full'}", f"out={out / 'runs'}", *set_])
-    except ConfigError as e:
-        _fail(str(e))
-    run_dir = run(cfg, name="demo-tiny", meta={"hypothesis": "A tiny CNN learns the sample's classes well above chance (3.4%) in a few CPU minutes.", "after": []}, console=console)
+    run_dir = _train(cfg, "demo-tiny", None, {"after": [], "hypothesis": "A tiny CNN learns the generated stand-in images' "
+                                                "classes well above chance (3.4%) in a few CPU minutes."})
     d = diagnose_run(run_dir)
     console.print(f"diagnosis: [bold]{d.verdict}[/]: {'; '.join(d.reasons)}\nnext: {d.next_step}")
-    md, html = write_report(out / "runs")
+    md, html = write_report(out / "runs", title="Demo on generated stand-in images (not MAMe photographs)")
     console.print(f"card: {run_dir / 'card.md'}\nreport: {md} ({html})\nplots: {run_dir / 'plots'}\n"
                   f"demo finished in {time.time() - t0:.0f} s")
 
 
-def _load_config(config: Optional[Path], sets: List[str], resume: Optional[Path]):
-    from .config import ConfigError, load
-
-    try:
-        if resume:
-            if not (resume / "config.yaml").is_file():
-                _fail(f"{resume}: no config.yaml; not a run folder")
-            return load(resume / "config.yaml", sets)
-        return load(config, sets)
-    except ConfigError as e:
-        _fail(str(e))
-
-
 @app.command()
+@expected_errors
 def train(
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config (configs/*.yaml); overrides the defaults."),
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="YAML config (a path, or a shipped one: demo, 256, full)."),
     res: Optional[str] = typer.Option(None, help="'full' (variable shape) or '256' (fixed crops); same as --set data.res=..."),
     shards: Optional[Path] = typer.Option(None, help="Shard folder; same as --set data.shards=..."),
     set_: List[str] = typer.Option([], "--set", help="Override a config key: --set optim.lr=0.05 (repeatable)."),
-    resume: Optional[Path] = typer.Option(None, help="Continue this run folder exactly where it stopped."),
+    resume: Optional[str] = typer.Option(None, help="A run folder to continue exactly where it stopped; 'auto': the latest "
+                                                    "unfinished run of this --name in the runs folder, or a new run if none."),
     name: str = typer.Option("run", help="Run name (folder runs/<NNN>-<name>/)."),
     after: List[int] = typer.Option([], "--after", help="Number(s) of the experiment(s) this one follows (for its card)."),
     hypothesis: str = typer.Option("", help="What this experiment tests (for its card)."),
     tensorboard: bool = typer.Option(False, "--tensorboard", help="Also log to TensorBoard (<run>/tb); same as --set tensorboard=true."),
 ) -> None:
     """Train a spec-built CNN (single process, or under torchrun on one or many nodes)."""
-    from .pipeline import LoaderError
-    from .records import MissingPackage
-    from .train import TrainingDiverged, run
+    from .config import load
 
-    sets = list(set_)
-    if tensorboard:
-        sets.append("tensorboard=true")
-    if res:
-        sets.append(f"data.res={res}")
-    if shards:
-        sets.append(f"data.shards={shards}")
-    cfg = _load_config(config, sets, resume)
+    sets = list(set_) + (["tensorboard=true"] if tensorboard else []) + ([f"data.res={res}"] if res else [])
+    sets += [f"data.shards={shards}"] if shards else []
+    cfg = load(config, sets)
+    folder = _resume_folder(resume, cfg, name)
+    if folder is not None:
+        cfg = load(folder / "config.yaml", sets)
+    _train(cfg, name, folder, {"after": list(after), "hypothesis": hypothesis})
+
+
+def _resume_folder(resume: str | None, cfg, name: str) -> Path | None:
+    """The run folder to resume: the one given, or for 'auto' the latest of this name that did not finish."""
+    from .config import ConfigError
+    from .records.records import read_run_info, run_status
+    from .records.rundir import RunDir, list_runs
+
+    if resume is None:
+        return None
+    if resume != "auto":
+        folder = Path(resume)
+        if not (folder / RunDir.CONFIG).is_file():
+            raise ConfigError(f"--resume {folder}: not a run folder (no {RunDir.CONFIG})")
+        return folder
+    mine = [r for r in list_runs(cfg.out) if r.path.name.split("-", 1)[1] == name and (r / RunDir.LAST).is_file()]
+    open_ = [r for r in mine if run_status(read_run_info(r.path)) not in ("finished", "running")]
+    return open_[-1].path if open_ else None
+
+
+def _train(cfg, name: str, resume: Path | None, meta: dict) -> Path:
+    """Run the trainer; then, whatever happened, write the run's card (rank 0) and end with the status's exit code."""
+    from .records.records import read_run_info
+    from .records.report import write_card
+    from .train.loop import TrainingDiverged, run
+
+    started: list[Path] = []
+    master = int(os.environ.get("RANK", "0")) == 0
     try:
-        run_dir = run(cfg, name=name, resume=resume, meta={"after": list(after), "hypothesis": hypothesis}, console=console)
+        run_dir = run(cfg, name=name, resume=resume, meta=meta, console=console, on_start=started.append)
     except TrainingDiverged as e:
-        _fail(str(e))
-    except (ValueError, LoaderError, MissingPackage) as e:
-        _fail(str(e))
-    if int(os.environ.get("RANK", "0")) == 0:
-        console.print(f"run folder: {run_dir}")
+        _fail(str(e), EXIT_DIVERGED)
+    except OSError as e:
+        if _options["debug"] or not started:
+            raise
+        _fail(f"{io_sentence(e)} {_resume_hint(started[0])}", EXIT_IO)
+    finally:
+        if started and master:
+            write_card(started[0])
+    status = read_run_info(run_dir).get("status")
+    if master:
+        console.print(f"run folder: {run_dir} ({status})")
+    if status == "interrupted":
+        if master:
+            console.print(f"[yellow]interrupted: {_resume_hint(run_dir)}[/]")
+        raise typer.Exit(EXIT_INTERRUPTED)
+    return run_dir
+
+
+def _resume_hint(run_dir: Path) -> str:
+    from .records.rundir import RunDir
+    from .train import checkpoint as ckpt
+
+    last = run_dir / RunDir.LAST
+    if not last.is_file():
+        return "No checkpoint was written: start the run again."
+    st = ckpt.load(last)
+    return f"{last} (epoch {st['epoch'] + 1}, step {st['step']}) is intact; continue with `mame-fast train --resume {run_dir}`."
 
 
 @app.command()
+@expected_errors
 def model(
-    specs: List[str] = typer.Argument(None, help="Model spec names (configs/models/) or YAML paths; default: the family."),
-    crop: int = typer.Option(224, help="Side of the fixed-size input for the 256 column."),
-    pixels: int = typer.Option(360_000, help="Pixel budget of the full-resolution column."),
+    specs: List[str] = typer.Argument(None, help="Model spec names (configs/models/) or YAML paths; default: the shipped family."),
+    crop: int = typer.Option(224, min=8, help="Side of the fixed-size input for the 256 column."),
+    pixels: int = typer.Option(360_000, min=64, help="Pixel budget of the full-resolution column."),
 ) -> None:
     """Parameter counts and FLOPs of model specs at 256 (crop) and at the full-resolution budget."""
-    from .config import ConfigError
-    from .model import load_spec, summary_rows
+    from .train.model import load_spec, shipped_specs, summary_rows
 
     table = Table(title=f"models: FLOPs per image at {crop}x{crop} and at ~{pixels:,} px")
     for c in ("spec", "params", "blocks", "features", f"GFLOPs {crop}", "GFLOPs full"):
         table.add_column(c, justify="right")
-    for s in specs or ["tiny", "small", "medium", "large"]:
-        try:
-            r = summary_rows(load_spec(s), crop, pixels)
-        except ConfigError as e:
-            _fail(str(e))
+    for s in specs or shipped_specs():
+        r = summary_rows(load_spec(s), crop, pixels)
         table.add_row(s, f"{r['params'] / 1e6:.2f} M", str(r["blocks"]), str(r["features"]), f"{r['flops_256'] / 1e9:.2f}", f"{r['flops_full'] / 1e9:.2f}")
     console.print(table)
 
 
 @app.command("test")
+@expected_errors
 def test_cmd(
     run_dir: Path = typer.Argument(..., help="Run folder."),
-    checkpoint: str = typer.Option("best", help="best (by val), last, or ema (last EMA weights)."),
+    checkpoint: str = typer.Option("best", help="best: exactly the weights that won validation (the model's or the EMA's, "
+                                                "at their epoch); last: the model at the end of training; ema: the EMA "
+                                                "weights at the end of training."),
     again: bool = typer.Option(False, "--again", help="Evaluate even though this run was tested before (recorded)."),
 ) -> None:
     """Evaluate a run on the test split, once."""
-    from .evaluate import AlreadyTested, evaluate_test_set
+    from .train.testset import evaluate_test_set
 
-    try:
-        r = evaluate_test_set(run_dir, checkpoint, again)
-    except AlreadyTested as e:
-        _fail(str(e))
-    except (ValueError, FileNotFoundError) as e:
-        _fail(str(e))
-    console.print(f"test ({r['count']} images, checkpoint {checkpoint} of epoch {r['epoch']}): top-1 {r['top1']:.4f}  "
-                  f"top-5 {r['top5']:.4f}  balanced {r['balanced_acc']:.4f}  -> {run_dir / 'test.json'}")
+    r = evaluate_test_set(run_dir, checkpoint, again)
+    console.print(f"test ({r['count']} images, {r['weights']} weights of epoch {r['epoch']}, checkpoint {checkpoint}): "
+                  f"top-1 {r['top1']:.4f}  top-5 {r['top5']:.4f}  balanced {r['balanced_acc']:.4f}  -> {run_dir / 'test.json'}")
 
 
 @app.command()
+@expected_errors
 def diagnose(run_dir: Path = typer.Argument(..., help="Run folder.")) -> None:
     """Underfitting, overfitting, fitting, diverged, unstable or not converged, with the numbers and the next step."""
-    from .diagnose import diagnose_run
+    from .records.diagnose import diagnose_run
 
     d = diagnose_run(run_dir)
     console.print(f"[bold]{d.verdict}[/]")
@@ -267,18 +355,20 @@ def diagnose(run_dir: Path = typer.Argument(..., help="Run folder.")) -> None:
 
 
 @app.command()
+@expected_errors
 def note(run_dir: Path = typer.Argument(...), text: str = typer.Argument(..., help="An observation for the run's card.")) -> None:
     """Add an observation to a run (part 5 of its card)."""
-    from .report import add_note
+    from .records.report import add_note
 
     add_note(run_dir, text)
     console.print(f"noted in {run_dir / 'card.md'}")
 
 
 @app.command()
+@expected_errors
 def runs(root: Path = typer.Option(Path("runs"), help="Folder holding the run folders.")) -> None:
     """A table of all runs: number, name, hypothesis, predecessor, best val, gap, diagnosis, epochs, images/s, test."""
-    from .report import runs_table
+    from .records.report import runs_table
 
     rows = runs_table(root)
     if not rows:
@@ -292,12 +382,13 @@ def runs(root: Path = typer.Option(Path("runs"), help="Folder holding the run fo
 
 
 @app.command()
+@expected_errors
 def compare(
     run_dirs: List[Path] = typer.Argument(..., help="Two or more run folders."),
     out: Path = typer.Option(Path("compare.png"), help="Figure to write."),
 ) -> None:
     """Curves of several runs overlaid in one figure, plus each config's diff against the first."""
-    from .report import compare as cmp
+    from .records.report import compare as cmp
 
     path, diffs = cmp(run_dirs, out)
     for k, d in diffs.items():
@@ -308,25 +399,33 @@ def compare(
 
 
 @app.command()
+@expected_errors
 def report(root: Path = typer.Option(Path("runs"), help="Folder holding the run folders.")) -> None:
     """One Markdown and HTML document with every run's card, in order."""
-    from .records import plot_run, read_run_info
-    from .report import list_runs, write_report
+    from .records.plots import plot_run
+    from .records.records import read_run_info
+    from .records.report import write_report
+    from .records.rundir import RunDir, list_runs
 
-    for p in list_runs(root):
-        if not (p / "plots").is_dir():
-            plot_run(p, read_run_info(p).get("classes") or [str(i) for i in range(29)])
+    for r in list_runs(root):
+        if not (r / RunDir.PLOTS).is_dir():
+            plot_run(r.path, read_run_info(r.path).get("classes") or [str(i) for i in range(29)])
     md, html = write_report(root)
     console.print(f"report: {md} and {html}")
 
 
 @app.command()
+@expected_errors
 def explore(
     src: Optional[Path] = typer.Argument(None, help="MAMe root or folder of CSVs (default: the vendored real metadata)."),
     out: Path = typer.Option(Path("explore"), help="Folder for explore.md and the PNGs."),
 ) -> None:
     """A data report: counts per class/split/museum, size and aspect histograms, a sample grid per class."""
-    from .explore import explore as run_explore
+    from .records.explore import explore as run_explore
 
     s = run_explore(src, out)
     console.print(f"{s['rows']:,} images: {s['splits']}; report in {out / 'explore.md'}")
+
+
+def main() -> None:
+    app()

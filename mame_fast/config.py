@@ -1,18 +1,21 @@
 """Typed configuration: frozen dataclasses with a doc line per field, YAML overrides, ``--set`` overrides.
 
 Precedence: dataclass defaults < ``configs/X.yaml`` < ``--set a.b=c``. An unknown key anywhere is an
-error that lists the valid keys at that level. The resolved config is written into the run folder
-before step 0 (``train.py``).
+error that lists the valid keys at that level; a choice outside its ``Literal`` or a number outside its
+range (``RANGES``) is an error naming the key and what is allowed, raised when the config is built, so a
+typo fails before any run folder exists. The resolved config is written into the run folder before
+step 0 (``train/loop.py``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import yaml
 
@@ -21,13 +24,56 @@ class ConfigError(ValueError):
     pass
 
 
+# Valid ranges of numeric fields, by key: (low, high, low_open, high_open); None is unbounded.
+RANGES: dict[str, tuple] = {
+    "data.batch_size": (1, None, False, False), "data.crop": (8, None, False, False), "data.pixels": (64, None, False, False),
+    "data.buckets": (1, None, False, False), "data.side_multiple": (1, None, False, False), "data.scale_min": (0, 1, True, False),
+    "data.color_jitter": (0, 1, False, True), "data.eval_crop_fraction": (0, 1, True, False), "data.threads": (0, None, False, False),
+    "data.prefetch": (1, None, False, False),
+    "optim.lr": (0, None, True, False), "optim.momentum": (0, 1, False, True), "optim.weight_decay": (0, None, False, False),
+    "optim.warmup_epochs": (0, None, False, False), "optim.label_smoothing": (0, 1, False, True), "optim.mixup": (0, None, False, False),
+    "optim.cutmix": (0, None, False, False), "optim.clip_grad": (0, None, False, False), "optim.ema": (0, 1, False, True),
+    "epochs": (1, None, False, False), "log_every": (1, None, False, False), "eval_every": (1, None, False, False),
+    "max_steps": (0, None, False, False), "hist_epochs": (0, None, False, False), "ckpt_every_min": (0, None, False, False),
+}
+
+
+def _in_range(key: str, v) -> None:
+    lo, hi, lo_open, hi_open = RANGES[key]
+    if (lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and (v >= hi if hi_open else v > hi)):
+        span = f"{'(' if lo_open else '['}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{')' if hi_open or hi is None else ']'}"
+        raise ConfigError(f"{key}: {v!r} is out of range; it must lie in {span}")
+
+
+class _Checked:
+    """Checks choices (``Literal`` fields) and ranges when an instance is made, naming the key."""
+
+    _section: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        hints = _hints(type(self))
+        for f in dataclasses.fields(self):
+            key, v = f"{self._section}{f.name}", getattr(self, f.name)
+            choices = typing.get_args(hints[f.name]) if typing.get_origin(hints[f.name]) is Literal else ()
+            if choices and v not in choices:
+                raise ConfigError(f"{key}: {v!r} is not one of {', '.join(map(repr, choices))}")
+            if key in RANGES:
+                _in_range(key, v)
+
+
+@functools.lru_cache(maxsize=None)
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
 @dataclass(frozen=True)
-class DataConfig:
+class DataConfig(_Checked):
+    _section: ClassVar[str] = "data."
     shards: str = "shards/full"
     """Shard folder (with manifest.json) made by `mame-fast shard`."""
-    res: str = "256"
+    res: Literal["256", "full"] = "256"
     """'256': fixed square crops; 'full': variable-shape, aspect-ratio-bucketed batches."""
-    loader: str = "auto"
+    loader: Literal["auto", "dali", "pil"] = "auto"
     """'dali', 'pil' (fallback: PIL + torch DataLoader), or 'auto' (DALI when installed)."""
     batch_size: int = 32
     """Images per batch per rank."""
@@ -51,7 +97,7 @@ class DataConfig:
     """DALI threads / DataLoader workers per rank (0: all cores divided among local ranks)."""
     prefetch: int = 4
     """Batches the loader prepares ahead (DALI prefetch queue depth; DataLoader prefetch factor)."""
-    decode: str = "auto"
+    decode: Literal["auto", "gpu", "cpu"] = "auto"
     """Where DALI decodes JPEGs on a GPU machine: 'gpu' (nvJPEG), 'cpu' (DALI's threads, leaving the GPU to training) or
     'auto': 'cpu' at res=full, where training keeps the GPU busy, 'gpu' at res=256, where the host is the bottleneck."""
     channels_last: bool = True
@@ -59,8 +105,9 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class OptimConfig:
-    name: str = "sgd"
+class OptimConfig(_Checked):
+    _section: ClassVar[str] = "optim."
+    name: Literal["sgd", "adamw"] = "sgd"
     """'sgd' (Nesterov momentum) or 'adamw'."""
     lr: float = 0.1
     """Peak learning rate per 256 images (scaled linearly to the global batch size)."""
@@ -70,7 +117,7 @@ class OptimConfig:
     """Applied to conv/linear weights only, never to norms and biases."""
     warmup_epochs: float = 1.0
     """Linear warm-up from 0 to the peak, in epochs."""
-    schedule: str = "cosine"
+    schedule: Literal["cosine", "onecycle", "constant"] = "cosine"
     """'cosine' (to 0 after warm-up), 'onecycle' (linear up, cosine down) or 'constant'."""
     label_smoothing: float = 0.1
     """Share of the target spread evenly over all classes (0: one-hot targets)."""
@@ -85,20 +132,20 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(_Checked):
     model: str = "tiny"
     """Model spec: a name in configs/models/ or a path to a YAML spec."""
     epochs: int = 10
     """Passes over the training split."""
     seed: int = 0
     """Seeds the plan (order, crops, flips), the weights' initialization and dropout."""
-    precision: str = "auto"
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     """'auto' (bf16 on GPU, fp32 on CPU), 'bf16', 'fp16' (with GradScaler) or 'fp32'."""
     compile: bool = False
     """torch.compile the model."""
     cudnn_benchmark: bool = False
     """cuDNN autotuning on GPU: a kernel search for every new batch shape (see benchmarks/results for the measured trade)."""
-    warmup: str = "auto"
+    warmup: Literal["auto", "always", "never"] = "auto"
     """Forward and backward once per batch shape before step 0: 'auto' (when cudnn_benchmark is on), 'always', 'never'."""
     sync_bn: bool = False
     """SyncBatchNorm across ranks."""
@@ -108,6 +155,8 @@ class TrainConfig:
     """Validate every this many epochs (and always after the last)."""
     max_steps: int = 0
     """Stop after this many steps in total (0: no limit); for smoke tests and benchmarks."""
+    ckpt_every_min: float = 0.0
+    """Also write a resumable last.pt every this many minutes inside an epoch (0: only at epoch ends)."""
     out: str = "runs"
     """Folder that holds the run folders."""
     record_samples: bool = False
@@ -143,6 +192,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return tp(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}") from None
+    if origin is Literal:
+        return str(value) if all(isinstance(a, str) for a in typing.get_args(tp)) and isinstance(value, (int, float)) else value
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return None if value in (None, "none", "None") else _coerce(value, args[0], key)
@@ -183,10 +234,22 @@ def parse_sets(sets: list[str]) -> dict:
     return out
 
 
+def shipped(name: str) -> Path:
+    """A file of the configs that ship with the package (``configs/`` in the repository): ``demo.yaml``,
+    ``models/tiny.yaml``. Found through importlib.resources, so an installed wheel has them too."""
+    from importlib import resources
+
+    return Path(str(resources.files("mame_fast.configs") / name))
+
+
 def load(path: str | Path | None = None, sets: list[str] | None = None, base: TrainConfig | None = None) -> TrainConfig:
+    """``base`` (default: the defaults) < the YAML at ``path`` (a file, or the name of a shipped config: ``full``)
+    < ``sets`` (``["optim.lr=0.05", ...]``)."""
     cfg = base or TrainConfig()
     if path:
         p = Path(path)
+        if not p.is_file() and not p.suffix and shipped(f"{p.name}.yaml").is_file():
+            p = shipped(f"{p.name}.yaml")
         if not p.is_file():
             raise ConfigError(f"{p}: config file not found")
         data = yaml.safe_load(p.read_text()) or {}

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from mame_fast.sample import SampleSpec, write_sample
-from mame_fast.shard import ShardSettings, write_shards
+from mame_fast.data.sample import SampleSpec, write_sample
+from mame_fast.data.shard import ShardSettings, write_shards
 
 # Split sizes that differ (87 train, 29 val, 58 test): a stage that reads the wrong split is caught by its count.
 TINY = SampleSpec(per_class=(3, 1, 2), max_side=320, large=1, large_side=1600, seed=0)

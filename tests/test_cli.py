@@ -9,7 +9,8 @@ from typer.testing import CliRunner
 
 from mame_fast.cli import app
 from mame_fast.config import load
-from mame_fast.train import run
+from mame_fast.records.rundir import list_runs
+from mame_fast.train.loop import run
 
 cli = CliRunner()
 
@@ -30,7 +31,7 @@ def invoke(*args):
 
 
 def test_run_commands(runs_root, tmp_path):
-    a, b = sorted(p for p in runs_root.iterdir() if p.is_dir())
+    a, b = [r.path for r in list_runs(runs_root)]
     code, out = invoke("diagnose", b)
     assert code == 0 and "next:" in out
     code, out = invoke("note", b, "looks fine")

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from mame_fast.diagnose import diagnose_history
+from mame_fast.records.diagnose import diagnose_history
 
 N = 10
 falling = [3.3 - 0.25 * i for i in range(N)]

@@ -9,14 +9,16 @@ import pytest
 import torch
 
 from mame_fast.config import DataConfig, load
-from mame_fast.evaluate import evaluate_test_set
-from mame_fast.model import build, load_spec
-from mame_fast.pipeline import DaliLoader, build_loader, dali_available
-from mame_fast.reader import open_split
-from mame_fast.records import read_metrics, read_run_info
-from mame_fast.report import write_report
-from mame_fast.runtime import setup_runtime
-from mame_fast.train import make_optimizer, make_schedule, run, train_step
+from mame_fast.train.testset import evaluate_test_set
+from mame_fast.train.model import build, load_spec
+from mame_fast.input import build_loader, dali_available
+from mame_fast.input.dali import DaliLoader
+from mame_fast.input.reader import open_split
+from mame_fast.records.records import read_metrics, read_run_info
+from mame_fast.records.report import write_report
+from mame_fast.train.runtime import setup_runtime
+from mame_fast.train.loop import run
+from mame_fast.train.step import make_optimizer, make_schedule, train_step
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 CUDA = torch.device("cuda", 0)
@@ -68,7 +70,7 @@ def _one_step_setup(shards, loader="auto"):
     loader = build_loader(cfg.data, "train", True, 0, device=rt.device, dtype=rt.dtype)
     model = build(load_spec(cfg.model)).to(rt.device).to(memory_format=torch.channels_last)
     opt = make_optimizer(model, cfg, 8)
-    return cfg, rt, loader, model, opt, make_schedule(opt, cfg, loader.steps(0))
+    return cfg, rt, loader, model, opt, make_schedule(opt, cfg, loader.steps(0), 8)
 
 
 def test_bf16_autocast_is_in_use(shards):

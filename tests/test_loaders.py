@@ -12,12 +12,12 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from mame_fast import metadata as md
-from mame_fast import plan as pl
+from mame_fast.data import metadata as md
+from mame_fast.input import plan as pl
 from mame_fast.config import DataConfig
-from mame_fast.pipeline import LoaderError, build_loader, dali_available
-from mame_fast.reader import open_split
-from mame_fast.shard import ShardError, ShardSettings, split_shards, write_shards
+from mame_fast.input import LoaderError, build_loader, dali_available
+from mame_fast.input.reader import open_split
+from mame_fast.data.shard import ShardError, ShardSettings, split_shards, write_shards
 
 LOADERS = ["dali", "pil"] if dali_available() else ["pil"]
 SMALL = dict(pixels=20_000, crop=64, batch_size=8, threads=1, side_multiple=8)  # fine steps for a tiny budget
@@ -75,7 +75,7 @@ def test_fallback_decodes_crops_reaching_the_image_edge(size, out):
     rounded up by different ratios (1001 -> 126 but 800 -> 100 at 1/8), decodes to the planned size."""
     import io
 
-    from mame_fast.pilloader import decode_planned
+    from mame_fast.input.fallback import decode_planned
 
     W, H = size
     buf = io.BytesIO()
@@ -259,7 +259,7 @@ def test_missing_split_and_no_manifest(shards, tmp_path):
 def test_gpu_graph_on_cpu_matches_the_cpu_tail(shards, res, train, dtype, channels_last):
     """The GPU path's DALI graph (resize, flip, crop_mirror_normalize with padding, feed_ndarray) run in
     CPU-only mode gives the same batches as the CPU path's torch tail, up to resampling details."""
-    from mame_fast.pipeline import DaliLoader
+    from mame_fast.input.dali import DaliLoader
 
     cfg = cfg_for(shards, res, "dali", channels_last=channels_last)
     split = open_split(shards, "val")
@@ -303,7 +303,7 @@ def test_flips_mirror_the_planned_samples(shards, loader, res):
 def test_colour_jitter_factors_act_in_pixel_space():
     """Brightness scales pixel values, contrast scales their distance to the mean grey, saturation their distance
     to each pixel's grey; factors of 1 change nothing."""
-    from mame_fast.pipeline import MEAN, STD, _color_jitter
+    from mame_fast.input.loader import MEAN, STD, color_jitter as _color_jitter
 
     mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
     px = torch.rand(4, 3, 8, 10) * 150 + 50

@@ -2,7 +2,7 @@ from collections import Counter
 
 import pytest
 
-from mame_fast import metadata as md
+from mame_fast.data import metadata as md
 
 CSV = md.COLUMNS
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mame_fast.model import ModelSpec, StageSpec, build, load_spec, summary_rows
+from mame_fast.train.model import ModelSpec, StageSpec, build, load_spec, summary_rows
 
 FAMILY = ["tiny", "small", "medium", "large"]
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mame_fast import metadata as md
-from mame_fast import plan as pl
+from mame_fast.data import metadata as md
+from mame_fast.input import plan as pl
 
 
 def _real(split: str) -> tuple[np.ndarray, np.ndarray]:

@@ -10,10 +10,10 @@ import pytest
 from PIL import Image
 
 from mame_fast.config import load
-from mame_fast.diagnose import diagnose_run
-from mame_fast.explore import explore
-from mame_fast.report import add_note, card_sections, runs_table, write_card, write_report
-from mame_fast.train import run
+from mame_fast.records.diagnose import diagnose_run
+from mame_fast.records.explore import explore
+from mame_fast.records.report import add_note, card_sections, runs_table, write_card, write_report
+from mame_fast.train.loop import run
 
 
 def _cfg(shards, out, *sets):
@@ -117,7 +117,7 @@ def test_tensorboard_gets_the_same_scalars_histograms_and_plots(shards, tmp_path
     ea = EventAccumulator(str(d / "tb"), size_guidance={"images": 0, "histograms": 0, "scalars": 0})
     ea.Reload()
     tags = ea.Tags()
-    from mame_fast.records import read_metrics
+    from mame_fast.records.records import read_metrics
 
     rows = read_metrics(d)
     vals = [e.value for e in ea.Scalars("val/top1")]

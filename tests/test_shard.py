@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mame_fast import metadata as md
-from mame_fast import shard as sh
-from mame_fast.sample import write_sample
+from mame_fast.data import metadata as md
+from mame_fast.data import shard as sh
+from mame_fast.data.sample import write_sample
 
 from .conftest import BUDGET, TINY
 
@@ -349,7 +349,7 @@ def test_sample_layout_and_sizes_match_files(mame_root):
 _RSS = """
 import resource, sys
 from pathlib import Path
-from mame_fast.shard import prepare_image, ShardSettings
+from mame_fast.data.shard import prepare_image, ShardSettings
 jpg, w, h, note = prepare_image(Path(sys.argv[1]).read_bytes(), sys.argv[1], ShardSettings(max_pixels=1_000_000))
 print(w, h, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
 """

@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from mame_fast import checkpoint as ckpt
+from mame_fast.train import checkpoint as ckpt
 from mame_fast.config import load
-from mame_fast.evaluate import AlreadyTested, evaluate_test_set
-from mame_fast.model import ModelSpec, StageSpec, build, load_spec
-from mame_fast.records import read_metrics, read_run_info
-from mame_fast.reader import open_split
-from mame_fast.train import TrainingDiverged, run
+from mame_fast.train.testset import AlreadyTested, evaluate_test_set
+from mame_fast.train.model import ModelSpec, StageSpec, build, load_spec
+from mame_fast.records.records import read_metrics, read_run_info
+from mame_fast.input.reader import open_split
+from mame_fast.train.loop import TrainingDiverged, run
 
 from .helpers import cfg_for
 
@@ -159,7 +159,7 @@ def test_bf16_life_of_a_full_resolution_run(shards, tmp_path):
     from typer.testing import CliRunner
 
     from mame_fast.cli import app
-    from mame_fast.pipeline import build_loader
+    from mame_fast.input import build_loader
 
     cli = CliRunner()
     sets = [f"out={tmp_path}", "precision=bf16", "optim.ema=0.9", "epochs=2", "hist_epochs=2", "warmup=always", "data.pixels=3000",
@@ -186,8 +186,8 @@ def test_bf16_life_of_a_full_resolution_run(shards, tmp_path):
 def test_warm_up_leaves_the_run_untouched():
     """The shape warm-up runs a copy of the model under a forked RNG: weights, BatchNorm statistics, gradients and
     the random stream of the run are as before (a model with dropout and drop-path, where the RNG matters)."""
-    from mame_fast.runtime import setup_runtime
-    from mame_fast.train import warm_up
+    from mame_fast.train.runtime import setup_runtime
+    from mame_fast.train.step import warm_up
 
     torch.manual_seed(0)
     model = build(ModelSpec(stem_width=8, stages=(StageSpec(16, 2, 2),), drop_path=0.2, dropout=0.3)).to(memory_format=torch.channels_last)
@@ -206,9 +206,9 @@ def test_fillers_weigh_nothing(shards):
 
     import numpy as np
 
-    from mame_fast.pipeline import Batch, build_loader
-    from mame_fast.runtime import setup_runtime
-    from mame_fast.train import make_optimizer, make_schedule, train_step
+    from mame_fast.input import Batch, build_loader
+    from mame_fast.train.runtime import setup_runtime
+    from mame_fast.train.step import make_optimizer, make_schedule, train_step
 
     cfg = load(None, [f"data.shards={shards}", "data.res=256", "data.crop=48", "data.batch_size=16", "optim.label_smoothing=0.1"])
     b = list(build_loader(cfg.data, "val", False, 0).epoch(0))[-1]  # 29 images: 16, then 13 and 3 fillers
@@ -220,7 +220,7 @@ def test_fillers_weigh_nothing(shards):
         torch.manual_seed(0)
         model = build(ModelSpec(stem_width=8, stages=(StageSpec(16, 1, 2),), norm="layernorm2d"))
         opt = make_optimizer(model, cfg, 16)
-        loss, correct, _ = train_step(model, batch, opt, make_schedule(opt, cfg, 10), None, rt, cfg, np.random.default_rng(0))
+        loss, correct, _ = train_step(model, batch, opt, make_schedule(opt, cfg, 10, 16), None, rt, cfg, np.random.default_rng(0))
         out.append((loss, correct, copy.deepcopy(model.state_dict())))
     torch.testing.assert_close(out[0][0], out[1][0])
     assert out[0][1] == out[1][1]
@@ -229,7 +229,7 @@ def test_fillers_weigh_nothing(shards):
 
 
 def test_label_smoothing_spreads_the_target():
-    from mame_fast.train import soft_targets
+    from mame_fast.train.step import soft_targets
 
     t = soft_targets(torch.tensor([0, 3, 28]), 29, 0.1)
     assert torch.allclose(t.sum(1), torch.ones(3))
@@ -243,7 +243,7 @@ def test_mixup_and_cutmix_mix_images_and_targets_alike():
     import numpy as np
 
     from mame_fast.config import OptimConfig
-    from mame_fast.train import mix, soft_targets
+    from mame_fast.train.step import mix, soft_targets
 
     x = torch.rand(6, 3, 12, 20)
     t = soft_targets(torch.arange(6), 29, 0.0)
@@ -262,8 +262,8 @@ def test_mixup_and_cutmix_mix_images_and_targets_alike():
 def test_no_weight_decay_on_norms_and_biases():
     """One SGD step with zero gradients: only weight decay moves the parameters. Conv and linear weights shrink by
     exactly lr * (1 + momentum) * wd (Nesterov's first step); norm weights and all biases do not move."""
-    from mame_fast.model import ModelSpec, StageSpec, build
-    from mame_fast.train import make_optimizer
+    from mame_fast.train.model import ModelSpec, StageSpec, build
+    from mame_fast.train.step import make_optimizer
 
     cfg = load(None, ["optim.name=sgd", "optim.lr=0.1", "optim.weight_decay=0.01", "optim.momentum=0.9"])
     model = build(ModelSpec(stem_width=8, stages=(StageSpec(16, 1, 2),)))

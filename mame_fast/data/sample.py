@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from . import _mp_context
+from ..files import mp_context
 from . import metadata as md
 
 TEXTURES = ("stripes", "rings", "checks", "hatch", "grain", "blobs", "waves", "dots")
@@ -202,7 +202,7 @@ def write_sample(out: Path, spec: SampleSpec, workers: int = 1, as_zip: bool = F
     (tmp / "data").mkdir(parents=True)
     (tmp / "data_256").mkdir()
     
-    with _mp_context().Pool(workers) if workers > 1 else _Serial() as pool:
+    with mp_context().Pool(workers) if workers > 1 else _Serial() as pool:
         for file, full, small in pool.imap(_make_one, jobs, chunksize=4):
             (tmp / "data" / file).write_bytes(full)
             (tmp / "data_256" / file).write_bytes(small)

@@ -1,4 +1,4 @@
-"""Stage 3: custom CNNs assembled from ``timm.layers`` building blocks, described by a YAML spec.
+"""Stage 3a: custom CNNs assembled from ``timm.layers`` building blocks, described by a YAML spec.
 
 Not ``timm.create_model`` and no replica of a known architecture: users grow their own network by
 editing a spec (stem, stages of blocks with widths, depths, strides, block kind, SE, activation, norm,
@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import yaml
-from timm.layers import ConvNormAct, DropPath, SEModule, get_act_layer, get_norm_layer
+from timm.layers import ConvNormAct, DropPath, SEModule, create_act_layer, get_act_layer, get_norm_layer
 
-from .config import ConfigError, merge
+from ..config import ConfigError, merge, shipped
+from ..input.loader import valid_mask
 
 BLOCKS = ("residual", "inverted")
 
@@ -65,17 +66,21 @@ class ModelSpec:
     num_classes: int = 29
 
 
-def load_spec(name_or_path: str | Path, configs_dir: Path | None = None) -> ModelSpec:
-    """A spec from ``configs/models/<name>.yaml`` or a YAML path; unknown keys are errors."""
+def load_spec(name_or_path: str | Path) -> ModelSpec:
+    """A spec shipped in ``configs/models/<name>.yaml`` (by name) or a YAML path; unknown keys are errors."""
     p = Path(name_or_path)
     if not p.suffix:
-        p = (configs_dir or Path(__file__).resolve().parent.parent / "configs") / "models" / f"{name_or_path}.yaml"
+        p = shipped(f"models/{name_or_path}.yaml")
     if not p.is_file():
-        raise ConfigError(f"{p}: model spec not found (give a name in configs/models/ or a YAML path)")
+        raise ConfigError(f"model: {name_or_path!r} is neither a shipped spec ({', '.join(shipped_specs())}) nor a YAML file")
     try:
         return spec_from_dict(yaml.safe_load(p.read_text()) or {})
     except ConfigError as e:
         raise ConfigError(f"{p}: {e}") from None
+
+
+def shipped_specs() -> list[str]:
+    return sorted(p.stem for p in shipped("models").iterdir() if p.name.endswith(".yaml"))
 
 
 def spec_from_dict(data: dict) -> ModelSpec:
@@ -152,7 +157,7 @@ class ResidualBlock(nn.Module):
             ConvNormAct(cin, cout, 1, stride=stride, norm_layer=norm, apply_act=False) if (cin != cout or stride != 1) else None
         )
         self.drop_path = DropPath(drop_path) if drop_path else nn.Identity()
-        self.act = act(inplace=True) if _takes_inplace(act) else act()
+        self.act = create_act_layer(act, inplace=True)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         m = _down(mask, self.stride)
@@ -184,14 +189,6 @@ class InvertedBlock(nn.Module):
             y = self.se(y, m)
         y = _m(self.project(y), m)
         return x + self.drop_path(y) if self.residual else y
-
-
-def _takes_inplace(act) -> bool:
-    try:
-        act(inplace=True)
-        return True
-    except TypeError:
-        return False
 
 
 class Net(nn.Module):
@@ -233,16 +230,8 @@ class Net(nn.Module):
             last = b.conv2 if isinstance(b, ResidualBlock) else b.project
             nn.init.zeros_(last.bn.weight) if hasattr(last, "bn") and hasattr(last.bn, "weight") else None
 
-    @staticmethod
-    def mask_from_sizes(sizes: torch.Tensor | None, h: int, w: int, dtype: torch.dtype) -> torch.Tensor | None:
-        if sizes is None:
-            return None
-        hh = torch.arange(h, device=sizes.device).view(1, -1, 1) < sizes[:, 0].view(-1, 1, 1)
-        ww = torch.arange(w, device=sizes.device).view(1, 1, -1) < sizes[:, 1].view(-1, 1, 1)
-        return (hh & ww).unsqueeze(1).to(dtype)
-
     def features(self, x: torch.Tensor, sizes: torch.Tensor | None = None, taps: dict | None = None):
-        mask = self.mask_from_sizes(sizes, x.shape[2], x.shape[3], x.dtype)
+        mask = None if sizes is None else valid_mask(sizes, x.shape[2], x.shape[3], x.dtype)
         for layer in self.stem:
             mask = _down(mask, layer.conv.stride[0])
             x = _m(layer(x), mask)

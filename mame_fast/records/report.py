@@ -1,4 +1,4 @@
-"""Stage 5d: experiment cards, the table of runs, comparisons and the report, from what runs measured.
+"""Stage 5g: experiment cards, the table of runs, comparisons and the report, from what runs measured.
 
 A card has the course's five parts, filled from the records so that the evidence is never lost:
 
@@ -19,30 +19,23 @@ from pathlib import Path
 
 import yaml
 
-from .config import diff
+from ..config import TrainConfig, diff, load, to_dict
+from ..files import atomic_write_text
 from .diagnose import diagnose_run
-from .records import read_metrics, read_run_info, update_run_info
+from .plots import pyplot, save_figure
+from .records import read_metrics, read_run_info, run_status, update_run_info
+from .rundir import RunDir, find_run, list_runs
 
 
-def run_number(run_dir: Path) -> int:
-    head = Path(run_dir).name.split("-", 1)[0]
-    return int(head) if head.isdigit() else 0
+def run_config(run_dir: Path) -> TrainConfig:
+    """A run's resolved config, read and checked as any config is."""
+    return load(Path(run_dir) / RunDir.CONFIG)
 
 
-def list_runs(root: Path) -> list[Path]:
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    return sorted((p for p in root.iterdir() if p.is_dir() and run_number(p) and (p / "config.yaml").is_file()), key=run_number)
-
-
-def find_run(root: Path, number: int) -> Path | None:
-    return next((p for p in list_runs(root) if run_number(p) == number), None)
-
-
-def _config(run_dir: Path) -> dict:
-    c = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
-    spec = Path(run_dir) / "model.yaml"
+def config_with_spec(run_dir: Path) -> dict:
+    """The run's config as a dict, with its resolved model spec under ``model_spec`` (for diffs)."""
+    c = to_dict(run_config(run_dir))
+    spec = Path(run_dir) / RunDir.SPEC
     if spec.is_file():
         c["model_spec"] = yaml.safe_load(spec.read_text())
     return c
@@ -52,7 +45,7 @@ def outcomes(run_dir: Path) -> dict:
     rows = read_metrics(run_dir)
     vrows = [r for r in rows if r.get("val")]
     info = read_run_info(run_dir)
-    out = {"epochs": len(rows), "status": info.get("status", "?")}
+    out = {"epochs": len(rows), "status": run_status(info)}
     if vrows:
         best = max(vrows, key=lambda r: r["val"]["top1"])
         last = vrows[-1]
@@ -80,33 +73,35 @@ def _pct(x) -> str:
 def card_sections(run_dir: Path, root: Path) -> dict:
     run_dir = Path(run_dir)
     info = read_run_info(run_dir)
-    n = run_number(run_dir)
-    preds = [p for p in (find_run(root, k) for k in info.get("after", [])) if p is not None]
+    n = RunDir(run_dir).number
+    preds = [p.path for p in (find_run(root, k) for k in info.get("after", [])) if p is not None]
     title = f"#{n}: {info.get('name', run_dir.name)}"
     # 1 - previous state
     prev = []
     for p in preds:
         o, d = outcomes(p), diagnose_run(p)
-        prev.append(f"#{run_number(p)} ({read_run_info(p).get('name', p.name)}): best val top-1 {_pct(o.get('best_val'))} at epoch "
+        prev.append(f"#{RunDir(p).number} ({read_run_info(p).get('name', p.name)}): best val top-1 {_pct(o.get('best_val'))} at epoch "
                     f"{o.get('best_epoch', '-')}, train/val gap {_pct(o.get('gap'))}, diagnosis **{d.verdict}** ({'; '.join(d.reasons)}).")
     if not prev:
         prev = ["None: this is a first experiment (no --after)."]
     # 2 - hypothesis
     hyp = info.get("hypothesis") or "(not stated; give one with --hypothesis)"
     # 3 - setup
-    cfg = _config(run_dir)
-    d = cfg["data"]
-    o = cfg["optim"]
+    cfg = run_config(run_dir)
+    d, o = cfg.data, cfg.optim
     setup = [
-        f"Model `{cfg['model']}`; data `{d['res']}` ({'crops %d px' % d['crop'] if d['res'] == '256' else '~%d px per image, %d buckets' % (d['pixels'], d['buckets'])}), "
-        f"batch {d['batch_size']} x {info.get('world_size', 1)} rank(s), {cfg['epochs']} epochs, {o['name']} lr {o['lr']} (per 256), "
-        f"wd {o['weight_decay']}, {o['schedule']} schedule, label smoothing {o['label_smoothing']}, mixup {o['mixup']}, cutmix {o['cutmix']}, "
-        f"EMA {o['ema']}, colour jitter {d['color_jitter']}, scale_min {d['scale_min']}; precision {cfg['precision']}; seed {cfg['seed']}.",
+        f"Model `{cfg.model}`; data `{d.res}` ({'crops %d px' % d.crop if d.res == '256' else '~%d px per image, %d buckets' % (d.pixels, d.buckets)}), "
+        f"batch {d.batch_size} x {info.get('world_size', 1)} rank(s), {cfg.epochs} epochs, {o.name} lr {o.lr} (per 256), "
+        f"wd {o.weight_decay}, {o.schedule} schedule, label smoothing {o.label_smoothing}, mixup {o.mixup}, cutmix {o.cutmix}, "
+        f"EMA {o.ema}, colour jitter {d.color_jitter}, scale_min {d.scale_min}; precision {cfg.precision}; seed {cfg.seed}.",
         "Full resolved configuration: `config.yaml`; model spec: `model.yaml`.",
     ]
+    for r in info.get("resumes", []):
+        changed = ", ".join(f"`{k}` {a} -> {b}" for k, (a, b) in r["changes"].items()) or "nothing changed"
+        setup.append(f"Resumed at {r['time']}: {changed}.")
     diff_rows = []
     if preds:
-        dd = diff(_config(preds[0]), cfg)
+        dd = diff(config_with_spec(preds[0]), config_with_spec(run_dir))
         diff_rows = [(k, _short(a), _short(b)) for k, (a, b) in dd.items() if k not in ("out",)]
     # 4 - outcomes
     oc = outcomes(run_dir)
@@ -128,7 +123,7 @@ def card_sections(run_dir: Path, root: Path) -> dict:
     obs = [f"Automatic diagnosis: **{dg.verdict}**: {'; '.join(dg.reasons)}.", f"Suggested next step: {dg.next_step}"]
     obs += [f"Note: {t}" for t in info.get("notes", [])]
     return {"title": title, "previous": prev, "hypothesis": hyp, "setup": setup, "diff": diff_rows,
-            "diff_against": f"#{run_number(preds[0])}" if preds else None, "outcomes": out_rows, "plots": plots, "observations": obs,
+            "diff_against": f"#{RunDir(preds[0]).number}" if preds else None, "outcomes": out_rows, "plots": plots, "observations": obs,
             "number": n}
 
 
@@ -172,8 +167,8 @@ def card_html(s: dict, link_prefix: str = "") -> str:
 def write_card(run_dir: Path, root: Path | None = None, sections: dict | None = None) -> Path:
     run_dir = Path(run_dir)
     s = sections or card_sections(run_dir, Path(root) if root else run_dir.parent)
-    (run_dir / "card.md").write_text(card_markdown(s))
-    return run_dir / "card.md"
+    atomic_write_text(run_dir / RunDir.CARD, card_markdown(s))
+    return run_dir / RunDir.CARD
 
 
 def add_note(run_dir: Path, text: str) -> None:
@@ -187,9 +182,10 @@ def add_note(run_dir: Path, text: str) -> None:
 
 def runs_table(root: Path) -> list[dict]:
     rows = []
-    for p in list_runs(root):
+    for r in list_runs(root):
+        p = r.path
         info, oc = read_run_info(p), outcomes(p)
-        rows.append({"#": run_number(p), "name": info.get("name", p.name), "hypothesis": info.get("hypothesis", ""),
+        rows.append({"#": r.number, "name": info.get("name", p.name), "hypothesis": info.get("hypothesis", ""),
                      "after": ",".join(f"#{a}" for a in info.get("after", [])), "best val": _pct(oc.get("best_val")),
                      "gap": _pct(oc.get("gap")), "diagnosis": diagnose_run(p).verdict if oc["epochs"] else "-",
                      "epochs": oc["epochs"], "images/s": f"{oc.get('images_per_s', 0):.0f}", "test": _pct(oc.get("test"))})
@@ -198,13 +194,11 @@ def runs_table(root: Path) -> list[dict]:
 
 def compare(runs: list[Path], out: Path) -> tuple[Path, dict]:
     """Curves of several runs overlaid in one figure, and the config diff of each against the first."""
-    from .records import _plt, _save
-
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(1, 3, figsize=(15, 4))
     for p in runs:
         rows = read_metrics(p)
-        lab = f"#{run_number(p)} {read_run_info(p).get('name', '')}"
+        lab = f"#{RunDir(p).number} {read_run_info(p).get('name', '')}"
         ep = [r["epoch"] for r in rows if r.get("val")]
         ax[0].plot([r["epoch"] for r in rows], [r["train_loss"] for r in rows], "-", label=lab)
         ax[1].plot(ep, [r["val"]["loss"] for r in rows if r.get("val")], "-", label=lab)
@@ -213,23 +207,23 @@ def compare(runs: list[Path], out: Path) -> tuple[Path, dict]:
         a.set(title=t, xlabel="epoch")
         a.grid(alpha=0.3)
         a.legend(fontsize=8)
-    path = _save(fig, Path(out), plt)
-    base = _config(runs[0])
-    diffs = {f"#{run_number(p)}": diff(base, _config(p)) for p in runs[1:]}
+    path = save_figure(fig, Path(out))
+    base = config_with_spec(runs[0])
+    diffs = {f"#{RunDir(p).number}": diff(base, config_with_spec(p)) for p in runs[1:]}
     return path, diffs
 
 
-def write_report(root: Path) -> tuple[Path, Path]:
+def write_report(root: Path, title: str = "Experiment report") -> tuple[Path, Path]:
     """report.md and report.html in ``root``: the runs table, then every card in order."""
     root = Path(root)
-    runs = list_runs(root)
+    runs = [r.path for r in list_runs(root)]
     table = runs_table(root)
     cols = list(table[0]) if table else []
-    md = ["# Experiment report", "", f"{len(runs)} run(s) in `{root}`.", ""]
+    md = [f"# {title}", "", f"{len(runs)} run(s) in `{root}`.", ""]
     if table:
         md += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)] + ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in table]
-    hs = [f"<html><head><meta charset='utf-8'><title>Experiment report</title><style>body{{font-family:sans-serif;max-width:1100px;margin:auto}}"
-          f"table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:2px 6px}}</style></head><body><h1>Experiment report</h1>"
+    hs = [f"<html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>body{{font-family:sans-serif;max-width:1100px;margin:auto}}"
+          f"table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:2px 6px}}</style></head><body><h1>{html.escape(title)}</h1>"
           f"<p>{len(runs)} run(s) in {html.escape(str(root))}.</p><table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in cols) + "</tr>"]
     hs += ["<tr>" + "".join(f"<td>{html.escape(str(r[c]))}</td>" for c in cols) + "</tr>" for r in table] + ["</table>"]
     for p in runs:
@@ -238,6 +232,6 @@ def write_report(root: Path) -> tuple[Path, Path]:
         md += ["", card_markdown(s, link_prefix=f"{p.name}/")]
         hs.append(card_html(s, link_prefix=f"{p.name}/"))
     hs.append("</body></html>")
-    (root / "report.md").write_text("\n".join(md))
-    (root / "report.html").write_text("\n".join(hs))
+    atomic_write_text(root / "report.md", "\n".join(md))
+    atomic_write_text(root / "report.html", "\n".join(hs))
     return root / "report.md", root / "report.html"

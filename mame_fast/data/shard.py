@@ -21,6 +21,7 @@ complete one; ``manifest.json`` is written last, so a folder without it was neve
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -35,20 +36,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from . import __version__, _mp_context, atomic_write_text
+from .. import __version__
+from ..files import atomic_write_text, mp_context
 from . import metadata as md
+from .format import (EXTS, FORMAT, FORMAT_VERSION, ShardError, index_line, index_text, load_manifest, read_index, safe_key,
+                     sample_members, sha256, shard_name, split_shards)
 from .source import Source
 
-FORMAT = "mame-fast-shards"
-FORMAT_VERSION = 1
-INDEX_VERSION = "v1.2"  # the format DALI's wds2idx writes
-EXTS = ("jpg", "cls", "lbl", "json")
 # Decoding a non-JPEG cannot be scaled in the DCT domain; above this a full decode needs > 1 GB.
 MAX_FULL_DECODE_PIXELS = 200_000_000
-
-
-class ShardError(ValueError):
-    """Bad input or a bad shard folder; the message names the file and the problem."""
 
 
 class BadImage(ShardError):
@@ -74,12 +70,6 @@ class ShardSettings:
     """Seed of the within-split sample order."""
     skip_bad: bool = False
     """Skip (and list in rejects.jsonl) unusable images instead of failing."""
-
-
-def safe_key(file: str) -> str:
-    """Sample key from a MAMe file name: the stem with dots made underscores ('1980.266.jpeg' -> '1980_266')."""
-    stem = file.rsplit(".", 1)[0]
-    return stem.replace(".", "_").replace("/", "_")
 
 
 def target_size(w: int, h: int, max_pixels: int | None, max_side: int | None) -> tuple[int, int]:
@@ -216,16 +206,6 @@ def _member(tf: tarfile.TarFile, name: str, payload: bytes) -> tuple[int, int]:
     return header_at + tarfile.BLOCKSIZE, len(payload)  # USTAR names < 100 chars: one header block
 
 
-def sample_members(rec: dict) -> list[tuple[str, bytes]]:
-    key = rec["key"]
-    return [
-        (f"{key}.jpg", rec["jpg"]),
-        (f"{key}.cls", str(rec["label"]).encode()),
-        (f"{key}.lbl", int(rec["label"]).to_bytes(4, "little", signed=True)),
-        (f"{key}.json", json.dumps(rec["json"], sort_keys=True).encode()),
-    ]
-
-
 class ShardWriter:
     """Writes one split's shards; each shard becomes visible only when complete (tmp + rename)."""
 
@@ -235,17 +215,13 @@ class ShardWriter:
         self.lines: list[str] = []
 
     def _name(self, ext: str) -> Path:
-        return self.folder / f"{self.split}-{self.index:06d}.{ext}"
+        return self.folder / shard_name(self.split, self.index, ext)
 
     def add(self, rec: dict) -> None:
         if self.tf is None:
             self.tf = tarfile.open(self._name("tar.tmp"), "w", format=tarfile.USTAR_FORMAT)
             self.lines = []
-        parts = []
-        for name, payload in sample_members(rec):
-            off, size = _member(self.tf, name, payload)
-            parts.append(f"{name.split('.', 1)[1]} {off} {size} {name}")
-        self.lines.append(" ".join(parts))
+        self.lines.append(index_line([(name, *_member(self.tf, name, payload)) for name, payload in sample_members(rec)]))
         if self.tf.offset >= self.max_bytes:
             self.close()
 
@@ -254,47 +230,22 @@ class ShardWriter:
             return
         self.tf.close()
         self.tf = None
-        idx_tmp = self._name("idx.tmp")
-        idx_tmp.write_text(f"{INDEX_VERSION} {len(self.lines)}\n" + "\n".join(self.lines) + "\n")
-        os.replace(idx_tmp, self._name("idx"))
+        atomic_write_text(self._name("idx"), index_text(self.lines))
         # The tar is renamed last: a visible .tar always has its .idx beside it.
         os.replace(self._name("tar.tmp"), self._name("tar"))
         self.index += 1
 
     def abort(self) -> None:
-        if self.tf is not None:
-            self.tf.close()
-            self.tf = None
-        for ext in ("tar.tmp", "idx.tmp"):
-            self._name(ext).unlink(missing_ok=True)
-
-
-def read_index(idx: Path) -> list[dict[str, tuple[int, int]]]:
-    """Parse a DALI v1.2 index: per sample, {ext: (offset, size)} plus '__key__'."""
-    lines = idx.read_text().splitlines()
-    if not lines or not lines[0].startswith(INDEX_VERSION + " "):
-        raise ShardError(f"{idx}: not a DALI {INDEX_VERSION} index file; re-create it with `mame-fast shard`")
-    n = int(lines[0].split()[1])
-    samples = []
-    for line in lines[1 : n + 1]:
-        f = line.split()
-        comp = {f[i]: (int(f[i + 1]), int(f[i + 2])) for i in range(0, len(f), 4)}
-        samples.append(dict(comp, __key__=f[3].split(".", 1)[0]))
-    if len(samples) != n:
-        raise ShardError(f"{idx}: header says {n} samples, file has {len(samples)}; the index is truncated")
-    return samples
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def split_shards(folder: Path, split: str) -> list[Path]:
-    return sorted(folder.glob(f"{split}-[0-9][0-9][0-9][0-9][0-9][0-9].tar"))
+        """Drop the shard being written. Closing may fail again (a full disk fails the tar's last write): the
+        temporary files are removed whatever happens, and the original error is the one that propagates."""
+        tf, self.tf = self.tf, None
+        try:
+            if tf is not None:
+                with contextlib.suppress(OSError):
+                    tf.close()
+        finally:
+            with contextlib.suppress(OSError):
+                self._name("tar.tmp").unlink(missing_ok=True)
 
 
 def _read_done_shard(tar: Path) -> list[dict]:
@@ -353,7 +304,7 @@ def write_shards(src: Path, out: Path, settings: ShardSettings, workers: int = 1
     rejects = preflight(source, meta, settings)
     rejected = {b["file"] for b in rejects}
     splits: dict[str, dict] = {}
-    ctx = _mp_context()
+    ctx = mp_context()
     # Imported once here (~1.3 s), so that forked workers don't each pay for it on their first image.
     from torchvision.transforms.v2 import functional  # noqa: F401
 
@@ -482,19 +433,6 @@ def _check_settings(folder: Path, settings: ShardSettings) -> None:
 
 # ---------------------------------------------------------------------------------------------------
 # Verification
-
-
-def load_manifest(folder: Path) -> dict:
-    path = Path(folder) / "manifest.json"
-    if not path.is_file():
-        raise ShardError(
-            f"{folder}: no manifest.json; this is not a complete shard folder. Run `mame-fast shard` "
-            f"(again: it resumes) to finish it."
-        )
-    m = json.loads(path.read_text())
-    if m.get("format") != FORMAT:
-        raise ShardError(f"{path}: not a mame-fast shard manifest")
-    return m
 
 
 def verify(folder: Path) -> list[str]:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .shard import ShardError, load_manifest, read_index
+from ..data.format import ShardError, load_manifest, read_index
 
 
 @dataclass

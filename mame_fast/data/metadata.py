@@ -56,7 +56,7 @@ class Row:
 
 def vendored_dir() -> Path:
     """The folder holding the unchanged official CSVs shipped with the package."""
-    return Path(str(resources.files("mame_fast") / "metadata"))
+    return Path(str(resources.files("mame_fast.data") / "vendored"))
 
 
 def _read_text(data: bytes, source: str) -> str:

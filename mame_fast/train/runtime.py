@@ -1,4 +1,4 @@
-"""Stage 4a: the one place that decides devices, ranks and precision, for training and evaluation alike.
+"""Stage 3b: the one place that decides devices, ranks and precision, for training and evaluation alike.
 
 Everything that runs the model (the training step, validation, EMA evaluation, histograms, ``mame-fast
 test``) takes its autocast context from ``Runtime.autocast()``, so a GPU run and a CPU run with
@@ -48,6 +48,50 @@ class Runtime:
         """Wait for the device (timing only: never in the training step)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    # -- across ranks (each a no-op in one process) ----------------------------------------------------
+
+    def any(self, flags: list[bool]) -> list[bool]:
+        """Whether each flag is set on any rank (one all-reduce), so that all ranks take the same branch."""
+        if self.world == 1:
+            return list(flags)
+        t = torch.tensor([float(f) for f in flags], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return [bool(v) for v in t.tolist()]
+
+    def all_reduce(self, *tensors: torch.Tensor) -> None:
+        """Sum tensors over ranks, in place."""
+        if self.world > 1:
+            for t in tensors:
+                dist.all_reduce(t)
+
+    def broadcast(self, obj):
+        """Rank 0's ``obj`` on every rank."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, obj) -> list:
+        """Every rank's ``obj``, in rank order, on every rank."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def sync_buffers(self, *models: torch.nn.Module) -> None:
+        """Broadcast BatchNorm running statistics from rank 0. DDP only does so at the start of each forward, so after
+        an epoch every rank holds the statistics of its own last batch: validation and checkpoints would differ."""
+        if self.world > 1:
+            for m in models:
+                for b in m.buffers():
+                    dist.broadcast(b, 0)
+
+    def close(self) -> None:
+        if self.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def resolve_precision(precision: str, cuda: bool, training: bool = True) -> str:

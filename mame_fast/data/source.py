@@ -21,6 +21,25 @@ class SourceError(ValueError):
     """The source folder is unusable; the message names the path and what to do."""
 
 
+def metadata_bytes(root: Path, name: str) -> bytes:
+    """One of the official CSVs of a MAMe root, loose or inside MAMe_metadata.zip."""
+    loose = Path(root) / name
+    if loose.is_file():
+        return loose.read_bytes()
+    zpath = Path(root) / "MAMe_metadata.zip"
+    if zpath.is_file():
+        with zipfile.ZipFile(zpath) as z:
+            for m in z.namelist():
+                if os.path.basename(m) == name:
+                    return z.read(m)
+    raise SourceError(f"{root}: {name} not found (neither loose nor in MAMe_metadata.zip)")
+
+
+def read_metadata(root: Path) -> md.Metadata:
+    """The metadata of a MAMe root (loose CSVs or the official zip), whether or not its images are there."""
+    return md.load(metadata_bytes(root, md.DATASET_CSV), metadata_bytes(root, md.LABELS_CSV), str(root))
+
+
 class Source:
     """A MAMe root: metadata CSVs (loose or in MAMe_metadata.zip) plus images (folder or zip)."""
 
@@ -52,19 +71,10 @@ class Source:
         return state
 
     def metadata_bytes(self, name: str) -> bytes:
-        loose = self.root / name
-        if loose.is_file():
-            return loose.read_bytes()
-        zpath = self.root / "MAMe_metadata.zip"
-        if zpath.is_file():
-            with zipfile.ZipFile(zpath) as z:
-                for m in z.namelist():
-                    if os.path.basename(m) == name:
-                        return z.read(m)
-        raise SourceError(f"{self.root}: {name} not found (neither loose nor in MAMe_metadata.zip)")
+        return metadata_bytes(self.root, name)
 
     def metadata(self) -> md.Metadata:
-        return md.load(self.metadata_bytes(md.DATASET_CSV), self.metadata_bytes(md.LABELS_CSV), str(self.root))
+        return read_metadata(self.root)
 
     def _names(self) -> dict[str, str]:
         if self._zip_names is None:

@@ -60,7 +60,7 @@ def real_aspects() -> np.ndarray:
 
 @lru_cache(maxsize=1)
 def _real_aspects() -> np.ndarray:
-    from . import metadata as md
+    from ..data import metadata as md
 
     return np.array([r.aspect for r in md.load_dir().rows if r.subset == "train"])
 

@@ -1,4 +1,4 @@
-"""Stage 2c': the fallback loader: libjpeg-turbo decode in torch DataLoader workers, executing the same plan as DALI.
+"""Stage 2e: the fallback loader: libjpeg-turbo decode in torch DataLoader workers, executing the same plan as DALI.
 
 For machines without DALI (macOS, ARM, the GPU machines lent to this project) or on request
 (``data.loader=pil``), and a baseline in ``benchmarks/loader_throughput.py``. Same plan (order, buckets,
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .pipeline import Batch, Loader, LoaderError, copy_fillers, normalize_rows, resize_hwc, valid_mask
+from .loader import Batch, Loader, LoaderError, copy_fillers, normalize_rows, resize_hwc, valid_mask
 from .plan import BatchPlan
 from .reader import Split
 

@@ -1,0 +1,130 @@
+"""Stage 5c: the plots of a run, as PNG files in ``<run>/plots/``: curves, training dynamics, the confusion matrix,
+per-class accuracy, histograms. Drawn at the end of a run and by ``mame-fast report``; ``pyplot`` and
+``save_figure`` serve the other figures of the project (compare, explore)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .records import load_histograms, read_metrics
+from .rundir import RunDir
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    pyplot().close(fig)
+    return path
+
+
+def plot_run(run_dir: str | Path, classes: list[str]) -> list[Path]:
+    """Curves, training dynamics, confusion matrix, per-class accuracy and histograms of a run; the files written."""
+    run = RunDir(run_dir)
+    rows = read_metrics(run.path)
+    if not rows:
+        return []
+    out = run / RunDir.PLOTS
+    out.mkdir(exist_ok=True)
+    written = [plot_curves(rows, classes, out / "curves.png"), plot_training(rows, out / "training.png")]
+    last = next((r for r in reversed(rows) if r.get("val")), None)
+    if last:
+        written += [plot_confusion(last, classes, out / "confusion.png"), plot_per_class(last, classes, out / "per_class.png")]
+    hists = sorted((run / RunDir.HIST).glob("epoch_*.npz"))
+    if hists:
+        written.append(plot_histograms(hists, out / "histograms.png"))
+    return written
+
+
+def plot_curves(rows: list[dict], classes: list[str], path: Path) -> Path:
+    """Train and validation loss and accuracy per epoch (EMA too when present), against chance."""
+    plt = pyplot()
+    ep = [r["epoch"] for r in rows]
+    series = {part: [(r["epoch"], r[part]) for r in rows if r.get(part)] for part in ("val", "val_ema")}
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    ax[0].plot(ep, [r["train_loss"] for r in rows], "o-", label="train")
+    ax[1].plot(ep, [r["train_top1"] for r in rows], "o-", label="train")
+    for part, style, name in (("val", "s-", "val"), ("val_ema", "^--", "val (EMA)")):
+        if series[part]:
+            e, v = zip(*series[part])
+            ax[0].plot(e, [x["loss"] for x in v], style, label=name)
+            ax[1].plot(e, [x["top1"] for x in v], style, label=f"{name} top-1")
+            if part == "val":
+                ax[1].plot(e, [x["top5"] for x in v], "s:", label="val top-5")
+    ax[0].set(xlabel="epoch", ylabel="loss (train: smoothed/mixed targets)", title="Loss")
+    ax[1].axhline(1 / len(classes), color="grey", lw=0.8, ls="--", label="chance")
+    ax[1].set(xlabel="epoch", ylabel="accuracy", title="Accuracy", ylim=(0, 1))
+    for a in ax:
+        a.grid(alpha=0.3)
+        a.legend()
+    return save_figure(fig, path)
+
+
+def plot_training(rows: list[dict], path: Path) -> Path:
+    """Learning rate, throughput with the data-wait share, and the mean gradient norm per epoch."""
+    plt = pyplot()
+    ep = [r["epoch"] for r in rows]
+    fig, ax = plt.subplots(1, 3, figsize=(14, 3.5))
+    ax[0].plot(ep, [r["lr"] for r in rows], "o-")
+    ax[0].set(xlabel="epoch", title="Learning rate (end of epoch)")
+    ax[1].plot(ep, [r["images_per_s"] for r in rows], "o-", label="images/s")
+    ax2 = ax[1].twinx()
+    ax2.plot(ep, [100 * r["data_wait"] for r in rows], "r.--", label="data wait %")
+    ax2.set_ylim(0, 100)
+    ax[1].set(xlabel="epoch", title="Throughput (line) and data-wait share (red, %)")
+    ax[2].plot(ep, [r["grad_norm"] for r in rows], "o-")
+    ax[2].set(xlabel="epoch", title="Mean gradient norm")
+    for a in ax:
+        a.grid(alpha=0.3)
+    return save_figure(fig, path)
+
+
+def plot_confusion(row: dict, classes: list[str], path: Path) -> Path:
+    """The row-normalized validation confusion matrix of one epoch."""
+    plt = pyplot()
+    conf = np.array(row["val"]["confusion"], float)
+    norm = conf / np.maximum(conf.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(11, 10))
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(classes)), classes, fontsize=7)
+    ax.set(xlabel="predicted", ylabel="true", title=f"Validation confusion matrix, row-normalized (epoch {row['epoch']})")
+    fig.colorbar(im, fraction=0.046)
+    return save_figure(fig, path)
+
+
+def plot_per_class(row: dict, classes: list[str], path: Path) -> Path:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(11, 4))
+    ax.bar(range(len(classes)), [np.nan if v is None else v for v in row["val"]["per_class"]])
+    ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize=7)
+    ax.set(ylabel="accuracy", ylim=(0, 1),
+           title=f"Validation accuracy per class (epoch {row['epoch']}); balanced {row['val']['balanced_acc']:.3f}")
+    return save_figure(fig, path)
+
+
+def plot_histograms(files: list[Path], path: Path) -> Path:
+    """Weights and activations per stage, one line per saved epoch, log counts."""
+    plt = pyplot()
+    per_epoch = [(f.stem.replace("_", " "), load_histograms(f)) for f in files]
+    keys = list(per_epoch[0][1])
+    cols = (len(keys) + 1) // 2
+    fig, axes = plt.subplots(2, cols, figsize=(4 * cols, 6.5), squeeze=False)
+    for a, k in zip(axes.flat, keys):
+        for label, h in per_epoch:
+            a.stairs(*h[k], label=label)
+        a.set_title(k, fontsize=9)
+        a.set_yscale("log")
+        a.legend(fontsize=7)
+    return save_figure(fig, path)

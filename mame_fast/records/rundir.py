@@ -1,0 +1,91 @@
+"""Stage 5a: a run folder, ``<runs>/<NNN>-<name>/``: its number, and the name of everything in it.
+
+The one owner of those names: the trainer, the test look, the records and the report all ask a ``RunDir``.
+Numbers are the experiment numbers of the cards (#17 follows #16); they are taken atomically, by an exclusive
+create in ``<runs>/.numbers/``, so runs launched at the same moment into one folder never share or skip one.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+_NAME = re.compile(r"^(\d+)-(.+)$")
+
+
+class RunDir:
+    CONFIG = "config.yaml"  # the resolved config in effect (rewritten by a resume that changes it)
+    SPEC = "model.yaml"  # the resolved model spec
+    INFO = "run.json"  # name, status, heartbeat, hypothesis, predecessors, resumes, measured facts
+    METRICS = "metrics.jsonl"  # one row per epoch, appended
+    METRICS_CSV = "metrics.csv"  # the same, flat, for spreadsheets
+    LAST, BEST = "last.pt", "best.pt"  # resumable checkpoint; the weights that won validation
+    CARD = "card.md"
+    TEST = "test.json"  # the one look at the test set
+    HIST, PLOTS, TB = "hist", "plots", "tb"  # folders
+    LEDGER = "test_ledger.jsonl"  # in the runs folder: every look at the test set, of every run
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    @property
+    def number(self) -> int:
+        m = _NAME.match(self.path.name)
+        return int(m.group(1)) if m else 0
+
+    @property
+    def root(self) -> Path:
+        return self.path.parent
+
+    def hist_file(self, epoch: int) -> Path:
+        return self.path / self.HIST / f"epoch_{epoch:03d}.npz"
+
+    def rank_file(self, rank: int) -> Path:
+        return self.path / f"rank{rank}.json"
+
+    @property
+    def ledger(self) -> Path:
+        return self.root / self.LEDGER
+
+    @classmethod
+    def create(cls, root: str | Path, name: str) -> RunDir:
+        """``root/<NNN>-<name>/`` with the next free number, taken atomically."""
+        if not re.fullmatch(r"[A-Za-z0-9._+-]+", name):
+            raise ValueError(f"run name {name!r}: use letters, digits, '.', '_', '+' or '-'")
+        root = Path(root)
+        taken = root / ".numbers"
+        taken.mkdir(parents=True, exist_ok=True)
+        n = max([r.number for r in list_runs(root, complete=False)] + [int(p.name) for p in taken.iterdir() if p.name.isdigit()],
+                default=0) + 1
+        while True:
+            try:
+                os.close(os.open(taken / f"{n:03d}", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                break
+            except FileExistsError:
+                n += 1  # another launch took it first
+        d = cls(root / f"{n:03d}-{name}")
+        d.path.mkdir()
+        return d
+
+
+def list_runs(root: str | Path, complete: bool = True) -> list[RunDir]:
+    """The run folders in ``root`` by number (``complete``: only those whose run started, with a config)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    runs = [RunDir(p) for p in root.iterdir() if p.is_dir() and _NAME.match(p.name)]
+    return sorted((r for r in runs if not complete or (r / RunDir.CONFIG).is_file()), key=lambda r: r.number)
+
+
+def find_run(root: str | Path, number: int) -> RunDir | None:
+    return next((r for r in list_runs(root) if r.number == number), None)

@@ -1,0 +1,336 @@
+"""Stage 4e: the training loop, in one process or under torchrun (one or many nodes).
+
+``run`` reads top to bottom: build everything that can fail on bad input (``build``), then open the run
+folder (``start``: a new one, or the one being resumed), then ``train``: for each epoch, ``train_epoch``,
+then ``end_epoch`` (validate, keep the best weights, checkpoint, record). Why the loop stopped is the
+value it returns. Distributed setup comes only from torchrun's environment (``runtime.py``); only rank 0
+writes; every rank runs the same steps (``input/plan.py``), and all ranks agree at log steps, the loop's
+only host sync, on whether to stop (a step limit, a signal, a non-finite loss) or to checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from .. import __version__
+from ..config import ConfigError, TrainConfig, diff, load, to_dict
+from ..input import Loader, build_loader
+from ..records import records
+from ..records.live import Progress, TensorBoard
+from ..records.plots import plot_run
+from ..records.rundir import RunDir
+from . import checkpoint as ckpt
+from .evaluate import evaluate
+from .model import ModelSpec, build as build_model, load_spec, spec_dict, total_stride
+from .runtime import Runtime, setup_runtime
+from .step import EpochMeter, make_optimizer, make_schedule, train_step, warm_up
+
+HEARTBEAT_S = 60  # how often a running run refreshes run.json's heartbeat (records.STALE_AFTER_S reads it)
+
+
+class Stop(str, Enum):
+    FINISHED = "finished"
+    STOPPED = "stopped"  # max_steps reached
+    INTERRUPTED = "interrupted"  # SIGINT, SIGTERM or SIGUSR1: a resumable checkpoint was written
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+@dataclass
+class Session:
+    """Everything a run uses, built before its folder exists."""
+
+    cfg: TrainConfig
+    rt: Runtime
+    spec: ModelSpec
+    train_loader: Loader
+    val_loader: Loader
+    classes: list[str]
+    model: torch.nn.Module
+    net: torch.nn.Module  # the model as trained: DDP-wrapped and/or compiled
+    ema: object | None
+    opt: torch.optim.Optimizer
+    state: ckpt.TrainState
+    sched: object = None
+    saved_at: float = field(default_factory=time.monotonic)
+    beat_at: float = field(default_factory=time.monotonic)
+    seen: list[list[int]] = field(default_factory=list)  # sample indices per epoch (record_samples)
+
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.data.batch_size * self.rt.world
+
+
+def run(cfg: TrainConfig, name: str = "run", resume: Path | None = None, meta: dict | None = None, console=None,
+        on_start=None) -> Path:
+    """Train per ``cfg``; returns the run folder, whose run.json says how the run ended. ``resume``: a run folder
+    to continue exactly where its last.pt stopped. ``on_start(folder)`` is called once the folder exists (the
+    caller writes the card, whatever happens next). Raises TrainingDiverged on a non-finite loss."""
+    rt = setup_runtime(cfg.precision, cfg.cudnn_benchmark)
+    try:
+        s = build(cfg, rt)
+        run_dir = start(s, name, resume, meta or {})
+        if on_start is not None:
+            on_start(run_dir.path)
+        status, error = "failed", None
+        try:
+            status = train(s, run_dir, console).value
+        except TrainingDiverged as e:
+            status, error = "diverged", str(e)
+            raise
+        except BaseException as e:
+            error = f"{type(e).__name__}: {e}"
+            raise
+        finally:
+            finish(s, run_dir, status, error)
+        return run_dir.path
+    finally:
+        rt.close()
+
+
+def build(cfg: TrainConfig, rt: Runtime) -> Session:
+    """The model spec, both loaders (their shards checked), the model, optimizer and EMA: whatever can fail on bad
+    config or data fails here, before a run folder exists."""
+    spec = load_spec(cfg.model)
+    if cfg.data.res == "full" and cfg.data.side_multiple % total_stride(spec):
+        raise ConfigError(f"data.side_multiple={cfg.data.side_multiple} is not a multiple of model {cfg.model}'s total stride "
+                          f"{total_stride(spec)}: bucket sides would leave ragged borders; set data.side_multiple to a multiple of it")
+    torch.manual_seed(cfg.seed + rt.rank)
+    np.random.seed(cfg.seed + rt.rank)
+    train_loader = build_loader(cfg.data, "train", True, cfg.seed, rt.rank, rt.world, rt.device, rt.dtype)
+    val_loader = build_loader(cfg.data, "val", False, cfg.seed, rt.rank, rt.world, rt.device, rt.dtype)
+    classes = train_loader.split.classes
+    spec = replace(spec, num_classes=len(classes))
+    model = build_model(spec).to(rt.device)
+    if cfg.data.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.sync_bn and rt.world > 1:
+        from timm.layers import convert_sync_batchnorm
+
+        model = convert_sync_batchnorm(model)
+    ema = None
+    if cfg.optim.ema:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(model, decay=cfg.optim.ema)
+    net = model
+    if rt.world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
+    if cfg.compile:
+        net = torch.compile(net)
+    opt = make_optimizer(model, cfg, cfg.data.batch_size * rt.world)
+    state = ckpt.TrainState(model, opt, rt.scaler, ema, EpochMeter(rt.device))
+    return Session(cfg, rt, spec, train_loader, val_loader, classes, model, net, ema, opt, state)
+
+
+def start(s: Session, name: str, resume: Path | None, meta: dict) -> RunDir:
+    """The run folder: a new one with the resolved config, or the resumed one with its state loaded and the
+    overrides of this resume recorded."""
+    cfg, rt = s.cfg, s.rt
+    if resume:
+        run_dir = RunDir(resume)
+        s.state.load_state_dict(ckpt.load(run_dir / RunDir.LAST, rt.device), rt.rank)
+        if rt.master:
+            record_resume(run_dir, cfg)
+    else:
+        run_dir = RunDir(rt.broadcast(str(RunDir.create(cfg.out, name).path) if rt.master else None))
+        if rt.master:
+            (run_dir / RunDir.CONFIG).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            (run_dir / RunDir.SPEC).write_text(yaml.safe_dump(spec_dict(s.spec), sort_keys=False))
+            shapes = {"train": s.train_loader.shapes(), "val": s.val_loader.shapes()}
+            records.write_run_info(run_dir, {
+                **meta, "name": name, "created": records.now(), "world_size": rt.world, "device": str(rt.device),
+                "version": __version__, "torch": torch.__version__, "classes": s.classes, "train_samples": len(s.train_loader.split),
+                "batch_shapes": shapes, "shape_count": {k: len(v) for k, v in shapes.items()}})
+    if rt.master:
+        records.update_run_info(run_dir, records.running_status())
+    s.sched = make_schedule(s.opt, cfg, s.train_loader.steps(0), s.global_batch, start_step=s.state.global_step)
+    return run_dir
+
+
+def record_resume(run_dir: RunDir, cfg: TrainConfig) -> None:
+    """config.yaml becomes the config now in effect; run.json keeps what each resume changed (when, key, from, to)."""
+    old = to_dict(load(run_dir / RunDir.CONFIG))
+    changes = {k: [a, b] for k, (a, b) in diff(old, to_dict(cfg)).items()}
+    info = records.read_run_info(run_dir)
+    records.update_run_info(run_dir, {"resumes": info.get("resumes", []) + [{"time": records.now(), "changes": changes}]})
+    if changes:
+        (run_dir / RunDir.CONFIG).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def train(s: Session, run_dir: RunDir, console) -> Stop:
+    """For each epoch: train it, then validate, checkpoint and record it. Stops early at a step limit or a signal
+    (saving a resumable checkpoint inside the epoch), or raises on a non-finite loss."""
+    cfg, rt, st = s.cfg, s.rt, s.state
+    progress = Progress(rt.master, console, cfg.epochs, s.train_loader.steps(0))
+    tb = TensorBoard(run_dir.path if cfg.tensorboard and rt.master else None)
+    shapes = (s.train_loader.shapes(), s.val_loader.shapes())
+    progress.say(f"batch shapes per epoch: {len(shapes[0])} in training, {len(shapes[1])} in validation "
+                 f"(cuDNN autotuning {'on' if rt.cudnn_benchmark else 'off'})")
+    if cfg.warmup == "always" or (cfg.warmup == "auto" and rt.cudnn_benchmark):
+        cost = warm_up(s.model, *shapes, rt)
+        progress.say(f"warm-up: {cost:.2f} s for {len(shapes[0]) + len(shapes[1])} shapes")
+        if rt.master:
+            records.update_run_info(run_dir, {"warmup_s": cost})
+    # One validation batch, taken once and kept for every epoch's histograms (taking it later restarts the pipeline).
+    hist_batch = next(iter(s.val_loader.epoch(0))) if rt.master and cfg.hist_epochs > 0 else None
+    try:
+        with signal_flag() as signalled:
+            while st.epoch < cfg.epochs:
+                stop = train_epoch(s, run_dir, progress, tb, signalled)
+                if stop is not Stop.FINISHED and st.step < s.train_loader.steps(st.epoch):  # left inside the epoch
+                    save_last(s, run_dir)
+                    return stop
+                end_epoch(s, run_dir, progress, tb, hist_batch, last=stop is not Stop.FINISHED)
+                if stop is not Stop.FINISHED:
+                    return stop
+        if rt.master:
+            tb.images(plot_run(run_dir.path, s.classes))
+        return Stop.FINISHED
+    finally:
+        progress.close()
+        tb.close()
+
+
+def train_epoch(s: Session, run_dir: RunDir, progress: Progress, tb: TensorBoard, signalled) -> Stop:
+    """Steps from the state's position to the end of the epoch; at log steps, ``check_in``."""
+    cfg, rt, st = s.cfg, s.rt, s.state
+    steps = s.train_loader.steps(st.epoch)
+    s.model.train()
+    batches = iter(s.train_loader.epoch(st.epoch, st.step))
+    seen: list[int] = []
+    while (batch := st.meter.next(batches)) is not None:
+        rng = np.random.default_rng([cfg.seed, st.epoch, st.step, rt.rank])  # mixup draws: no state to resume
+        st.meter.add(*train_step(s.net, batch, s.opt, s.sched, s.ema, rt, cfg, rng), batch.real)
+        seen += batch.index.tolist() if cfg.record_samples else []
+        st.step, st.global_step = st.step + 1, st.global_step + 1
+        at_limit = bool(cfg.max_steps) and st.global_step >= cfg.max_steps
+        if st.step % cfg.log_every == 0 or st.step == steps or at_limit:
+            stop = check_in(s, run_dir, progress, tb, signalled(), at_limit)
+            if stop is not Stop.FINISHED:
+                s.seen.append(seen)
+                return stop
+    s.seen.append(seen)
+    return Stop.FINISHED
+
+
+def check_in(s: Session, run_dir: RunDir, progress: Progress, tb: TensorBoard, signalled: bool, at_limit: bool) -> Stop:
+    """The loop's only host sync. All ranks agree on a non-finite loss (raise), a signal or the step limit (stop), and a
+    timed checkpoint (``ckpt_every_min``); rank 0 shows progress and refreshes the heartbeat."""
+    cfg, rt, st = s.cfg, s.rt, s.state
+    stats = {**st.meter.sync(), "images_per_s": st.meter.count * rt.world / max(1e-9, st.meter.elapsed())}
+    due = bool(cfg.ckpt_every_min) and time.monotonic() - s.saved_at > 60 * cfg.ckpt_every_min
+    diverged, signalled, due = rt.any([not math.isfinite(stats["loss_last"]), signalled, due])
+    if diverged:
+        raise TrainingDiverged(f"loss became {stats['loss_last']} at epoch {st.epoch + 1} step {st.step}; the last good "
+                               f"checkpoint is {run_dir / RunDir.LAST}. Lower optim.lr, add optim.clip_grad, or check the data.")
+    lr = s.sched.get_last_lr()[0]
+    progress.update(st.epoch, st.step, stats, lr)
+    tb.step(st.global_step, stats, lr)
+    if rt.master and time.monotonic() - s.beat_at > HEARTBEAT_S:
+        records.update_run_info(run_dir, {"heartbeat": records.now()})
+        s.beat_at = time.monotonic()
+    if signalled:
+        return Stop.INTERRUPTED
+    if at_limit:
+        return Stop.STOPPED
+    if due:
+        save_last(s, run_dir)
+    return Stop.FINISHED
+
+
+def end_epoch(s: Session, run_dir: RunDir, progress: Progress, tb: TensorBoard, hist_batch, last: bool) -> None:
+    """Validate the model and its EMA, keep the winner in best.pt, checkpoint, and record the epoch."""
+    cfg, rt, st = s.cfg, s.rt, s.state
+    rt.sync_buffers(s.model, *([s.ema.module] if s.ema is not None else []))
+    row = {"epoch": st.epoch + 1, "lr": s.sched.get_last_lr()[0], **st.meter.row(rt.world)}
+    if (st.epoch + 1) % cfg.eval_every == 0 or st.epoch + 1 == cfg.epochs or last:
+        row["val"] = evaluate(s.model, s.val_loader, rt, len(s.classes), st.epoch)
+        if s.ema is not None:
+            row["val_ema"] = evaluate(s.ema.module, s.val_loader, rt, len(s.classes), st.epoch)
+        keep_best(s, run_dir, row)
+    epoch = st.epoch
+    st.epoch, st.step, st.meter = st.epoch + 1, 0, EpochMeter(rt.device)
+    save_last(s, run_dir)
+    if rt.master:
+        if epoch in records.hist_epochs(cfg.epochs, cfg.hist_epochs):
+            records.save_histograms(run_dir.path, s.model, hist_batch, epoch + 1, rt.autocast)
+            tb.histograms(run_dir.path, epoch + 1)
+        records.append_metrics(run_dir.path, row)
+        tb.epoch(row)
+        progress.epoch_done(row)
+
+
+def keep_best(s: Session, run_dir: RunDir, row: dict) -> None:
+    """best.pt: exactly the weights that won validation so far (the model's or the EMA's), with which and when."""
+    st = s.state
+    candidates = [("model", row["val"]["top1"], s.model)]
+    if "val_ema" in row:
+        candidates.append(("ema", row["val_ema"]["top1"], s.ema.module))
+    weights, top1, module = max(candidates, key=lambda c: c[1])  # a tie goes to the raw weights
+    if top1 > st.best["top1"]:
+        st.best = {"top1": top1, "weights": weights, "epoch": st.epoch + 1}
+        if s.rt.master:
+            ckpt.save(run_dir / RunDir.BEST, {"model": module.state_dict(), **st.best, "classes": s.classes,
+                                              "spec": spec_dict(s.spec), "config": to_dict(s.cfg)})
+
+
+def save_last(s: Session, run_dir: RunDir) -> None:
+    """A resumable last.pt at the state's position (every rank's RNG gathered: each draws its own dropout masks)."""
+    rngs = s.rt.gather(ckpt.rng_state())
+    if s.rt.master:
+        ckpt.save(run_dir / RunDir.LAST, {**s.state.state_dict(rngs), "config": to_dict(s.cfg), "classes": s.classes,
+                                          "spec": spec_dict(s.spec)})
+    s.saved_at = time.monotonic()
+
+
+def finish(s: Session, run_dir: RunDir, status: str, error: str | None) -> None:
+    """The run's final status, whatever happened; never raises over the error that ended the run."""
+    rt = s.rt
+    with contextlib.suppress(Exception):
+        if s.cfg.record_samples:
+            run_dir.rank_file(rt.rank).write_text(json.dumps({"seen": s.seen, "weights_sha256": weights_digest(s.model)}))
+    if rt.master:
+        with contextlib.suppress(Exception):
+            best = s.state.best
+            records.update_run_info(run_dir, {"status": status, "error": error, "ended": records.now(),
+                                              "best_val_top1": best["top1"] if best["top1"] >= 0 else None,
+                                              "best_weights": best["weights"], "best_epoch": best["epoch"] or None})
+
+
+def weights_digest(model) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def signal_flag(signals=(signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)):
+    """While inside: the signals (Ctrl-C; a cluster's time limit or pre-emption: SLURM sends SIGTERM, or SIGUSR1 with
+    --signal) set a flag instead of killing the process; the loop saves and stops at its next log step."""
+    caught: list[int] = []
+    old = {}
+    with contextlib.suppress(ValueError):  # not the main thread: signals stay as they are
+        for sig in signals:
+            old[sig] = signal.signal(sig, lambda n, f: caught.append(n))
+    try:
+        yield lambda: bool(caught)
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)

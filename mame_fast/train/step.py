@@ -1,0 +1,174 @@
+"""Stage 4b: one optimization step and what it needs: targets, mixing, the optimizer and its schedule, the shape
+warm-up, and the running sums of an epoch.
+
+The step makes no host sync: it returns device tensors, summed on the device by ``EpochMeter``; the loop
+reads them at log steps only. Loss and accuracy cover a batch's ``real`` rows: fillers (``input/plan.py``)
+go through the model but weigh nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..config import OptimConfig, TrainConfig
+from .runtime import Runtime
+
+
+def soft_targets(y: torch.Tensor, n: int, smoothing: float) -> torch.Tensor:
+    # scatter_, not F.one_hot: one_hot may check the labels' range on the host, a sync in the step.
+    onehot = torch.zeros(len(y), n, device=y.device).scatter_(1, y.view(-1, 1), 1.0)
+    return onehot * (1 - smoothing) + smoothing / n
+
+
+def mix(x: torch.Tensor, t: torch.Tensor, cfg: OptimConfig, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixup or CutMix with the batch reversed as partner; training batches are never padded."""
+    if not (cfg.mixup or cfg.cutmix):
+        return x, t
+    use_cut = bool(cfg.cutmix) and (not cfg.mixup or rng.random() < 0.5)
+    lam = float(rng.beta(cfg.cutmix, cfg.cutmix) if use_cut else rng.beta(cfg.mixup, cfg.mixup))
+    if use_cut:
+        H, W = x.shape[2:]
+        ch, cw = int(H * math.sqrt(1 - lam)), int(W * math.sqrt(1 - lam))
+        y0, x0 = int(rng.integers(0, H - ch + 1)), int(rng.integers(0, W - cw + 1))
+        x = x.clone()
+        x[:, :, y0 : y0 + ch, x0 : x0 + cw] = x.flip(0)[:, :, y0 : y0 + ch, x0 : x0 + cw]
+        lam = 1 - ch * cw / (H * W)
+    else:
+        x = x * lam + x.flip(0) * (1 - lam)
+    return x, t * lam + t.flip(0) * (1 - lam)
+
+
+def train_step(model, batch, opt, sched, ema, rt: Runtime, cfg: TrainConfig, rng: np.random.Generator):
+    """One optimization step; returns device tensors (loss, correct count, grad norm): no host sync."""
+    o = cfg.optim
+    target = soft_targets(batch.labels, model_classes(model), o.label_smoothing)
+    x, target = mix(batch.images, target, o, rng)
+    with rt.autocast():
+        logits = model(x, batch.sizes if batch.padded else None)
+    r = batch.real
+    loss = torch.sum(-target[:r] * F.log_softmax(logits[:r].float(), -1), -1).mean()
+    opt.zero_grad(set_to_none=True)
+    rt.scaler.scale(loss).backward()
+    rt.scaler.unscale_(opt)
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad or float("inf"))
+    rt.scaler.step(opt)
+    rt.scaler.update()
+    sched.step()
+    if ema is not None:
+        ema.update(model)
+    return loss.detach(), (logits[:r].argmax(-1) == batch.labels[:r]).sum(), gnorm.detach()
+
+
+def model_classes(model) -> int:
+    m = model.module if hasattr(model, "module") else model
+    return getattr(m, "_orig_mod", m).spec.num_classes
+
+
+def make_optimizer(model, cfg: TrainConfig, global_batch: int):
+    """SGD (Nesterov) or AdamW; the learning rate is per 256 images, scaled to the global batch. No weight decay on
+    norms and biases (timm's 1-D parameter rule)."""
+    from timm.optim import param_groups_weight_decay
+
+    o = cfg.optim
+    lr = o.lr * global_batch / 256
+    groups = param_groups_weight_decay(model, o.weight_decay)
+    if o.name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=o.momentum, nesterov=True)
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
+
+
+def make_schedule(opt, cfg: TrainConfig, steps_per_epoch: int, global_batch: int, start_step: int = 0):
+    """Linear warm-up, then cosine, one-cycle or constant, as a pure function of the global step. A resumed run
+    builds it at its step from its (possibly changed) config: a new ``optim.lr`` applies from there on, and a
+    new ``epochs`` stretches or shortens the rest of the cosine. Nothing of it needs checkpointing."""
+    o = cfg.optim
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warm = int((0.3 * cfg.epochs if o.schedule == "onecycle" else o.warmup_epochs) * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if o.schedule == "constant":
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+
+    for g in opt.param_groups:
+        g["initial_lr"] = o.lr * global_batch / 256
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor, last_epoch=start_step - 1)
+
+
+def warm_up(model: torch.nn.Module, train_shapes: list, eval_shapes: list, rt: Runtime) -> float:
+    """Forward and backward once per training shape, forward once per evaluation shape (padded, masked), so that
+    cuDNN's autotuner has searched its kernels for every shape before step 0. Runs on a copy of the model
+    under a forked RNG: BatchNorm statistics, weights and random streams of the run stay untouched.
+    Returns the seconds it took."""
+    t0 = time.perf_counter()
+    m = copy.deepcopy(model)
+    fmt = torch.channels_last if next(model.parameters()).is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    devices = [rt.device.index or 0] if rt.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        for shapes, train in ((train_shapes, True), (eval_shapes, False)):
+            m.train(train)
+            for n, h, w in shapes:
+                x = torch.zeros(n, 3, h, w, device=rt.device, dtype=rt.dtype).contiguous(memory_format=fmt)
+                sizes = None if train else torch.tensor([[h, w]], device=rt.device).expand(n, 2)
+                with torch.set_grad_enabled(train), rt.autocast():
+                    out = m(x, sizes)
+                if train:
+                    out.float().sum().backward()
+    del m
+    rt.synchronize()
+    return time.perf_counter() - t0
+
+
+class EpochMeter:
+    """An epoch's running sums, on the device (no sync per step), with its wall and data-wait time. Its state is
+    checkpointed, so an epoch resumed in the middle reports whole-epoch numbers."""
+
+    def __init__(self, device: torch.device):
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss*n, correct, grad norm
+        self.last = torch.zeros((), device=device)
+        self.count = self.steps = 0
+        self.seconds = self.wait = 0.0
+        self._t = time.perf_counter()
+
+    def next(self, batches):
+        """The next batch (None at the end), its wait counted as data wait."""
+        t = time.perf_counter()
+        b = next(batches, None)
+        self.wait += time.perf_counter() - t
+        return b
+
+    def add(self, loss: torch.Tensor, correct: torch.Tensor, gnorm: torch.Tensor, n: int) -> None:
+        self.sums += torch.stack([loss.double() * n, correct.double(), gnorm.double()])
+        self.last = loss
+        self.count += n
+        self.steps += 1
+
+    def elapsed(self) -> float:
+        return self.seconds + time.perf_counter() - self._t
+
+    def sync(self) -> dict:
+        """The running numbers (a host sync: at log steps only)."""
+        s = self.sums.tolist()
+        return {"loss_last": float(self.last), "loss": s[0] / max(1, self.count), "top1": s[1] / max(1, self.count),
+                "grad_norm": s[2] / max(1, self.steps), "data_wait": self.wait / max(1e-9, self.elapsed())}
+
+    def row(self, world: int) -> dict:
+        s, t = self.sync(), self.elapsed()
+        return {"time_s": t, "images_per_s": self.count * world / t, "data_wait": s["data_wait"], "train_loss": s["loss"],
+                "train_top1": s["top1"], "grad_norm": s["grad_norm"]}
+
+    def state_dict(self) -> dict:
+        return {"sums": self.sums.cpu(), "count": self.count, "steps": self.steps, "seconds": self.elapsed(), "wait": self.wait}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.sums.copy_(d["sums"])
+        self.count, self.steps, self.seconds, self.wait = d["count"], d["steps"], d["seconds"], d["wait"]
+        self._t = time.perf_counter()
