@@ -38,19 +38,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _common import WORK, summary, write_results
 from PIL import Image
 
-from _common import WORK, summary, write_results
-from mame_fast.files import mp_context as _mp_context
-from mame_fast.data import metadata as md
 from mame_fast.config import DataConfig
-from mame_fast.input import build_loader, dali_available
-from mame_fast.input.loader import MEAN, STD, keep_freed_memory, normalize_rows, resize_hwc, tail_one
-from mame_fast.input.fallback import decode_crop
-from mame_fast.input.plan import BatchPlan
-from mame_fast.input.reader import open_split
+from mame_fast.data import metadata as md
 from mame_fast.data.sample import SampleSpec, write_sample
 from mame_fast.data.shard import ShardSettings, load_manifest, write_shards
+from mame_fast.files import mp_context as _mp_context
+from mame_fast.input import build_loader, dali_available
+from mame_fast.input.fallback import decode_crop
+from mame_fast.input.loader import MEAN, STD, keep_freed_memory, normalize_rows, resize_hwc, tail_one
+from mame_fast.input.plan import BatchPlan
+from mame_fast.input.reader import open_split
 
 
 def prepare(per_class: int, workers: int) -> tuple[Path, dict[str, Path]]:
@@ -61,7 +61,8 @@ def prepare(per_class: int, workers: int) -> tuple[Path, dict[str, Path]]:
     for res in ("full", "256"):
         folder = WORK / f"shards_{per_class}" / res
         if not (folder / "manifest.json").exists():
-            write_shards(root, WORK / f"shards_{per_class}", ShardSettings(variant=res, max_pixels=None, splits=("train",)), workers=workers)
+            settings = ShardSettings(variant=res, max_pixels=None, splits=("train",))
+            write_shards(root, WORK / f"shards_{per_class}", settings, workers=workers)
         shards[res] = folder
     return root, shards
 
@@ -102,11 +103,13 @@ def _pad_collate(batch):
 
 
 def imagefolder_loader(root: Path, res: str, crop: int, pixels: int, batch: int, workers: int):
-    from torchvision import datasets, transforms as T
+    from torchvision import datasets
+    from torchvision import transforms as T
 
     norm = T.Normalize([m / 255 for m in MEAN], [s / 255 for s in STD])
     if res == "256":
-        tf = T.Compose([T.RandomResizedCrop(crop, scale=(0.35, 1.0), ratio=(1.0, 1.0)), T.RandomHorizontalFlip(), T.ToTensor(), norm])
+        crops = T.RandomResizedCrop(crop, scale=(0.35, 1.0), ratio=(1.0, 1.0))
+        tf = T.Compose([crops, T.RandomHorizontalFlip(), T.ToTensor(), norm])
         tree, collate = _class_tree(root, "data_256"), None
     else:
         tf = T.Compose([_AspectResize(pixels), T.RandomHorizontalFlip(), T.ToTensor(), norm])
@@ -264,7 +267,8 @@ def main() -> None:
         # The layout the trainer asks for by default (channels-last); ImageFolder hands NCHW, as torchvision does.
         cfg = DataConfig(shards=str(shards[res]), res=res, batch_size=args.batch_size, crop=args.crop, pixels=args.pixels,
                          threads=args.workers)
-        contenders = (["DALI CPU"] + (["DALI GPU"] if torch.cuda.is_available() else []) if dali_available() else []) + ["PIL fallback", "ImageFolder + PIL"]
+        dali = ["DALI CPU"] + (["DALI GPU"] if torch.cuda.is_available() else []) if dali_available() else []
+        contenders = dali + ["PIL fallback", "ImageFolder + PIL"]
         limits = ["decode limit (PIL)", "decode limit (torchvision.io)", "augment limit"]
         times: dict[str, list[float]] = {}
         busy: list[float] = []
@@ -281,7 +285,8 @@ def main() -> None:
         plans = build_loader(DataConfig(**{**cfg.__dict__, "loader": "pil"}), "train", True, 0).plan
         limit_core = []
         for rep in range(args.repeats + 1):  # round 0: warm-up, not counted
-            parts = {limits[0]: decode_limit(files, args.workers, "pil"), limits[1]: decode_limit(files, args.workers, "torchvision"),
+            parts = {limits[0]: decode_limit(files, args.workers, "pil"),
+                     limits[1]: decode_limit(files, args.workers, "torchvision"),
                      limits[2]: augment_limit(cfg, plans(rep), args.workers)}
             if rep:
                 for name, ps in parts.items():
@@ -292,7 +297,8 @@ def main() -> None:
             ms = lambda core_s: 1e3 * core_s / n  # noqa: E731  core-milliseconds per image
             lim_pil, lim_tv, lim_aug = (ms(summary([c[j] for c in limit_core])[0]) for j in range(3))
             split_note = (
-                f"\nWhere DALI CPU's time goes, in core-ms per image (each part run alone on all threads, measured as process CPU time): "
+                f"\nWhere DALI CPU's time goes, in core-ms per image (each part run alone on all threads, measured as process "
+                f"CPU time): "
                 f"DALI graph (read + ROI decode) {ms(dec):.2f}, CPU tail {ms(tail):.2f} (of which the resize "
                 f"{ms(rs):.2f}; then flip, normalize to float32, pad), against a full decode of {lim_pil:.2f} (PIL) or "
                 f"{lim_tv:.2f} (torchvision.io) and {lim_aug:.2f} for the augment limit's whole per-image work. With both "
@@ -303,26 +309,30 @@ def main() -> None:
         rows = [
             f"### --res {res}: {n} training images, source {src_mpx / n:.2f} Mpx mean "
             f"({'256x256 data_256/' if res == '256' else 'data/ originals, longest side 1000'}), "
-            f"output {'%dx%d crops' % (args.crop, args.crop) if res == '256' else '~%d px per image, bucketed' % args.pixels}\n",
+            f"output {f'{args.crop}x{args.crop} crops' if res == '256' else f'~{args.pixels} px per image, bucketed'}\n",
             "| contender | epoch s (median [min, max]) | images/s | source Mpx/s | vs ImageFolder | vs decode limit (PIL) "
             "| vs decode limit (torchvision.io) | vs augment limit |",
             "|---|---|---|---|---|---|---|---|",
         ]
         for name, ts in times.items():
             med, lo, hi = summary(ts)
-            rows.append(f"| {name} | {med:.2f} [{lo:.2f}, {hi:.2f}] | {n / med:.0f} | {src_mpx / med:.1f} | {base / med:.2f}x | " + " | ".join(f"{r / med:.0%}" for r in ref.values()) + " |")
+            shares = " | ".join(f"{r / med:.0%}" for r in ref.values())
+            rows.append(f"| {name} | {med:.2f} [{lo:.2f}, {hi:.2f}] | {n / med:.0f} | {src_mpx / med:.1f} | "
+                        f"{base / med:.2f}x | {shares} |")
         sections.append("\n".join(rows) + "\n" + split_note)
         print(sections[-1], flush=True)
     body = (
         f"{args.workers} workers/threads per contender, batch {args.batch_size}, {args.repeats} timed epochs after one "
-        f"warm-up (median [min, max]). Each loader runs in a process of its own, is built once and runs the epochs in a row, as in training "
+        f"warm-up (median [min, max]). Each loader runs in a process of its own, is built once and runs the epochs in a row, "
+        f"as in training "
         f"(DataLoaders start their workers each epoch, as by default). mame-fast's loaders hand channels-last float32. "
         f"The limits run in {args.workers} processes, one per core, from memory: the decode limits decode the same "
         f"files (PIL, the issue's reference, and torchvision.io, both libjpeg-turbo); the augment limit does the DALI "
         f"CPU loader's per-image work, a whole-image decode (torchvision.io), the planned crop and the loader's own "
         f"tail function (resize, flip, normalize to float32 into a batch, pad), with nothing around it.\n\n" + "\n".join(sections)
     )
-    print("saved", write_results("loader_throughput", "Loader throughput", body, ("torch", "torchvision", "nvidia-dali-cuda130", "pillow")))
+    packages = ("torch", "torchvision", "nvidia-dali-cuda130", "pillow")
+    print("saved", write_results("loader_throughput", "Loader throughput", body, packages))
 
 
 if __name__ == "__main__":

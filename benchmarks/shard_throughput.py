@@ -20,13 +20,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import summary, write_results
 from PIL import Image
 
-from _common import summary, write_results
-from mame_fast.files import mp_context as _mp_context
 from mame_fast.data import metadata as md
 from mame_fast.data.sample import SampleSpec, write_sample
 from mame_fast.data.shard import ShardSettings, target_size, write_shards
+from mame_fast.files import mp_context as _mp_context
 
 
 def _naive_one(job):
@@ -58,7 +58,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="mame_bench_"))
     try:
         root = work / "mame"
-        write_sample(root, SampleSpec(per_class=(args.images_per_class, 0, 0), max_side=args.side, large=0, extremes=False), workers=args.workers)
+        spec = SampleSpec(per_class=(args.images_per_class, 0, 0), max_side=args.side, large=0, extremes=False)
+        write_sample(root, spec, workers=args.workers)
         rows = md.load_dir(root).rows
         mpx = sum(r.width * r.height for r in rows) / 1e6
         times: dict[str, list[float]] = {"mame-fast shard": [], "naive PIL (full decode)": []}
@@ -76,17 +77,20 @@ def main() -> None:
         base = summary(times["naive PIL (full decode)"])[0]
         lines = [
             f"Sample: {len(rows)} generated originals, {mpx / len(rows):.1f} Mpx mean (longest side {args.side}), "
-            f"budget {args.budget:,} px, {args.workers} workers, {args.repeats} timed repeats after one warm-up (median [min, max]). "
+            f"budget {args.budget:,} px, {args.workers} workers, {args.repeats} timed repeats after one warm-up "
+            f"(median [min, max]). "
             "Both contenders resize with antialiased bicubic and encode at quality 90.\n",
             "| contender | s (median [min, max]) | source Mpx/s | images/s | speed-up |",
             "|---|---|---|---|---|",
         ]
         for name, ts in times.items():
             med, lo, hi = summary(ts)
-            lines.append(f"| {name} | {med:.2f} [{lo:.2f}, {hi:.2f}] | {mpx / med:.1f} | {len(rows) / med:.1f} | {base / med:.2f}x |")
+            lines.append(f"| {name} | {med:.2f} [{lo:.2f}, {hi:.2f}] | {mpx / med:.1f} | {len(rows) / med:.1f} | "
+                         f"{base / med:.2f}x |")
         body = "\n".join(lines) + "\n"
         print(body)
-        print("saved", write_results("shard_throughput", "Shard throughput: mame-fast shard vs naive PIL", body, ("pillow", "numpy")))
+        title = "Shard throughput: mame-fast shard vs naive PIL"
+        print("saved", write_results("shard_throughput", title, body, ("pillow", "numpy")))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -27,6 +27,7 @@ the real MAMe train size.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -34,19 +35,18 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
-
 from _common import summary, write_results
 from loader_throughput import prepare
-from mame_fast.data import metadata as md
+
 from mame_fast.config import load
-from mame_fast.train.model import build, count_flops, load_spec
+from mame_fast.data import metadata as md
 from mame_fast.input import build_loader
 from mame_fast.input.loader import plan_config
 from mame_fast.input.plan import batch_shapes
+from mame_fast.train.model import build, count_flops, load_spec
 from mame_fast.train.runtime import setup_runtime
 from mame_fast.train.step import make_optimizer, make_schedule, train_step, warm_up
 
@@ -69,10 +69,8 @@ class GpuBusy:
 
     def _read(self):
         for line in self.proc.stdout:
-            try:
+            with contextlib.suppress(ValueError):  # a header or an empty line
                 self.samples.append(float(line.strip()))
-            except ValueError:
-                pass
 
     def __exit__(self, *exc):
         if self.proc:
@@ -209,13 +207,16 @@ def table(title: str, m: dict) -> str:
     return "\n".join([
         f"### {title}: {n} images per epoch, {m['steps']} steps, {m['shapes']} batch shapes, {m['loader']} on {m['device']}\n",
         "| measurement | images/s (median [min, max]) | GPU busy |", "|---|---|---|",
-        f"| in-memory batches | {summary(mem)[0]:.0f} [{summary(mem)[1]:.0f}, {summary(mem)[2]:.0f}] | {pct(m['gpu_busy_memory'])} |",
+        f"| in-memory batches | {summary(mem)[0]:.0f} [{summary(mem)[1]:.0f}, {summary(mem)[2]:.0f}] | "
+        f"{pct(m['gpu_busy_memory'])} |",
         f"| real loader | {summary(real)[0]:.0f} [{summary(real)[1]:.0f}, {summary(real)[2]:.0f}] | {pct(m['gpu_busy'])} |",
         "",
         f"- real loader / in-memory batches: **{ratio:.1%}**; time inside the loader's next() {m['wait_share']:.1%} of the loop "
-        f"({m['wait_ms_per_step']:.2f} ms per step of {m['step_ms']:.2f} ms); {tflops:.1f} TFLOP/s of training work (3x forward FLOPs).",
+        f"({m['wait_ms_per_step']:.2f} ms per step of {m['step_ms']:.2f} ms); {tflops:.1f} TFLOP/s of training work "
+        f"(3x forward FLOPs).",
         f"- start-up (CUDA, loader and model built) {m['startup_s']:.2f} s, once per process. First use of a shape: "
-        f"{per_shape * 1e3:.0f} ms each ({m['first_use_s']:.2f} s for {m['shapes']}, measured as a forward+backward pass over every "
+        f"{per_shape * 1e3:.0f} ms each ({m['first_use_s']:.2f} s for {m['shapes']}, measured as a forward+backward pass over "
+        f"every "
         f"shape minus a second such pass); the first epoch after that: {m['first_epoch_s']:.2f} s against {steady:.2f} s steady. "
         f"On the real MAMe train split ({m['real_shapes']} shapes, an epoch of {real_epoch:.1f} s at this speed) the first epoch "
         f"costs {real_overhead:.2f} s more than the others: **{real_overhead / real_epoch:.1%}** of an epoch.",
@@ -234,7 +235,8 @@ def main() -> None:
     ap.add_argument("--crop", type=int, default=224)
     ap.add_argument("--pixels", type=int, default=360_000)
     ap.add_argument("--variants", default=None,
-                    help="comma-separated res:cudnn:decode, e.g. 256:on:gpu,full:off:cpu (default: on and off, decode auto; on a CPU: off)")
+                    help="comma-separated res:cudnn:decode, e.g. 256:on:gpu,full:off:cpu (default: on and off, decode auto; "
+                         "on a CPU: off)")
     ap.add_argument("--reference", action="store_true", help="also time timm's resnet50 (GPU)")
     ap.add_argument("--reference-batch", type=int, default=128)
     ap.add_argument("--reference-steps", type=int, default=30)
@@ -251,20 +253,24 @@ def main() -> None:
         res, mode, decode = variant.split(":")
         extra = [f"data.crop={args.crop}"] if res == "256" else [f"data.pixels={args.pixels}"]
         sets = [f"model={args.model}", f"data.res={res}", f"data.shards={shards[res]}", f"data.batch_size={args.batch_size}",
-                f"data.threads={args.workers}", "optim.name=sgd", f"cudnn_benchmark={mode == 'on'}", f"data.decode={decode}"] + extra
+                f"data.threads={args.workers}", "optim.name=sgd", f"cudnn_benchmark={mode == 'on'}",
+                f"data.decode={decode}"] + extra
         m = run_child("measure", args, sets)
         if m:
             where = f", JPEG decode {decode}" if cuda else ""
-            sections.append(table(f"--res {res}, model `{args.model}`, batch {args.batch_size}, cuDNN autotuning {mode}{where}", m))
+            title = f"--res {res}, model `{args.model}`, batch {args.batch_size}, cuDNN autotuning {mode}{where}"
+            sections.append(table(title, m))
             print(sections[-1], flush=True)
     if args.reference and cuda:
         r = run_child("reference", args)
         if r:
-            sections.append(f"### reference: timm `resnet50`, in-memory 224x224 batches of {args.reference_batch}, channels-last, "
+            sections.append(f"### reference: timm `resnet50`, in-memory 224x224 batches of {args.reference_batch}, "
+                            f"channels-last, "
                             f"bf16, autotuned, on {r['device']}\n\n{r['ips']:.0f} images/s, "
                             f"{r['ips'] * r['train_flops_per_image'] / 1e12:.1f} TFLOP/s of training work (3x forward FLOPs).\n")
             print(sections[-1], flush=True)
-    body = (f"{args.epochs} steady whole epochs per measurement after the first; {args.workers} loader threads; SGD, bf16 autocast "
+    body = (f"{args.epochs} steady whole epochs per measurement after the first; {args.workers} loader threads; SGD, "
+            f"bf16 autocast "
             f"on GPU / fp32 on CPU, channels-last; each configuration in a fresh process. In-memory batches are one real "
             f"epoch's batches cached on the device and replayed.\n\n" + "\n".join(sections))
     print("saved", write_results("train_throughput", "Training throughput over whole epochs: real loader vs in-memory batches",

@@ -108,7 +108,8 @@ def sample(
     with Progress(TextColumn("sample"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console) as p:
         t = p.add_task("sample", total=n)
         rows = write_sample(out, spec, workers=workers, as_zip=zip, progress=lambda: p.advance(t))
-    console.print(f"wrote {len(rows)} images ({', '.join(f'{s} {sum(r.subset == s for r in rows)}' for s in md.SPLITS)}) to {out}")
+    counts = ", ".join(f"{s} {sum(r.subset == s for r in rows)}" for s in md.SPLITS)
+    console.print(f"wrote {len(rows)} images ({counts}) to {out}")
 
 
 def _counts(per_class: str) -> tuple[int, int, int]:
@@ -124,7 +125,8 @@ def _counts(per_class: str) -> tuple[int, int, int]:
 @app.command()
 @expected_errors
 def shard(
-    src: Path = typer.Argument(..., help="MAMe root (CSVs + data/ or data_256/) or the folder with the official zips; with --verify, a shard folder."),
+    src: Path = typer.Argument(..., help="MAMe root (CSVs + data/ or data_256/) or the folder with the official zips; "
+                                         "with --verify, a shard folder."),
     out: Path = typer.Option(Path("shards"), help="Output root; shards go to OUT/<variant>/."),
     res: str = typer.Option("full", help="'full' (data/, downscaled to the budget) or '256' (data_256/)."),
     max_side: Optional[int] = typer.Option(None, min=1, help="Budget as longest side in px."),
@@ -167,7 +169,8 @@ def shard(
     for c in ("split", "samples", "shards", "MB", "classes"):
         table.add_column(c)
     for split, s in m["splits"].items():
-        table.add_row(split, str(s["count"]), str(len(s["shards"])), f"{s['bytes'] / 2**20:.1f}", str(sum(v > 0 for v in s["per_class"].values())))
+        classes = sum(v > 0 for v in s["per_class"].values())
+        table.add_row(split, str(s["count"]), str(len(s["shards"])), f"{s['bytes'] / 2**20:.1f}", str(classes))
     console.print(table)
     if m["rejected"]:
         console.print(f"[yellow]skipped {m['rejected']} bad image(s); see {folder / 'rejects.jsonl'}[/]")
@@ -183,7 +186,8 @@ def _verify(folder: Path) -> None:
     if problems:
         _fail(f"{len(problems)} problem(s) in {folder}")
     n = sum(s["count"] for s in m["splits"].values())
-    console.print(f"[green]ok:[/] {n} samples in {sum(len(s['shards']) for s in m['splits'].values())} shards match the manifest and index")
+    tars = sum(len(s["shards"]) for s in m["splits"].values())
+    console.print(f"[green]ok:[/] {n} samples in {tars} shards match the manifest and index")
 
 
 @app.command()
@@ -233,7 +237,7 @@ def train(
     name: str = typer.Option("run", help="Run name (folder runs/<NNN>-<name>/)."),
     after: List[int] = typer.Option([], "--after", help="Number(s) of the experiment(s) this one follows (for its card)."),
     hypothesis: str = typer.Option("", help="What this experiment tests (for its card)."),
-    tensorboard: bool = typer.Option(False, "--tensorboard", help="Also log to TensorBoard (<run>/tb); same as --set tensorboard=true."),
+    tensorboard: bool = typer.Option(False, "--tensorboard", help="Also log to TensorBoard (<run>/tb): --set tensorboard=true."),
 ) -> None:
     """Train a spec-built CNN (single process, or under torchrun on one or many nodes)."""
     from .config import load
@@ -308,7 +312,7 @@ def _resume_hint(run_dir: Path) -> str:
 @app.command()
 @expected_errors
 def model(
-    specs: List[str] = typer.Argument(None, help="Model spec names (configs/models/) or YAML paths; default: the shipped family."),
+    specs: List[str] = typer.Argument(None, help="Model spec names (configs/models/) or YAML paths; default: the shipped ones."),
     crop: int = typer.Option(224, min=8, help="Side of the fixed-size input for the 256 column."),
     pixels: int = typer.Option(360_000, min=64, help="Pixel budget of the full-resolution column."),
 ) -> None:
@@ -320,7 +324,8 @@ def model(
         table.add_column(c, justify="right")
     for s in specs or shipped_specs():
         r = summary_rows(load_spec(s), crop, pixels)
-        table.add_row(s, f"{r['params'] / 1e6:.2f} M", str(r["blocks"]), str(r["features"]), f"{r['flops_256'] / 1e9:.2f}", f"{r['flops_full'] / 1e9:.2f}")
+        table.add_row(s, f"{r['params'] / 1e6:.2f} M", str(r["blocks"]), str(r["features"]), f"{r['flops_256'] / 1e9:.2f}",
+                      f"{r['flops_full'] / 1e9:.2f}")
     console.print(table)
 
 
@@ -390,11 +395,13 @@ def compare(
     """Curves of several runs overlaid in one figure, plus each config's diff against the first."""
     from .records.report import compare as cmp
 
-    path, diffs = cmp(run_dirs, out)
+    path, diffs, verdicts = cmp(run_dirs, out)
     for k, d in diffs.items():
         console.print(f"[bold]{k}[/] vs {run_dirs[0].name}:")
         for key, (a, b) in d.items():
-            console.print(f"  {key}: {a} -> {b}")
+            console.print(f"  {key}: {a} -> {b}", highlight=False)
+        if k in verdicts:
+            console.print(f"  best val top-1: {verdicts[k]}", highlight=False)
     console.print(f"figure: {path}")
 
 

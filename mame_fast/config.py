@@ -28,11 +28,12 @@ class ConfigError(ValueError):
 RANGES: dict[str, tuple] = {
     "data.batch_size": (1, None, False, False), "data.crop": (8, None, False, False), "data.pixels": (64, None, False, False),
     "data.buckets": (1, None, False, False), "data.side_multiple": (1, None, False, False), "data.scale_min": (0, 1, True, False),
-    "data.color_jitter": (0, 1, False, True), "data.eval_crop_fraction": (0, 1, True, False), "data.threads": (0, None, False, False),
-    "data.prefetch": (1, None, False, False),
+    "data.color_jitter": (0, 1, False, True), "data.eval_crop_fraction": (0, 1, True, False),
+    "data.threads": (0, None, False, False), "data.prefetch": (1, None, False, False),
     "optim.lr": (0, None, True, False), "optim.momentum": (0, 1, False, True), "optim.weight_decay": (0, None, False, False),
-    "optim.warmup_epochs": (0, None, False, False), "optim.label_smoothing": (0, 1, False, True), "optim.mixup": (0, None, False, False),
-    "optim.cutmix": (0, None, False, False), "optim.clip_grad": (0, None, False, False), "optim.ema": (0, 1, False, True),
+    "optim.warmup_epochs": (0, None, False, False), "optim.label_smoothing": (0, 1, False, True),
+    "optim.mixup": (0, None, False, False), "optim.cutmix": (0, None, False, False), "optim.clip_grad": (0, None, False, False),
+    "optim.ema": (0, 1, False, True),
     "epochs": (1, None, False, False), "log_every": (1, None, False, False), "eval_every": (1, None, False, False),
     "max_steps": (0, None, False, False), "hist_epochs": (0, None, False, False), "ckpt_every_min": (0, None, False, False),
 }
@@ -41,7 +42,8 @@ RANGES: dict[str, tuple] = {
 def _in_range(key: str, v) -> None:
     lo, hi, lo_open, hi_open = RANGES[key]
     if (lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and (v >= hi if hi_open else v > hi)):
-        span = f"{'(' if lo_open else '['}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{')' if hi_open or hi is None else ']'}"
+        left = f"{'(' if lo_open else '['}{'-inf' if lo is None else lo}"
+        span = f"{left}, {'inf' if hi is None else hi}{')' if hi_open or hi is None else ']'}"
         raise ConfigError(f"{key}: {v!r} is out of range; it must lie in {span}")
 
 
@@ -61,7 +63,7 @@ class _Checked:
                 _in_range(key, v)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _hints(cls) -> dict:
     return typing.get_type_hints(cls)
 

@@ -38,7 +38,10 @@ def test_every_config_field_has_a_doc_line(cls):
     tree = ast.parse(inspect.getsource(config_module))
     body = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls).body
     fields = [(i, s.target.id) for i, s in enumerate(body) if isinstance(s, ast.AnnAssign) and not s.target.id.startswith("_")]
-    undocumented = [name for i, name in fields if not (i + 1 < len(body) and isinstance(body[i + 1], ast.Expr)
-                                                       and isinstance(body[i + 1].value, ast.Constant)
-                                                       and isinstance(body[i + 1].value.value, str) and body[i + 1].value.value.strip())]
+    def doc(i: int) -> str:
+        nxt = body[i + 1] if i + 1 < len(body) else None
+        ok = isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)
+        return nxt.value.value.strip() if ok else ""
+
+    undocumented = [name for i, name in fields if not doc(i)]
     assert fields and not undocumented, f"{cls}: no doc line for {undocumented}"

@@ -9,18 +9,24 @@ from mame_fast.records.diagnose import diagnose_history
 N = 10
 falling = [3.3 - 0.25 * i for i in range(N)]
 
+
+def line(start: float, step: float) -> list[float]:
+    return [start + step * i for i in range(N)]
+
+
 CASES = {
-    "underfitting": ([3.3 - 0.05 * i for i in range(N)], [3.3 - 0.05 * i for i in range(N)], [0.05 + 0.02 * i for i in range(N)], [0.05 + 0.02 * i for i in range(N)]),
+    "underfitting": (line(3.3, -0.05), line(3.3, -0.05), line(0.05, 0.02), line(0.05, 0.02)),
     "overfitting": (
         [2.0 * 0.7**i for i in range(N)],
         [2.0, 1.6, 1.3, 1.1, 1.0, 1.05, 1.15, 1.3, 1.45, 1.6],
         [0.4 + 0.06 * i for i in range(N)],
         [0.4, 0.5, 0.58, 0.62, 0.64, 0.63, 0.62, 0.61, 0.6, 0.6],
     ),
-    "fitting": ([2.0 * 0.8**i for i in range(N)], [2.0, 1.5, 1.2, 1.0, 0.9, 0.85, 0.83, 0.82, 0.82, 0.82], [0.5 + 0.04 * i for i in range(N)], [0.5 + 0.03 * i for i in range(N)]),
-    "diverged": ([2.0, 1.8, 1.7, math.nan, math.nan, math.nan, math.nan, math.nan, math.nan, math.nan], [2.0] * 3 + [math.nan] * 7, [0.3] * N, [0.3] * N),
+    "fitting": ([2.0 * 0.8**i for i in range(N)], [2.0, 1.5, 1.2, 1.0, 0.9, 0.85, 0.83, 0.82, 0.82, 0.82], line(0.5, 0.04),
+                line(0.5, 0.03)),
+    "diverged": ([2.0, 1.8, 1.7] + [math.nan] * 7, [2.0] * 3 + [math.nan] * 7, [0.3] * N, [0.3] * N),
     "unstable": ([1.0 - 0.05 * i for i in range(N)], [1.0, 0.6, 1.1, 0.5, 1.2, 0.55, 1.15, 0.5, 1.1, 0.6], [0.8] * N, [0.6] * N),
-    "not converged": ([2.0 - 0.15 * i for i in range(N)], [2.0 - 0.15 * i for i in range(N)], [0.5 + 0.04 * i for i in range(N)], [0.5 + 0.035 * i for i in range(N)]),
+    "not converged": (line(2.0, -0.15), line(2.0, -0.15), line(0.5, 0.04), line(0.5, 0.035)),
 }
 
 

@@ -8,12 +8,12 @@ import json
 import pytest
 import torch
 
-from mame_fast.train import checkpoint as ckpt
-from mame_fast.train.testset import AlreadyTested, evaluate_test_set
-from mame_fast.train.model import build, spec_from_dict
 from mame_fast.input import build_loader
 from mame_fast.input.reader import open_split
+from mame_fast.train import checkpoint as ckpt
 from mame_fast.train.loop import run
+from mame_fast.train.model import build, spec_from_dict
+from mame_fast.train.testset import AlreadyTested, evaluate_test_set
 
 from .helpers import cfg_for
 

@@ -9,16 +9,16 @@ import pytest
 import torch
 
 from mame_fast.config import DataConfig, load
-from mame_fast.train.testset import evaluate_test_set
-from mame_fast.train.model import build, load_spec
 from mame_fast.input import build_loader, dali_available
 from mame_fast.input.dali import DaliLoader
 from mame_fast.input.reader import open_split
 from mame_fast.records.records import read_metrics, read_run_info
 from mame_fast.records.report import write_report
-from mame_fast.train.runtime import setup_runtime
 from mame_fast.train.loop import run
+from mame_fast.train.model import build, load_spec
+from mame_fast.train.runtime import setup_runtime
 from mame_fast.train.step import make_optimizer, make_schedule, train_step
+from mame_fast.train.testset import evaluate_test_set
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 CUDA = torch.device("cuda", 0)

@@ -12,12 +12,11 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from mame_fast.data import metadata as md
-from mame_fast.input import plan as pl
 from mame_fast.config import DataConfig
+from mame_fast.data import metadata as md
+from mame_fast.data.shard import ShardError, ShardSettings, split_shards, write_shards
 from mame_fast.input import LoaderError, build_loader, dali_available
 from mame_fast.input.reader import open_split
-from mame_fast.data.shard import ShardError, ShardSettings, split_shards, write_shards
 
 LOADERS = ["dali", "pil"] if dali_available() else ["pil"]
 SMALL = dict(pixels=20_000, crop=64, batch_size=8, threads=1, side_multiple=8)  # fine steps for a tiny budget
@@ -42,7 +41,7 @@ def test_batches_shapes_dtypes_labels(shards, mame_root, loader, res, train):
             assert (H, W) == (64, 64)
         else:
             assert abs(H * W - 20_000) < 0.1 * 20_000
-        assert -3.0 < b.images.min() and b.images.max() < 3.0  # normalized
+        assert b.images.min() > -3.0 and b.images.max() < 3.0  # normalized
         for k, i in enumerate(b.index.tolist()):
             assert int(b.labels[k]) == meta[L.split.files[i]]  # label equals the metadata label of its key
             h, w = b.sizes[k].tolist()
@@ -303,7 +302,8 @@ def test_flips_mirror_the_planned_samples(shards, loader, res):
 def test_colour_jitter_factors_act_in_pixel_space():
     """Brightness scales pixel values, contrast scales their distance to the mean grey, saturation their distance
     to each pixel's grey; factors of 1 change nothing."""
-    from mame_fast.input.loader import MEAN, STD, color_jitter as _color_jitter
+    from mame_fast.input.loader import MEAN, STD
+    from mame_fast.input.loader import color_jitter as _color_jitter
 
     mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
     px = torch.rand(4, 3, 8, 10) * 150 + 50

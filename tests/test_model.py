@@ -32,7 +32,8 @@ def _randomize_norms(m):
 @pytest.mark.parametrize("block", ["residual", "inverted"])
 def test_padding_does_not_change_a_samples_output(block):
     torch.manual_seed(0)
-    spec = ModelSpec(stem_width=16, stem_depth=2, stages=(StageSpec(24, 2, 2, block, se=0.25), StageSpec(48, 2, 2, block, se=0.25)),
+    stages = (StageSpec(24, 2, 2, block, se=0.25), StageSpec(48, 2, 2, block, se=0.25))
+    spec = ModelSpec(stem_width=16, stem_depth=2, stages=stages,
                      act="silu", head_width=64)
     m = build(spec).eval()
     _randomize_norms(m)

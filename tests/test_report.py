@@ -16,6 +16,13 @@ from mame_fast.records.report import add_note, card_sections, runs_table, write_
 from mame_fast.train.loop import run
 
 
+def _wilson(p: float, n: int) -> tuple[float, float]:
+    """The Wilson score interval, written out here from its formula (z = 1.96), not taken from the code under test."""
+    z = 1.96
+    c, h = p + z * z / (2 * n), z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5
+    return max(0.0, (c - h) / (1 + z * z / n)), min(1.0, (c + h) / (1 + z * z / n))
+
+
 def _cfg(shards, out, *sets):
     base = [f"data.shards={shards}", f"out={out}", "data.res=256", "data.crop=48", "data.batch_size=16", "data.threads=1",
             "log_every=2", "hist_epochs=2", "optim.name=adamw", "optim.weight_decay=0"]
@@ -61,14 +68,16 @@ def test_card_has_five_parts_right_numbers_and_diff(two_runs):
     rows = [json.loads(line) for line in (over / "metrics.jsonl").read_text().splitlines()]
     best = max(rows, key=lambda r: r["val"]["top1"])
     last = rows[-1]
-    assert f"| best val top-1 | {100 * best['val']['top1']:.1f}% (epoch {best['epoch']}) |" in text
+    lo, hi = _wilson(best["val"]["top1"], best["val"]["count"])
+    assert f"| best val top-1 [95% interval] | {100 * best['val']['top1']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] " \
+           f"(epoch {best['epoch']}) |" in text
     assert f"| train/val gap | {100 * (last['train_top1'] - last['val']['top1']):.1f}% |" in text
     assert f"| final train top-1 | {100 * last['train_top1']:.1f}% |" in text
     assert f"| epochs run / status | {len(rows)} / finished |" in text
     assert f"| images/s (mean), data wait | {sum(r['images_per_s'] for r in rows) / len(rows):.0f}," in text
     under_rows = [json.loads(line) for line in (under / "metrics.jsonl").read_text().splitlines()]
     under_best = max(under_rows, key=lambda r: r["val"]["top1"])
-    assert f"#1 (tiny-under): best val top-1 {100 * under_best['val']['top1']:.1f}% at epoch {under_best['epoch']}" in text
+    assert f"#1 (tiny-under): best val top-1 {100 * under_best['val']['top1']:.1f}% [" in text
     assert "Note: the val loss turns up after a few epochs" in text and "Automatic diagnosis: **overfitting**" in text
 
 
@@ -89,7 +98,9 @@ def test_report_includes_every_run(two_runs):
     table = runs_table(root)
     assert [r["#"] for r in table] == [1, 2] and [r["diagnosis"] for r in table] == ["underfitting", "overfitting"]
     rows = [json.loads(line) for line in (under / "metrics.jsonl").read_text().splitlines()]
-    assert table[0]["best val"] == f"{100 * max(r['val']['top1'] for r in rows):.1f}%" and table[0]["epochs"] == len(rows) == 2
+    top = max(r["val"]["top1"] for r in rows)
+    lo, hi = _wilson(top, rows[0]["val"]["count"])
+    assert table[0]["best val [95%]"] == f"{100 * top:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]" and table[0]["epochs"] == len(rows) == 2
     card = write_card(under).read_text()
     assert "None: this is a first experiment" in card and "Model `tiny`" in card and "2 epochs" in card
 

@@ -122,7 +122,8 @@ def test_deterministic_bytes(mame_root, shards, tmp_path):
         a = [sh.sha256(p) for p in sh.split_shards(shards, split)]
         b = [sh.sha256(p) for p in sh.split_shards(again, split)]
         assert a == b
-    other = sh.write_shards(mame_root, tmp_path / "seed1", sh.ShardSettings(max_pixels=BUDGET, shard_size_mb=0.3, seed=1, splits=("val",)))
+    settings = sh.ShardSettings(max_pixels=BUDGET, shard_size_mb=0.3, seed=1, splits=("val",))
+    other = sh.write_shards(mame_root, tmp_path / "seed1", settings)
     assert _order(other, "val") != _order(shards, "val")  # the seed changes the order
     assert sorted(_order(other, "val")) == sorted(_order(shards, "val"))
 
@@ -214,7 +215,8 @@ DAMAGE = {
     "sample order": (lambda f: _edit_manifest(f, lambda s: s["samples"]["key"].reverse()), "where the manifest has"),
     "size in manifest": (lambda f: _edit_manifest(f, lambda s: s["samples"]["width"].__setitem__(0, 7)), "manifest says"),
     "jpeg unreadable": (lambda f: _flip_byte(_first_tar(f), sh.read_index(_lbl_offset(f)[0])[0]["jpg"][0] + 2), "does not open"),
-    "manifest lists more": (lambda f: _edit_manifest(f, lambda s: s["samples"]["key"].append("ghost")), "manifest lists more val samples"),
+    "manifest lists more": (lambda f: _edit_manifest(f, lambda s: s["samples"]["key"].append("ghost")),
+                            "manifest lists more val samples"),
 }
 
 
@@ -248,7 +250,8 @@ def _save(img: Image.Image, fmt: str, **kw) -> bytes:
 BROKEN = {
     "missing": (lambda root, r: (root / "data" / r.file).unlink(), "missing image file"),
     "zero-byte": (lambda root, r: (root / "data" / r.file).write_bytes(b""), "zero-byte file"),
-    "truncated": (lambda root, r: (root / "data" / r.file).write_bytes((root / "data" / r.file).read_bytes()[:3000]), "truncated"),
+    "truncated": (lambda root, r: (root / "data" / r.file).write_bytes((root / "data" / r.file).read_bytes()[:3000]),
+                  "truncated"),
     "corrupt": (lambda root, r: (root / "data" / r.file).write_bytes(b"\xff\xd8\xff\xe0garbage" * 50), "not a readable image"),
 }
 
@@ -313,7 +316,8 @@ def _edit_csv(root: Path, fn) -> None:
     [
         ("unknown class", lambda b: b.replace(b",Bronze,", b",Velvet,", 1), r"class\(es\) \['Velvet'\] not in MAMe_labels.csv"),
         ("duplicate file", lambda b: b + b.splitlines(keepends=True)[1], "duplicate file name"),
-        ("missing column", lambda b: b.replace(b"Museum-based instance ID", b"ID", 1), r"missing column\(s\) \['Museum-based instance ID'\]"),
+        ("missing column", lambda b: b.replace(b"Museum-based instance ID", b"ID", 1),
+         r"missing column\(s\) \['Museum-based instance ID'\]"),
     ],
 )
 def test_bad_csv_fails_naming_the_file(root_copy, tmp_path, case, edit, message):

@@ -15,15 +15,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from mame_fast.train import checkpoint as ckpt
 from mame_fast.config import load
-from mame_fast.train.testset import AlreadyTested, evaluate_test_set
-from mame_fast.train.model import ModelSpec, StageSpec, build, load_spec
-from mame_fast.records.records import read_metrics, read_run_info
 from mame_fast.input.reader import open_split
+from mame_fast.records.records import read_metrics, read_run_info
+from mame_fast.train import checkpoint as ckpt
 from mame_fast.train.loop import TrainingDiverged, run
+from mame_fast.train.model import ModelSpec, StageSpec, build
 
 from .helpers import cfg_for
+
 
 def test_training_reduces_the_loss(shards, tmp_path):
     d = run(cfg_for(shards, tmp_path, epochs=4, **{"optim.ema": 0.9}), name="learn")
@@ -125,7 +125,8 @@ def _train_cli(shards: Path, out: Path, name: str, *more: str) -> list[str]:
 @pytest.fixture(scope="module")
 def uninterrupted(shards, tmp_path_factory, dropout_spec) -> Path:
     out = tmp_path_factory.mktemp("ref")
-    subprocess.run(_train_cli(shards, out, "ref", f"model={dropout_spec}"), env=_cli_env(), cwd=out, check=True, capture_output=True)
+    cmd = _train_cli(shards, out, "ref", f"model={dropout_spec}")
+    subprocess.run(cmd, env=_cli_env(), cwd=out, check=True, capture_output=True)
     return next(out.glob("*-ref"))
 
 
@@ -162,9 +163,10 @@ def test_bf16_life_of_a_full_resolution_run(shards, tmp_path):
     from mame_fast.input import build_loader
 
     cli = CliRunner()
-    sets = [f"out={tmp_path}", "precision=bf16", "optim.ema=0.9", "epochs=2", "hist_epochs=2", "warmup=always", "data.pixels=3000",
-            "data.batch_size=16", "data.threads=1", "log_every=2"]
-    r = cli.invoke(app, ["train", "--res", "full", "--shards", str(shards), "--name", "bf16"] + [a for s in sets for a in ("--set", s)])
+    sets = [f"out={tmp_path}", "precision=bf16", "optim.ema=0.9", "epochs=2", "hist_epochs=2", "warmup=always",
+            "data.pixels=3000", "data.batch_size=16", "data.threads=1", "log_every=2"]
+    args = ["train", "--res", "full", "--shards", str(shards), "--name", "bf16"] + [a for s in sets for a in ("--set", s)]
+    r = cli.invoke(app, args)
     assert r.exit_code == 0, r.output
     d = next(tmp_path.glob("*-bf16"))
     info = read_run_info(d)
@@ -190,7 +192,8 @@ def test_warm_up_leaves_the_run_untouched():
     from mame_fast.train.step import warm_up
 
     torch.manual_seed(0)
-    model = build(ModelSpec(stem_width=8, stages=(StageSpec(16, 2, 2),), drop_path=0.2, dropout=0.3)).to(memory_format=torch.channels_last)
+    model = build(ModelSpec(stem_width=8, stages=(StageSpec(16, 2, 2),), drop_path=0.2, dropout=0.3))
+    model = model.to(memory_format=torch.channels_last)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
     cost = warm_up(model, [(4, 32, 64), (4, 64, 32)], [(4, 32, 64)], setup_runtime("bf16"))
@@ -253,7 +256,8 @@ def test_mixup_and_cutmix_mix_images_and_targets_alike():
     assert torch.allclose(xm, lam * x + (1 - lam) * x.flip(0))
     xc, tc = mix(x, t, OptimConfig(cutmix=1.0), np.random.default_rng(3))
     pasted = (xc != x).any(1)[0]  # where image 0 took its partner's pixels
-    assert pasted.any() and torch.equal(xc[:, :, pasted], x.flip(0)[:, :, pasted]) and torch.equal(xc[:, :, ~pasted], x[:, :, ~pasted])
+    assert pasted.any() and torch.equal(xc[:, :, pasted], x.flip(0)[:, :, pasted])
+    assert torch.equal(xc[:, :, ~pasted], x[:, :, ~pasted])
     keep = 1 - float(pasted.float().mean())
     assert torch.allclose(tc, keep * t + (1 - keep) * t.flip(0))
     assert mix(x, t, OptimConfig(), np.random.default_rng(0))[0] is x  # both off: untouched

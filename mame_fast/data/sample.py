@@ -129,7 +129,8 @@ def render(label: int, width: int, height: int, rng: np.random.Generator, n_clas
     g = (v / max(height / s, 1e-6))[..., None]
     bg = bg0 * (1 - g) + bg1 * g
     img = np.where(mask[..., None], obj, bg * 0.85 + pal[2] * 0.15)
-    vig = 1 - rng.uniform(0, 0.35) * (((u - width / s / 2) ** 2 + (v - height / s / 2) ** 2) / (0.5 * (width / s) ** 2 + 0.5 * (height / s) ** 2 + 1e-6))
+    r2 = ((u - width / s / 2) ** 2 + (v - height / s / 2) ** 2) / (0.5 * (width / s) ** 2 + 0.5 * (height / s) ** 2 + 1e-6)
+    vig = 1 - rng.uniform(0, 0.35) * r2
     img = img * vig[..., None]
     img = np.clip(img, 0, 1) ** rng.uniform(0.8, 1.25) * rng.uniform(0.8, 1.1)
     img = img + rng.normal(0, rng.uniform(0.005, 0.04), size=img.shape).astype(np.float32)
@@ -201,7 +202,7 @@ def write_sample(out: Path, spec: SampleSpec, workers: int = 1, as_zip: bool = F
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "data").mkdir(parents=True)
     (tmp / "data_256").mkdir()
-    
+
     with mp_context().Pool(workers) if workers > 1 else _Serial() as pool:
         for file, full, small in pool.imap(_make_one, jobs, chunksize=4):
             (tmp / "data" / file).write_bytes(full)

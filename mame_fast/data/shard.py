@@ -39,8 +39,21 @@ from PIL import Image, ImageOps
 from .. import __version__
 from ..files import atomic_write_text, mp_context
 from . import metadata as md
-from .format import (EXTS, FORMAT, FORMAT_VERSION, ShardError, index_line, index_text, load_manifest, read_index, safe_key,
-                     sample_members, sha256, shard_name, split_shards)
+from .format import (
+    EXTS,
+    FORMAT,
+    FORMAT_VERSION,
+    ShardError,
+    index_line,
+    index_text,
+    load_manifest,
+    read_index,
+    safe_key,
+    sample_members,
+    sha256,
+    shard_name,
+    split_shards,
+)
 from .source import Source
 
 # Decoding a non-JPEG cannot be scaled in the DCT domain; above this a full decode needs > 1 GB.
@@ -219,7 +232,7 @@ class ShardWriter:
 
     def add(self, rec: dict) -> None:
         if self.tf is None:
-            self.tf = tarfile.open(self._name("tar.tmp"), "w", format=tarfile.USTAR_FORMAT)
+            self.tf = tarfile.open(self._name("tar.tmp"), "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115  (open across add() calls)
             self.lines = []
         self.lines.append(index_line([(name, *_member(self.tf, name, payload)) for name, payload in sample_members(rec)]))
         if self.tf.offset >= self.max_bytes:

@@ -26,7 +26,8 @@ def build_loader(cfg: DataConfig, split_name: str, train: bool, seed: int, rank:
         kind = "dali" if dali_available() else "pil"
     if kind == "dali":
         if not dali_available():
-            raise LoaderError("data.loader=dali but NVIDIA DALI is not installed (pip install nvidia-dali-cuda130); use data.loader=pil")
+            raise LoaderError("data.loader=dali but NVIDIA DALI is not installed (pip install nvidia-dali-cuda130); "
+                              "use data.loader=pil")
         return DaliLoader(split, cfg, train, seed, rank, world, device, dtype)
     if kind == "pil":
         return PilLoader(split, cfg, train, seed, rank, world, device, dtype)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import weakref
 from typing import Callable, Iterator
 
 import numpy as np
@@ -104,12 +105,11 @@ class _Feed:
 
 
 @functools.lru_cache(maxsize=1)
-def _live_dali_loaders() -> "weakref.WeakSet[DaliLoader]":
+def _live_dali_loaders() -> weakref.WeakSet[DaliLoader]:
     """Every DALI loader alive, so that their pipelines and the DALI tensors over the shard maps are released while
     Python still runs: left to the interpreter's teardown, DALI's buffers (which hold Python objects when fed
     without a copy) were freed after it and the process aborted at exit ('free(): invalid pointer')."""
     import atexit
-    import weakref
 
     loaders: weakref.WeakSet = weakref.WeakSet()
 

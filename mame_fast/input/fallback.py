@@ -25,7 +25,8 @@ from .plan import BatchPlan
 from .reader import Split
 
 
-def decode_planned(data: bytes | memoryview, x: float, y: float, cw: float, ch: float, ow: int, oh: int, flip: bool) -> torch.Tensor:
+def decode_planned(data: bytes | memoryview, x: float, y: float, cw: float, ch: float, ow: int, oh: int,
+                   flip: bool) -> torch.Tensor:
     """One planned sample as uint8 HWC: crop (x, y, cw, ch) of the stored image, resized to (oh, ow).
 
     Two routes to the same result, up to resampling details. Where the output is less than half the crop's
@@ -63,7 +64,8 @@ def _torchvision_decodes() -> bool:
     return True
 
 
-def _decode_planned_pil(data: bytes | memoryview, x: float, y: float, cw: float, ch: float, ow: int, oh: int, flip: bool) -> np.ndarray:
+def _decode_planned_pil(data: bytes | memoryview, x: float, y: float, cw: float, ch: float, ow: int, oh: int,
+                        flip: bool) -> np.ndarray:
     im = Image.open(io.BytesIO(data))
     W, H = im.size
     scale = min(ow / cw, oh / ch)
@@ -91,7 +93,8 @@ class _PlannedBatches(torch.utils.data.Dataset):
         out = torch.zeros((len(p.index), p.height, p.width, 3), dtype=torch.uint8)
         for k, i in enumerate(p.samples):
             try:
-                a = decode_planned(self.split.jpeg(int(i)), p.x[k], p.y[k], p.cw[k], p.ch[k], p.out_w[k], p.out_h[k], bool(p.flip[k]))
+                a = decode_planned(self.split.jpeg(int(i)), p.x[k], p.y[k], p.cw[k], p.ch[k], p.out_w[k], p.out_h[k],
+                                   bool(p.flip[k]))
             except (OSError, ValueError, SyntaxError, RuntimeError) as e:  # what PIL and torchvision.io raise for damaged images
                 tar = self.split.tars[int(self.split.shard[i])]
                 raise LoaderError(f"{tar}: sample {self.split.keys[i]} cannot be decoded ({e}). "

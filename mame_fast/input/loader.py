@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..config import DataConfig
-from .plan import BatchPlan, EpochPlans, PlanConfig, batch_shapes, make_buckets, square_bucket
+from .plan import EpochPlans, PlanConfig, batch_shapes, make_buckets, square_bucket
 from .reader import Split
 
 # Normalization constants in 0-255 units (generic photographic statistics, no pretrained weights involved).
@@ -124,8 +124,8 @@ class Loader:
                 "color": np.stack([p.color for p in plans]).astype(np.float32),
             }
             cuda = self.device.type == "cuda"
-            self._rows = (epoch, {k: (torch.from_numpy(v).pin_memory() if cuda else torch.from_numpy(v)).to(self.device, non_blocking=True)
-                                  for k, v in host.items()})
+            pin = (lambda t: t.pin_memory()) if cuda else (lambda t: t)
+            self._rows = (epoch, {k: pin(torch.from_numpy(v)).to(self.device, non_blocking=True) for k, v in host.items()})
         return self._rows[1]
 
     def _finish(self, images: torch.Tensor, epoch: int, step: int) -> Batch:
@@ -192,7 +192,8 @@ def resize_hwc(crop: torch.Tensor, oh: int, ow: int) -> torch.Tensor:
     """
     if crop.shape[:2] == (oh, ow):
         return crop
-    x = torch.nn.functional.interpolate(crop[None].permute(0, 3, 1, 2), size=(oh, ow), mode="bilinear", antialias=True, align_corners=False)
+    x = torch.nn.functional.interpolate(crop[None].permute(0, 3, 1, 2), size=(oh, ow), mode="bilinear", antialias=True,
+                                        align_corners=False)
     return x[0].permute(1, 2, 0)
 
 

@@ -166,7 +166,8 @@ class PlanConfig:
     fixed: bool = False  # one square bucket (256 mode): eval takes a centre crop instead of fitting
 
 
-def epoch_plan(h: np.ndarray, w: np.ndarray, cfg: PlanConfig, seed: int, epoch: int, rank: int = 0, world: int = 1) -> list[BatchPlan]:
+def epoch_plan(h: np.ndarray, w: np.ndarray, cfg: PlanConfig, seed: int, epoch: int, rank: int = 0,
+               world: int = 1) -> list[BatchPlan]:
     """This rank's batches for ``epoch`` over a split whose stored sizes are (h, w)."""
     n = len(h)
     if n < world:

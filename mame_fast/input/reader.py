@@ -88,7 +88,8 @@ def open_split(folder: Path, split: str, res: str | None = None) -> Split:
             )
         entries = read_index(idx)
         if len(entries) != sh["count"] or [e["__key__"] for e in entries] != keys[pos : pos + sh["count"]]:
-            raise ShardError(f"{idx}: stale or foreign index (its samples differ from the manifest); re-create it with `mame-fast shard`")
+            raise ShardError(f"{idx}: stale or foreign index (its samples differ from the manifest); "
+                             f"re-create it with `mame-fast shard`")
         for i, e in enumerate(entries):
             if "jpg" not in e:
                 raise ShardError(f"{idx}: sample {e['__key__']} has no .jpg component")

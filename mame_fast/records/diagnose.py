@@ -58,7 +58,8 @@ def diagnose_history(train_loss: list[float], val_loss: list[float], train_acc: 
                gap=float(ta[-1] - va[-1]))
     if not (np.isfinite(tl).all() and np.isfinite(vl).all()) or tl[-1] > 3 * np.min(tl):
         bad = int(np.argmax(~np.isfinite(tl) | ~np.isfinite(vl) | (tl > 3 * np.nanmin(tl)))) + 1
-        return Diagnosis("diverged", [f"loss became non-finite or exploded at epoch {bad} (train loss {tl[bad - 1]:.3g}, minimum {np.nanmin(tl):.3g})"],
+        why = f"loss became non-finite or exploded at epoch {bad} (train loss {tl[bad - 1]:.3g}, minimum {np.nanmin(tl):.3g})"
+        return Diagnosis("diverged", [why],
                          NEXT["diverged"], {**num, "epoch": bad})
     rng = max(np.ptp(vl), 1e-12)
     d = np.diff(vl)
@@ -66,7 +67,8 @@ def diagnose_history(train_loss: list[float], val_loss: list[float], train_acc: 
         flips = np.sum(np.sign(d[1:]) != np.sign(d[:-1]))
         big = np.mean(np.abs(d) > 0.1 * rng)
         if flips / (len(d) - 1) > 1 / 3 and big > 0.5 and np.ptp(vl[-window:]) > 0.25 * rng:
-            return Diagnosis("unstable", [f"validation loss changed direction {flips} times in {n} epochs with swings of up to {np.abs(d).max():.3f}"],
+            why = f"validation loss changed direction {flips} times in {n} epochs with swings of up to {np.abs(d).max():.3f}"
+            return Diagnosis("unstable", [why],
                              NEXT["unstable"], {**num, "reversals": int(flips)})
     best = int(np.argmin(vl))
     rise = vl[-1] - vl[best]
@@ -75,18 +77,23 @@ def diagnose_history(train_loss: list[float], val_loss: list[float], train_acc: 
         return Diagnosis(
             "overfitting",
             [f"validation loss rose from {vl[best]:.3f} (epoch {best + 1}) to {vl[-1]:.3f} while the training loss fell from "
-             f"{tl[best]:.3f} to {tl[-1]:.3f}", f"train/val accuracy gap {ta[-1] - va[-1]:+.3f}", f"best val accuracy {np.nanmax(va):.3f} at epoch {int(np.nanargmax(va)) + 1}"],
+             f"{tl[best]:.3f} to {tl[-1]:.3f}", f"train/val accuracy gap {ta[-1] - va[-1]:+.3f}",
+             f"best val accuracy {np.nanmax(va):.3f} at epoch {int(np.nanargmax(va)) + 1}"],
             NEXT["overfitting"], {**num, "start_epoch": best + 1},
         )
     falling = k > 0 and vl[-1] < vl[-1 - k] - tol * max(abs(vl[-1 - k]), 1e-12)
     if ta[-1] < low_acc:
         state = "still falling" if falling else "plateaued"
-        return Diagnosis("underfitting", [f"training accuracy only {ta[-1]:.3f} (< {low_acc}); losses {state} (train {tl[-1]:.3f}, val {vl[-1]:.3f})",
+        return Diagnosis("underfitting", [f"training accuracy only {ta[-1]:.3f} (< {low_acc}); losses {state} "
+                                          f"(train {tl[-1]:.3f}, val {vl[-1]:.3f})",
                                           f"train/val accuracy gap {ta[-1] - va[-1]:+.3f}"], NEXT["underfitting"], num)
     if falling:
-        return Diagnosis("not converged", [f"validation loss still fell from {vl[-1 - k]:.3f} to {vl[-1]:.3f} over the last {k} epochs"],
+        why = f"validation loss still fell from {vl[-1 - k]:.3f} to {vl[-1]:.3f} over the last {k} epochs"
+        return Diagnosis("not converged", [why],
                          NEXT["not converged"], num)
-    return Diagnosis("fitting", [f"validation loss flat near its minimum {vl[best]:.3f}; train accuracy {ta[-1]:.3f}, val {va[-1]:.3f}, gap {ta[-1] - va[-1]:+.3f}"],
+    why = (f"validation loss flat near its minimum {vl[best]:.3f}; train accuracy {ta[-1]:.3f}, val {va[-1]:.3f}, "
+           f"gap {ta[-1] - va[-1]:+.3f}")
+    return Diagnosis("fitting", [why],
                      NEXT["fitting"], num)
 
 

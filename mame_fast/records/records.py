@@ -123,7 +123,9 @@ def write_metrics_csv(run_dir: str | Path) -> None:
     w = csv.writer(buf)
     w.writerow(CSV_COLUMNS)
     for r in read_metrics(run_dir):
-        flat = {**r, **{f"{p}_{k}": r[p][k] for p in ("val", "val_ema") if r.get(p) for k in ("loss", "top1", "top5", "balanced_acc")}}
+        flat = dict(r)
+        for p in ("val", "val_ema"):
+            flat.update({f"{p}_{k}": r[p][k] for k in ("loss", "top1", "top5", "balanced_acc")} if r.get(p) else {})
         w.writerow(["" if flat.get(c) is None else flat[c] for c in CSV_COLUMNS])
     atomic_write_text(Path(run_dir) / RunDir.METRICS_CSV, buf.getvalue())
 

@@ -5,11 +5,12 @@ A card has the course's five parts, filled from the records so that the evidence
     #17: <name>
     1 - Previous observed state   (outcomes of the predecessors given with --after)
     2 - Current hypothesis        (--hypothesis)
-    3 - Experimental setup        (resolved config, model size, and the diff against the predecessor)
-    4 - Experimental outcomes     (best/final val accuracy, train/val gap, epochs, images/s, test, plots)
+    3 - Experimental setup        (resolved config, model size, what each resume changed, the diff against the predecessor)
+    4 - Experimental outcomes     (best/final val accuracy with their 95% intervals, gap, epochs, images/s, test, plots)
     5 - Observations              (automatic diagnosis + notes from `mame-fast note`)
 
 Cards are built as structured sections and rendered to Markdown and to HTML (no Markdown parser needed).
+Every val top-1 is shown with its 95% interval (``stats.py``), so that nobody reads noise as a finding.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from .diagnose import diagnose_run
 from .plots import pyplot, save_figure
 from .records import read_metrics, read_run_info, run_status, update_run_info
 from .rundir import RunDir, find_run, list_runs
+from .stats import pct, verdict
 
 
 def run_config(run_dir: Path) -> TrainConfig:
@@ -42,6 +44,8 @@ def config_with_spec(run_dir: Path) -> dict:
 
 
 def outcomes(run_dir: Path) -> dict:
+    """What a run measured: best and final val top-1 (with ``val_count``, the size of the split they were measured
+    on), the train/val gap, throughput, status and the test result when there is one."""
     rows = read_metrics(run_dir)
     vrows = [r for r in rows if r.get("val")]
     info = read_run_info(run_dir)
@@ -50,7 +54,7 @@ def outcomes(run_dir: Path) -> dict:
         best = max(vrows, key=lambda r: r["val"]["top1"])
         last = vrows[-1]
         out.update(best_val=best["val"]["top1"], best_epoch=best["epoch"], final_val=last["val"]["top1"],
-                   final_train=last["train_top1"], gap=last["train_top1"] - last["val"]["top1"],
+                   final_train=last["train_top1"], gap=last["train_top1"] - last["val"]["top1"], val_count=last["val"]["count"],
                    final_val_loss=last["val"]["loss"], balanced=last["val"]["balanced_acc"])
         ema = [r for r in vrows if r.get("val_ema")]
         if ema:
@@ -63,68 +67,68 @@ def outcomes(run_dir: Path) -> dict:
     return out
 
 
-def _pct(x) -> str:
-    return "-" if x is None else f"{100 * x:.1f}%"
-
-
 # -- cards as sections ---------------------------------------------------------------------------------
 
 
 def card_sections(run_dir: Path, root: Path) -> dict:
     run_dir = Path(run_dir)
     info = read_run_info(run_dir)
-    n = RunDir(run_dir).number
     preds = [p.path for p in (find_run(root, k) for k in info.get("after", [])) if p is not None]
-    title = f"#{n}: {info.get('name', run_dir.name)}"
-    # 1 - previous state
-    prev = []
-    for p in preds:
-        o, d = outcomes(p), diagnose_run(p)
-        prev.append(f"#{RunDir(p).number} ({read_run_info(p).get('name', p.name)}): best val top-1 {_pct(o.get('best_val'))} at epoch "
-                    f"{o.get('best_epoch', '-')}, train/val gap {_pct(o.get('gap'))}, diagnosis **{d.verdict}** ({'; '.join(d.reasons)}).")
-    if not prev:
-        prev = ["None: this is a first experiment (no --after)."]
-    # 2 - hypothesis
-    hyp = info.get("hypothesis") or "(not stated; give one with --hypothesis)"
-    # 3 - setup
-    cfg = run_config(run_dir)
-    d, o = cfg.data, cfg.optim
-    setup = [
-        f"Model `{cfg.model}`; data `{d.res}` ({'crops %d px' % d.crop if d.res == '256' else '~%d px per image, %d buckets' % (d.pixels, d.buckets)}), "
-        f"batch {d.batch_size} x {info.get('world_size', 1)} rank(s), {cfg.epochs} epochs, {o.name} lr {o.lr} (per 256), "
-        f"wd {o.weight_decay}, {o.schedule} schedule, label smoothing {o.label_smoothing}, mixup {o.mixup}, cutmix {o.cutmix}, "
-        f"EMA {o.ema}, colour jitter {d.color_jitter}, scale_min {d.scale_min}; precision {cfg.precision}; seed {cfg.seed}.",
-        "Full resolved configuration: `config.yaml`; model spec: `model.yaml`.",
-    ]
-    for r in info.get("resumes", []):
-        changed = ", ".join(f"`{k}` {a} -> {b}" for k, (a, b) in r["changes"].items()) or "nothing changed"
-        setup.append(f"Resumed at {r['time']}: {changed}.")
     diff_rows = []
     if preds:
         dd = diff(config_with_spec(preds[0]), config_with_spec(run_dir))
         diff_rows = [(k, _short(a), _short(b)) for k, (a, b) in dd.items() if k not in ("out",)]
-    # 4 - outcomes
-    oc = outcomes(run_dir)
-    out_rows = [
-        ("best val top-1", f"{_pct(oc.get('best_val'))} (epoch {oc.get('best_epoch', '-')})"),
-        ("final val top-1 / balanced", f"{_pct(oc.get('final_val'))} / {_pct(oc.get('balanced'))}"),
-        ("final train top-1", _pct(oc.get("final_train"))),
-        ("train/val gap", _pct(oc.get("gap"))),
+    plots = sorted(f"plots/{p.name}" for p in (run_dir / RunDir.PLOTS).glob("*.png"))
+    dg = diagnose_run(run_dir)
+    observations = [f"Automatic diagnosis: **{dg.verdict}**: {'; '.join(dg.reasons)}.", f"Suggested next step: {dg.next_step}"]
+    return {"title": f"#{RunDir(run_dir).number}: {info.get('name', run_dir.name)}", "number": RunDir(run_dir).number,
+            "previous": [_previous(p) for p in preds] or ["None: this is a first experiment (no --after)."],
+            "hypothesis": info.get("hypothesis") or "(not stated; give one with --hypothesis)",
+            "setup": _setup(run_dir, info), "diff": diff_rows, "diff_against": f"#{RunDir(preds[0]).number}" if preds else None,
+            "outcomes": _outcome_rows(outcomes(run_dir)), "plots": plots,
+            "observations": observations + [f"Note: {t}" for t in info.get("notes", [])]}
+
+
+def _previous(p: Path) -> str:
+    o, d = outcomes(p), diagnose_run(p)
+    name = read_run_info(p).get("name", p.name)
+    return (f"#{RunDir(p).number} ({name}): best val top-1 {pct(o.get('best_val'), o.get('val_count'))} "
+            f"at epoch {o.get('best_epoch', '-')}, train/val gap {pct(o.get('gap'))}, diagnosis **{d.verdict}** "
+            f"({'; '.join(d.reasons)}).")
+
+
+def _setup(run_dir: Path, info: dict) -> list[str]:
+    cfg = run_config(run_dir)
+    d, o = cfg.data, cfg.optim
+    data = f"crops {d.crop} px" if d.res == "256" else f"~{d.pixels} px per image, {d.buckets} buckets"
+    lines = [
+        f"Model `{cfg.model}`; data `{d.res}` ({data}), batch {d.batch_size} x {info.get('world_size', 1)} rank(s), "
+        f"{cfg.epochs} epochs, {o.name} lr {o.lr} (per 256), wd {o.weight_decay}, {o.schedule} schedule, label smoothing "
+        f"{o.label_smoothing}, mixup {o.mixup}, cutmix {o.cutmix}, EMA {o.ema}, colour jitter {d.color_jitter}, scale_min "
+        f"{d.scale_min}; precision {cfg.precision}; seed {cfg.seed}.",
+        "Full resolved configuration: `config.yaml`; model spec: `model.yaml`.",
+    ]
+    for r in info.get("resumes", []):
+        changed = ", ".join(f"`{k}` {a} -> {b}" for k, (a, b) in r["changes"].items()) or "nothing changed"
+        lines.append(f"Resumed at {r['time']}: {changed}.")
+    return lines
+
+
+def _outcome_rows(oc: dict) -> list[tuple[str, str]]:
+    n = oc.get("val_count")
+    rows = [
+        ("best val top-1 [95% interval]", f"{pct(oc.get('best_val'), n)} (epoch {oc.get('best_epoch', '-')})"),
+        ("final val top-1 / balanced", f"{pct(oc.get('final_val'), n)} / {pct(oc.get('balanced'))}"),
+        ("final train top-1", pct(oc.get("final_train"))),
+        ("train/val gap", pct(oc.get("gap"))),
         ("epochs run / status", f"{oc['epochs']} / {oc['status']}"),
-        ("images/s (mean), data wait", f"{oc.get('images_per_s', 0):.0f}, {_pct(oc.get('data_wait'))}"),
+        ("images/s (mean), data wait", f"{oc.get('images_per_s', 0):.0f}, {pct(oc.get('data_wait'))}"),
     ]
     if "best_val_ema" in oc:
-        out_rows.append(("best val top-1 (EMA)", _pct(oc["best_val_ema"])))
+        rows.append(("best val top-1 (EMA)", pct(oc["best_val_ema"], n)))
     if "test" in oc:
-        out_rows.append(("TEST top-1 (run once)", _pct(oc["test"])))
-    plots = [f"plots/{p.name}" for p in sorted((run_dir / "plots").glob("*.png"))] if (run_dir / "plots").is_dir() else []
-    # 5 - observations
-    dg = diagnose_run(run_dir)
-    obs = [f"Automatic diagnosis: **{dg.verdict}**: {'; '.join(dg.reasons)}.", f"Suggested next step: {dg.next_step}"]
-    obs += [f"Note: {t}" for t in info.get("notes", [])]
-    return {"title": title, "previous": prev, "hypothesis": hyp, "setup": setup, "diff": diff_rows,
-            "diff_against": f"#{RunDir(preds[0]).number}" if preds else None, "outcomes": out_rows, "plots": plots, "observations": obs,
-            "number": n}
+        rows.append(("TEST top-1 (run once)", pct(oc["test"])))
+    return rows
 
 
 def _short(v) -> str:
@@ -139,7 +143,8 @@ def card_markdown(s: dict, link_prefix: str = "") -> str:
     if s["diff_against"]:
         md += ["", f"Changes against {s['diff_against']}:", "", "| key | before | now |", "|---|---|---|"]
         md += [f"| `{k}` | {a} | {b} |" for k, a, b in s["diff"]] or ["| (none) | | |"]
-    md += ["", "**4 - Experimental outcomes**", "", "| measure | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in s["outcomes"]]
+    md += ["", "**4 - Experimental outcomes**", "", "| measure | value |", "|---|---|"]
+    md += [f"| {k} | {v} |" for k, v in s["outcomes"]]
     md += [""] + [f"![{Path(p).stem}]({link_prefix}{p})" for p in s["plots"]]
     md += ["", "**5 - Observations**", ""] + [f"- {o}" for o in s["observations"]] + [""]
     return "\n".join(md)
@@ -152,23 +157,33 @@ def card_html(s: dict, link_prefix: str = "") -> str:
         parts = e(t).split("**")
         return "".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(parts)).replace("`", "")
 
-    h = [f"<section><h2>{e(s['title'])}</h2><h4>1 - Previous observed state</h4><ul>"] + [f"<li>{bold(p)}</li>" for p in s["previous"]]
+    h = [f"<section><h2>{e(s['title'])}</h2><h4>1 - Previous observed state</h4><ul>"]
+    h += [f"<li>{bold(p)}</li>" for p in s["previous"]]
     h += [f"</ul><h4>2 - Current hypothesis</h4><p>{e(s['hypothesis'])}</p><h4>3 - Experimental setup &amp; details</h4>"]
     h += [f"<p>{bold(x)}</p>" for x in s["setup"]]
     if s["diff_against"]:
         h += [f"<p>Changes against {e(s['diff_against'])}:</p><table><tr><th>key</th><th>before</th><th>now</th></tr>"]
         h += [f"<tr><td><code>{e(k)}</code></td><td>{e(a)}</td><td>{e(b)}</td></tr>" for k, a, b in s["diff"]] + ["</table>"]
-    h += ["<h4>4 - Experimental outcomes</h4><table>"] + [f"<tr><td>{e(k)}</td><td>{e(v)}</td></tr>" for k, v in s["outcomes"]] + ["</table>"]
+    h += ["<h4>4 - Experimental outcomes</h4>", html_table(["measure", "value"], s["outcomes"])]
     h += [f'<img src="{e(link_prefix + p)}" style="max-width:48%">' for p in s["plots"]]
     h += ["<h4>5 - Observations</h4><ul>"] + [f"<li>{bold(o)}</li>" for o in s["observations"]] + ["</ul></section>"]
     return "\n".join(h)
 
 
+def html_table(header: list[str], rows: list) -> str:
+    e = html.escape
+    body = "".join("<tr>" + "".join(f"<td>{e(str(v))}</td>" for v in r) + "</tr>" for r in rows)
+    return "<table><tr>" + "".join(f"<th>{e(c)}</th>" for c in header) + "</tr>" + body + "</table>"
+
+
+def markdown_table(header: list[str], rows: list) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(map(str, r)) + " |" for r in rows]
+
+
 def write_card(run_dir: Path, root: Path | None = None, sections: dict | None = None) -> Path:
     run_dir = Path(run_dir)
     s = sections or card_sections(run_dir, Path(root) if root else run_dir.parent)
-    atomic_write_text(run_dir / RunDir.CARD, card_markdown(s))
-    return run_dir / RunDir.CARD
+    return atomic_write_text(run_dir / RunDir.CARD, card_markdown(s))
 
 
 def add_note(run_dir: Path, text: str) -> None:
@@ -183,17 +198,18 @@ def add_note(run_dir: Path, text: str) -> None:
 def runs_table(root: Path) -> list[dict]:
     rows = []
     for r in list_runs(root):
-        p = r.path
-        info, oc = read_run_info(p), outcomes(p)
-        rows.append({"#": r.number, "name": info.get("name", p.name), "hypothesis": info.get("hypothesis", ""),
-                     "after": ",".join(f"#{a}" for a in info.get("after", [])), "best val": _pct(oc.get("best_val")),
-                     "gap": _pct(oc.get("gap")), "diagnosis": diagnose_run(p).verdict if oc["epochs"] else "-",
-                     "epochs": oc["epochs"], "images/s": f"{oc.get('images_per_s', 0):.0f}", "test": _pct(oc.get("test"))})
+        info, oc = read_run_info(r.path), outcomes(r.path)
+        rows.append({"#": r.number, "name": info.get("name", r.path.name), "hypothesis": info.get("hypothesis", ""),
+                     "after": ",".join(f"#{a}" for a in info.get("after", [])),
+                     "best val [95%]": pct(oc.get("best_val"), oc.get("val_count")), "gap": pct(oc.get("gap")),
+                     "diagnosis": diagnose_run(r.path).verdict if oc["epochs"] else "-", "status": oc["status"],
+                     "epochs": oc["epochs"], "images/s": f"{oc.get('images_per_s', 0):.0f}", "test": pct(oc.get("test"))})
     return rows
 
 
-def compare(runs: list[Path], out: Path) -> tuple[Path, dict]:
-    """Curves of several runs overlaid in one figure, and the config diff of each against the first."""
+def compare(runs: list[Path], out: Path) -> tuple[Path, dict, dict]:
+    """Curves of several runs overlaid in one figure; the config diff of each against the first; and whether each
+    one's best val top-1 differs from the first's beyond noise (the 95% interval of the difference)."""
     plt = pyplot()
     fig, ax = plt.subplots(1, 3, figsize=(15, 4))
     for p in runs:
@@ -208,9 +224,14 @@ def compare(runs: list[Path], out: Path) -> tuple[Path, dict]:
         a.grid(alpha=0.3)
         a.legend(fontsize=8)
     path = save_figure(fig, Path(out))
-    base = config_with_spec(runs[0])
-    diffs = {f"#{RunDir(p).number}": diff(base, config_with_spec(p)) for p in runs[1:]}
-    return path, diffs
+    base, first = config_with_spec(runs[0]), outcomes(runs[0])
+    diffs, verdicts = {}, {}
+    for p in runs[1:]:
+        key, o = f"#{RunDir(p).number}", outcomes(p)
+        diffs[key] = diff(base, config_with_spec(p))
+        if "best_val" in first and "best_val" in o:
+            verdicts[key] = verdict(first["best_val"], first["val_count"], o["best_val"], o["val_count"])
+    return path, diffs, verdicts
 
 
 def write_report(root: Path, title: str = "Experiment report") -> tuple[Path, Path]:
@@ -219,13 +240,12 @@ def write_report(root: Path, title: str = "Experiment report") -> tuple[Path, Pa
     runs = [r.path for r in list_runs(root)]
     table = runs_table(root)
     cols = list(table[0]) if table else []
-    md = [f"# {title}", "", f"{len(runs)} run(s) in `{root}`.", ""]
-    if table:
-        md += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)] + ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in table]
-    hs = [f"<html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>body{{font-family:sans-serif;max-width:1100px;margin:auto}}"
-          f"table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:2px 6px}}</style></head><body><h1>{html.escape(title)}</h1>"
-          f"<p>{len(runs)} run(s) in {html.escape(str(root))}.</p><table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in cols) + "</tr>"]
-    hs += ["<tr>" + "".join(f"<td>{html.escape(str(r[c]))}</td>" for c in cols) + "</tr>" for r in table] + ["</table>"]
+    cells = [[r[c] for c in cols] for r in table]
+    md = [f"# {title}", "", f"{len(runs)} run(s) in `{root}`.", ""] + (markdown_table(cols, cells) if table else [])
+    e = html.escape
+    hs = [f"<html><head><meta charset='utf-8'><title>{e(title)}</title><style>body{{font-family:sans-serif;max-width:1100px;"
+          f"margin:auto}} table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:2px 6px}}</style></head>"
+          f"<body><h1>{e(title)}</h1><p>{len(runs)} run(s) in {e(str(root))}.</p>", html_table(cols, cells)]
     for p in runs:
         s = card_sections(p, root)
         write_card(p, root, s)

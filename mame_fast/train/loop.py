@@ -33,7 +33,8 @@ from ..records.plots import plot_run
 from ..records.rundir import RunDir
 from . import checkpoint as ckpt
 from .evaluate import evaluate
-from .model import ModelSpec, build as build_model, load_spec, spec_dict, total_stride
+from .model import ModelSpec, load_spec, spec_dict, total_stride
+from .model import build as build_model
 from .runtime import Runtime, setup_runtime
 from .step import EpochMeter, make_optimizer, make_schedule, train_step, warm_up
 
@@ -107,8 +108,9 @@ def build(cfg: TrainConfig, rt: Runtime) -> Session:
     config or data fails here, before a run folder exists."""
     spec = load_spec(cfg.model)
     if cfg.data.res == "full" and cfg.data.side_multiple % total_stride(spec):
-        raise ConfigError(f"data.side_multiple={cfg.data.side_multiple} is not a multiple of model {cfg.model}'s total stride "
-                          f"{total_stride(spec)}: bucket sides would leave ragged borders; set data.side_multiple to a multiple of it")
+        raise ConfigError(f"data.side_multiple={cfg.data.side_multiple} is not a multiple of model {cfg.model}'s total "
+                          f"stride {total_stride(spec)}: bucket sides would leave ragged borders; set data.side_multiple "
+                          f"to a multiple of it")
     torch.manual_seed(cfg.seed + rt.rank)
     np.random.seed(cfg.seed + rt.rank)
     train_loader = build_loader(cfg.data, "train", True, cfg.seed, rt.rank, rt.world, rt.device, rt.dtype)
@@ -154,8 +156,9 @@ def start(s: Session, name: str, resume: Path | None, meta: dict) -> RunDir:
             shapes = {"train": s.train_loader.shapes(), "val": s.val_loader.shapes()}
             records.write_run_info(run_dir, {
                 **meta, "name": name, "created": records.now(), "world_size": rt.world, "device": str(rt.device),
-                "version": __version__, "torch": torch.__version__, "classes": s.classes, "train_samples": len(s.train_loader.split),
-                "batch_shapes": shapes, "shape_count": {k: len(v) for k, v in shapes.items()}})
+                "version": __version__, "torch": torch.__version__, "classes": s.classes,
+                "train_samples": len(s.train_loader.split), "batch_shapes": shapes,
+                "shape_count": {k: len(v) for k, v in shapes.items()}})
     if rt.master:
         records.update_run_info(run_dir, records.running_status())
     s.sched = make_schedule(s.opt, cfg, s.train_loader.steps(0), s.global_batch, start_step=s.state.global_step)

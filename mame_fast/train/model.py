@@ -199,7 +199,8 @@ class Net(nn.Module):
         self.spec = spec
         act, norm = get_act_layer(spec.act), get_norm_layer(spec.norm)
         stem = [ConvNormAct(3, spec.stem_width, 3, stride=spec.stem_stride, act_layer=act, norm_layer=norm)]
-        stem += [ConvNormAct(spec.stem_width, spec.stem_width, 3, act_layer=act, norm_layer=norm) for _ in range(spec.stem_depth - 1)]
+        stem += [ConvNormAct(spec.stem_width, spec.stem_width, 3, act_layer=act, norm_layer=norm)
+                 for _ in range(spec.stem_depth - 1)]
         self.stem = nn.ModuleList(stem)
         n_blocks = sum(s.depth for s in spec.stages)
         blocks, cin, i = [], spec.stem_width, 0

@@ -110,7 +110,8 @@ def warm_up(model: torch.nn.Module, train_shapes: list, eval_shapes: list, rt: R
     Returns the seconds it took."""
     t0 = time.perf_counter()
     m = copy.deepcopy(model)
-    fmt = torch.channels_last if next(model.parameters()).is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    last = next(model.parameters()).is_contiguous(memory_format=torch.channels_last)
+    fmt = torch.channels_last if last else torch.contiguous_format
     devices = [rt.device.index or 0] if rt.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         for shapes, train in ((train_shapes, True), (eval_shapes, False)):
