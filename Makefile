@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # A torch/torchvision pair that works together (the CPU-only torch 2.13.0 wheel matches no torchvision).
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test install clean
+.PHONY: demo test test-fast lint mutants install clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,9 +20,20 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) -m mame_fast demo --out demo
 
-## The test suite (offline, CPU).
-test: $(VENV)/.installed
+## The test suite (offline, CPU): lint, then every test. CI runs this.
+test: $(VENV)/.installed lint
 	$(PY) -m pytest -q
+
+## The edit loop: the suite without the slow tests (torchrun, subprocess runs, the GPU check's smoke run).
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not slow"
+
+lint: $(VENV)/.installed
+	$(PY) -m ruff check .
+
+## Mutation check of the core: each curated mutant must make the tests fail (tests/mutants.py).
+mutants: $(VENV)/.installed
+	$(PY) tests/mutants.py
 
 clean:
 	rm -rf demo runs $(VENV)

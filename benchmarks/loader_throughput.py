@@ -33,7 +33,7 @@ import math
 import multiprocessing
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -182,21 +182,15 @@ def breakdown(cfg: DataConfig, epoch: int) -> tuple[float, float, float]:
     """DALI CPU's work split in parts, each run alone on all threads, in core-seconds for one epoch:
     the DALI graph (read + ROI decode), the CPU tail (resize, flip, normalize, pad) on the decoded crops,
     and of that tail the resize alone."""
-    # No prefetch: the timed runs decode exactly the epoch's batches, none of the next epoch's.
-    loader = build_loader(DataConfig(**{**cfg.__dict__, "loader": "dali", "prefetch": 1}), "train", True, 0)
-    plans = loader.plan(epoch)
-    loader.feed.start(epoch, 0)
-    pipe = loader._build()
+    loader = build_loader(DataConfig(**{**cfg.__dict__, "loader": "dali"}), "train", True, 0)
     t = time.process_time()  # CPU time of all of this process's threads: DALI's, the tail's, the main one
-    for _ in plans:
-        pipe.run()
+    for _ in loader.decoded_crops(epoch):
+        pass
     decode = time.process_time() - t
-    loader.feed.start(epoch, 0)
-    pipe = loader._build()
-    crops = [pipe.run()[0] for _ in plans]  # the same crops again, kept for the tail alone (valid while referenced)
+    planned = list(loader.decoded_crops(epoch))  # the same crops again, kept for the tail alone (valid while referenced)
     t = time.process_time()
-    for p, c in zip(plans, crops):
-        loader._cpu_tail(c, p)()
+    for p, c in planned:
+        loader.cpu_tail(c, p)()
     tail = time.process_time() - t
 
     def resize(job):
@@ -205,7 +199,8 @@ def breakdown(cfg: DataConfig, epoch: int) -> tuple[float, float, float]:
             resize_hwc(torch.from_numpy(np.asarray(c[k])), int(p.out_h[k]), int(p.out_w[k]))
 
     t = time.process_time()
-    list(loader._pool.map(resize, zip(plans, crops)))
+    with ThreadPoolExecutor(loader.threads) as pool:
+        list(pool.map(resize, planned))
     return decode, tail, time.process_time() - t
 
 

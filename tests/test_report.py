@@ -100,7 +100,8 @@ def test_report_includes_every_run(two_runs):
     rows = [json.loads(line) for line in (under / "metrics.jsonl").read_text().splitlines()]
     top = max(r["val"]["top1"] for r in rows)
     lo, hi = _wilson(top, rows[0]["val"]["count"])
-    assert table[0]["best val [95%]"] == f"{100 * top:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]" and table[0]["epochs"] == len(rows) == 2
+    assert table[0]["best val [95%]"] == f"{100 * top:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]"
+    assert table[0]["epochs"] == len(rows) == 2
     card = write_card(under).read_text()
     assert "None: this is a first experiment" in card and "Model `tiny`" in card and "2 epochs" in card
 

@@ -110,16 +110,7 @@ def render(label: int, width: int, height: int, rng: np.random.Generator, n_clas
         tex = (np.sin(f * ru) * np.sin(f * rv) > 0.6).astype(np.float32) * 2 - 1
     # Object silhouette of the class, jittered in position and size.
     r = st["fill"] * rng.uniform(0.8, 1.15) / 2  # radius in short-side units
-    dx, dy = (u - cx) / r, (v - cy) / r
-    shape = st["shape"]
-    if shape == "ellipse":
-        mask = (dx**2 + dy**2) < 1
-    elif shape == "rect":
-        mask = (np.abs(dx) < 1) & (np.abs(dy) < 1)
-    elif shape == "diamond":
-        mask = (np.abs(dx) + np.abs(dy)) < 1
-    else:
-        mask = np.ones_like(u, dtype=bool)
+    mask = _silhouette(st["shape"], (u - cx) / r, (v - cy) / r)
     pal = np.clip(st["palette"] + rng.normal(0, 0.06, size=(3, 3)), 0, 1)
     contrast = rng.uniform(0.5, 1.0)
     a = (tex * contrast + 1) / 2  # [0, 1]
@@ -135,6 +126,17 @@ def render(label: int, width: int, height: int, rng: np.random.Generator, n_clas
     img = np.clip(img, 0, 1) ** rng.uniform(0.8, 1.25) * rng.uniform(0.8, 1.1)
     img = img + rng.normal(0, rng.uniform(0.005, 0.04), size=img.shape).astype(np.float32)
     return Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8), "RGB")
+
+
+def _silhouette(shape: str, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
+    """Where the object is, in coordinates scaled to its radius."""
+    if shape == "ellipse":
+        return (dx**2 + dy**2) < 1
+    if shape == "rect":
+        return (np.abs(dx) < 1) & (np.abs(dy) < 1)
+    if shape == "diamond":
+        return (np.abs(dx) + np.abs(dy)) < 1
+    return np.ones_like(dx, dtype=bool)
 
 
 def scaled_size(width: int, height: int, max_side: int) -> tuple[int, int]:
@@ -178,7 +180,7 @@ def _make_one(args: tuple) -> tuple[str, bytes, bytes]:
     rng = np.random.default_rng([seed, *row.file.encode()])
     w, h = scaled_size(row.width, row.height, side)
     # Render at most RENDER_SIDE px and upscale: the content is smooth at that scale and rendering at
-    # full size costs ~10x more (0.35 s for 1000x750), which the demo's time budget cannot pay.
+    # full size costs ~10x more, which the demo's time budget cannot pay.
     rw, rh = scaled_size(row.width, row.height, min(side, RENDER_SIDE))
     img = render(label, rw, rh, rng, n_classes)
     if (rw, rh) != (w, h):

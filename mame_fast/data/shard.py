@@ -315,67 +315,12 @@ def write_shards(src: Path, out: Path, settings: ShardSettings, workers: int = 1
     folder.mkdir(parents=True, exist_ok=True)
     _check_settings(folder, settings)
     rejects = preflight(source, meta, settings)
-    rejected = {b["file"] for b in rejects}
-    splits: dict[str, dict] = {}
-    ctx = mp_context()
     # Imported once here (~1.3 s), so that forked workers don't each pay for it on their first image.
     from torchvision.transforms.v2 import functional  # noqa: F401
 
-    pool = ctx.Pool(workers, initializer=_worker_init) if workers > 1 else None
+    pool = mp_context().Pool(workers, initializer=_worker_init) if workers > 1 else None
     try:
-        for split in settings.splits:
-            rows = [r for r in plan_split(meta, split, settings.seed) if r.file not in rejected]
-            done_recs: list[dict] = []
-            for tar in split_shards(folder, split):
-                done_recs += _read_done_shard(tar)
-            # Resume: complete shards hold the deterministic order up to their last sample (minus
-            # samples rejected under --skip-bad); anything else means another source or seed.
-            pos = {safe_key(r.file): i for i, r in enumerate(rows)}
-            done_pos = [pos.get(r["key"], -1) for r in done_recs]
-            if done_pos and (min(done_pos) < 0 or done_pos != sorted(set(done_pos))):
-                raise ShardError(f"{folder}: existing {split} shards do not match this source and seed; use a new --out")
-            todo = rows[done_pos[-1] + 1 :] if done_pos else rows
-            writer = ShardWriter(folder, split, len(split_shards(folder, split)), int(settings.shard_size_mb * 2**20))
-            jobs = [
-                (
-                    source,
-                    settings,
-                    r.file,
-                    meta.label(r),
-                    dict(
-                        file=r.file,
-                        **{"class": r.medium},
-                        label=meta.label(r),
-                        museum=r.museum,
-                        instance_id=r.instance_id,
-                        orig_width=r.width,
-                        orig_height=r.height,
-                        aspect=round(r.width / r.height, 4),
-                        split=split,
-                    ),
-                )
-                for r in todo
-            ]
-            if progress:
-                progress(split, None, len(jobs))  # announce the split's size: the bar gets an ETA
-            results = pool.imap(_work, jobs, chunksize=2) if pool else map(_work, jobs)
-            new_recs: list[dict] = []
-            try:
-                for rec in results:
-                    if progress:
-                        progress(split, rec, len(jobs))
-                    if "error" in rec:
-                        if not settings.skip_bad:
-                            raise ShardError(f"{rec['error']}; no manifest was written. Fix it or pass --skip-bad.")
-                        rejects.append(rec)
-                        continue
-                    writer.add(rec)
-                    new_recs.append({k: rec[k] for k in ("key", "label", "json")})
-                writer.close()
-            except BaseException:
-                writer.abort()  # no partial shard survives, complete ones stay for the resume
-                raise
-            splits[split] = _split_summary(folder, split, done_recs + new_recs, meta.classes)
+        splits = {split: shard_split(folder, split, source, meta, settings, pool, rejects, progress) for split in settings.splits}
     finally:
         if pool:
             pool.terminate()
@@ -383,23 +328,68 @@ def write_shards(src: Path, out: Path, settings: ShardSettings, workers: int = 1
         atomic_write_text(folder / "rejects.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejects))
     else:
         (folder / "rejects.jsonl").unlink(missing_ok=True)
+    _write_manifest(folder, src, source, meta, settings, splits, len(rejects))
+    return folder
+
+
+def shard_split(folder: Path, split: str, source: Source, meta: md.Metadata, settings: ShardSettings, pool, rejects: list[dict],
+                progress=None) -> dict:
+    """One split's shards, after those an earlier run completed; unusable images fail (or join ``rejects``)."""
+    rejected = {b["file"] for b in rejects}
+    rows = [r for r in plan_split(meta, split, settings.seed) if r.file not in rejected]
+    done_recs, todo = _resume_point(folder, split, rows)
+    writer = ShardWriter(folder, split, len(split_shards(folder, split)), int(settings.shard_size_mb * 2**20))
+    jobs = [(source, settings, r.file, meta.label(r), _sample_meta(meta, r, split)) for r in todo]
+    if progress:
+        progress(split, None, len(jobs))  # announce the split's size: the bar gets an ETA
+    results = pool.imap(_work, jobs, chunksize=2) if pool else map(_work, jobs)
+    new_recs: list[dict] = []
+    try:
+        for rec in results:
+            if progress:
+                progress(split, rec, len(jobs))
+            if "error" in rec:
+                if not settings.skip_bad:
+                    raise ShardError(f"{rec['error']}; no manifest was written. Fix it or pass --skip-bad.")
+                rejects.append(rec)
+                continue
+            writer.add(rec)
+            new_recs.append({k: rec[k] for k in ("key", "label", "json")})
+        writer.close()
+    except BaseException:
+        writer.abort()  # no partial shard survives, complete ones stay for the resume
+        raise
+    return _split_summary(folder, split, done_recs + new_recs, meta.classes)
+
+
+def _resume_point(folder: Path, split: str, rows: list[md.Row]) -> tuple[list[dict], list[md.Row]]:
+    """Records of the split's complete shards, and the rows still to write. Complete shards hold the deterministic order
+    up to their last sample (minus samples rejected under --skip-bad); anything else means another source or seed."""
+    done_recs = [rec for tar in split_shards(folder, split) for rec in _read_done_shard(tar)]
+    pos = {safe_key(r.file): i for i, r in enumerate(rows)}
+    done_pos = [pos.get(r["key"], -1) for r in done_recs]
+    if done_pos and (min(done_pos) < 0 or done_pos != sorted(set(done_pos))):
+        raise ShardError(f"{folder}: existing {split} shards do not match this source and seed; use a new --out")
+    return done_recs, rows[done_pos[-1] + 1 :] if done_pos else rows
+
+
+def _sample_meta(meta: md.Metadata, r: md.Row, split: str) -> dict:
+    """The ``<key>.json`` of a sample (its size fields are added once the image is prepared)."""
+    return {"file": r.file, "class": r.medium, "label": meta.label(r), "museum": r.museum, "instance_id": r.instance_id,
+            "orig_width": r.width, "orig_height": r.height, "aspect": round(r.width / r.height, 4), "split": split}
+
+
+def _write_manifest(folder: Path, src: Path, source: Source, meta: md.Metadata, settings: ShardSettings, splits: dict,
+                    rejected: int) -> None:
+    """manifest.json, written last: a folder without it was never published."""
     manifest = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "created_by": f"mame-fast {__version__}",
-        "variant": settings.variant,
-        "settings": dataclasses.asdict(settings),
-        "source": {
-            "path": str(Path(src).resolve()),
-            "kind": source.kind,
-            "dataset_csv_sha256": hashlib.sha256(source.metadata_bytes(md.DATASET_CSV)).hexdigest(),
-        },
-        "classes": meta.classes,
-        "rejected": len(rejects),
-        "splits": splits,
+        "format": FORMAT, "format_version": FORMAT_VERSION, "created_by": f"mame-fast {__version__}",
+        "variant": settings.variant, "settings": dataclasses.asdict(settings),
+        "source": {"path": str(Path(src).resolve()), "kind": source.kind,
+                   "dataset_csv_sha256": hashlib.sha256(source.metadata_bytes(md.DATASET_CSV)).hexdigest()},
+        "classes": meta.classes, "rejected": rejected, "splits": splits,
     }
     atomic_write_text(folder / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True))
-    return folder
 
 
 def _split_summary(folder: Path, split: str, recs: list[dict], classes: list[str]) -> dict:

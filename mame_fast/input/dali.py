@@ -24,6 +24,7 @@ import contextlib
 import functools
 import importlib.util
 import weakref
+from dataclasses import replace
 from typing import Callable, Iterator
 
 import numpy as np
@@ -68,8 +69,8 @@ class _Feed:
     This is Python on the training thread, once per batch, so it is kept small: two inputs, the JPEGs and
     every per-sample number in one dense float32 array (the graph slices it). DALI checks and wraps each input,
     and each element of a list, in Python; the JPEGs are therefore wrapped once, as DALI tensors over the
-    memory-mapped shards (no copy, ~3 us per sample), and handed over as they are. Per batch of 64 on 2 EPYC
-    cores: 1.65 ms with eight inputs and JPEGs copied as numpy arrays, 0.82 ms like this.
+    memory-mapped shards (no copy), and handed over as they are: half the time of eight inputs and copied numpy
+    arrays (benchmarks/results/design_measurements_*.md).
     """
 
     COLUMNS = ("x", "y", "cw", "ch", "out_w", "out_h", "flip", "height", "width")
@@ -125,9 +126,8 @@ def _live_dali_loaders() -> weakref.WeakSet[DaliLoader]:
 def gpu_decodes(cfg: DataConfig) -> bool:
     """Whether DALI decodes on the GPU (when there is one). Measured on an H200 with the `small` model, batches of 64
     (benchmarks/results/gpu_check_nvidia-h200_2026-11-26_run2.md): at full resolution training keeps the GPU 97-99%
-    busy and decoding on DALI's CPU threads frees it (95.3% of in-memory speed against 91.7%, 1,858 vs 1,785 img/s);
-    at 256 the step is host-bound (GPU 40-46% busy) and nvJPEG, partly on the hardware decoder, spares the CPU
-    (4,205 vs 3,930 img/s)."""
+    busy and decoding on DALI's CPU threads frees it; at 256 the step is host-bound (the GPU under half busy) and
+    nvJPEG, partly on the hardware decoder, spares the CPU. The figures are in benchmarks/results/."""
     return cfg.decode == "gpu" or (cfg.decode == "auto" and cfg.res == "256")
 
 
@@ -135,9 +135,9 @@ class DaliLoader(Loader):
     """The DALI implementation; GPU (mixed decode) when ``device`` is CUDA, CPU-only mode otherwise.
 
     In CPU-only mode the graph stops after the ROI decode and the decoded crops go through
-    ``_cpu_tail`` (torch's antialiased uint8 resize, flip, normalize, pad on a thread pool): DALI's CPU
-    resize costs ~10x torch's uint8 kernel (1.0 vs 0.1 ms for a 224x224 output, ~5 vs 0.7 ms at 360 kpx, measured
-    on 2 EPYC cores), while its decoder runs at the libjpeg-turbo limit.
+    ``cpu_tail`` (torch's antialiased uint8 resize, flip, normalize, pad on a thread pool): DALI's CPU
+    resize costs several times torch's uint8 kernel (benchmarks/results/design_measurements_*.md), while its
+    decoder runs at the libjpeg-turbo limit.
     """
 
     def __init__(self, *a, dali_tail: bool | None = None, **kw):
@@ -174,7 +174,7 @@ class DaliLoader(Loader):
             img = fn.decoders.image_slice(jpeg, q[0:2], q[2:4], device="mixed" if gpu and gpu_decode else "cpu",
                                           output_type=types.RGB, axis_names="WH", normalized_anchor=False, normalized_shape=False)
             if not tail:
-                return img  # uint8 HWC crops of varying size: the tail runs in _cpu_tail
+                return img  # uint8 HWC crops of varying size: the tail runs in cpu_tail
             if gpu and not gpu_decode:
                 img = img.gpu()
             img = fn.resize(img, resize_x=q[4], resize_y=q[5], antialias=True)
@@ -215,7 +215,7 @@ class DaliLoader(Loader):
                 if not self.dali_tail:
                     # This batch's tail is queued behind the previous one's before that one is awaited, so the pool
                     # keeps working while this thread feeds DALI and finishes batches (+6% at 256 on 2 cores).
-                    prev, pending = pending, (i, self._cpu_tail(outs[0], plans[i]))
+                    prev, pending = pending, (i, self.cpu_tail(outs[0], plans[i]))
                     if prev is not None:
                         yield self._finish(prev[1](), epoch, prev[0])
                     continue
@@ -240,13 +240,28 @@ class DaliLoader(Loader):
         return LoaderError(f"DALI failed on {where} of {self.split.folder}: {e}\n"
                            f"Check them with `mame-fast shard {self.split.folder} --verify`.")
 
-    def _cpu_tail(self, crops, p: BatchPlan) -> Callable[[], torch.Tensor]:
+    def decoded_crops(self, epoch: int) -> Iterator[tuple[BatchPlan, object]]:
+        """The epoch's planned crops, ROI-decoded by the DALI graph alone (CPU-only mode, without the tail and without
+        prefetching into the next epoch): what the benchmark times apart from the tail. Each DALI output stays valid
+        while referenced."""
+        if self.gpu or self.dali_tail:
+            raise ValueError("decoded_crops is the CPU-only graph's first part; use a CPU loader without dali_tail")
+        saved, self.cfg = self.cfg, replace(self.cfg, prefetch=1)
+        try:
+            self.feed.start(epoch, 0)
+            pipe = self._build()
+        finally:
+            self.cfg = saved
+        for p in self.plan(epoch):
+            yield p, pipe.run()[0]
+
+    def cpu_tail(self, crops, p: BatchPlan) -> Callable[[], torch.Tensor]:
         """Start resizing, flipping, normalizing and padding the decoded crops into one (n, 3, H, W) float32
         batch on the thread pool; the returned function waits for it and gives the batch.
 
         Each thread writes its samples straight into the requested memory format of an uninitialized
         batch (zeroing only padding): allocating with zeros and converting the layout afterwards took
-        longer than the resizing itself (2.1 s + 3.0 s of a 6 s epoch at full resolution).
+        longer than the resizing itself.
         """
         from concurrent.futures import ThreadPoolExecutor
 
@@ -260,7 +275,7 @@ class DaliLoader(Loader):
 
         def work() -> None:
             for k in todo:
-                # A view of DALI's output buffer, no copy (copying cost 0.8 ms per crop at full resolution, as much
+                # A view of DALI's output buffer, no copy (a copy cost as much
                 # as the resize). The pipeline runs DALI's dynamic executor, where an output stays valid while it
                 # is referenced (``crops`` here), however many runs later.
                 crop = torch.from_numpy(np.asarray(crops[k]))

@@ -32,8 +32,7 @@ def decode_planned(data: bytes | memoryview, x: float, y: float, cw: float, ch: 
     Two routes to the same result, up to resampling details. Where the output is less than half the crop's
     size, PIL decodes in the DCT domain at 1/2, 1/4 or 1/8 scale (``draft``), which skips most of the work.
     Otherwise torchvision.io decodes (libjpeg-turbo, straight into a tensor) and the DALI CPU tail's own
-    resize follows: 2.3x faster than PIL's decode, conversion and resize (0.39 vs 0.90 ms per image at 256,
-    3.3 vs 7.6 at full, one core).
+    resize follows: over twice as fast as PIL's decode, conversion and resize (benchmarks/results/design_measurements_*.md).
     """
     if min(ow / cw, oh / ch) < 0.5 or not _torchvision_decodes():
         return torch.from_numpy(_decode_planned_pil(data, x, y, cw, ch, ow, oh, flip))
@@ -106,7 +105,7 @@ class _PlannedBatches(torch.utils.data.Dataset):
 
 class PilLoader(Loader):
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
-        _torchvision_decodes()  # imports torchvision.io here, so that the workers forked each epoch do not (~0.6 s each)
+        _torchvision_decodes()  # imports torchvision.io here, so that the workers forked each epoch do not, each time
 
         plans = self.plan(epoch)[start_step:]
         self.rows(epoch)  # labels and sizes of the whole epoch to the device, before the first batch
@@ -118,7 +117,7 @@ class PilLoader(Loader):
             n, H, W, _ = raw.shape
             scale, bias = _normalize_rows_on(W, self.device)
             # One multiply-add from uint8 over whole NHWC rows (see normalize_rows), giving a channels-last
-            # float32 batch: on CPU 3x faster than broadcasting over an NCHW view (0.63 vs 2.1 ms per 360 kpx image).
+            # float32 batch: on CPU ~3x faster than broadcasting over an NCHW view.
             x = torch.addcmul(bias, raw.to(self.device, non_blocking=True).view(n, H, W * 3), scale)
             x = x.view(n, H, W, 3).permute(0, 3, 1, 2)
             if p.padded:  # padding is exactly 0, as in DALI's output

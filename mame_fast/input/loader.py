@@ -51,8 +51,8 @@ def keep_freed_memory() -> bool:
     """Make glibc serve large blocks from the heap and keep freed memory (process-wide, Linux only).
 
     By default every allocation over 128 kB-32 MB is a fresh mmap, so each batch (up to 140 MB at
-    full resolution) and each per-image temporary is paid again in page faults: on 2 cores that
-    doubled the CPU tail of the DALI loader (2.15 s -> 1.13 s per epoch of 1,160 images). The cost is
+    full resolution) and each per-image temporary is paid again in page faults: that nearly doubled the
+    CPU tail of the DALI loader (benchmarks/results/design_measurements_*.md). The cost is
     that the process keeps its peak memory instead of returning it to the OS.
     """
     import ctypes
@@ -178,7 +178,7 @@ def normalize_rows(width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and bias of the normalization repeated along HWC rows of up to ``width`` pixels.
 
     Normalizing is one multiply-add over whole rows: broadcasting a 3-vector over the innermost axis is not
-    vectorized by torch (1.8 ms per 360 kpx image); a row-length vector is (0.34 ms).
+    vectorized by torch; a row-length vector is, ~5x faster (benchmarks/results/design_measurements_*.md).
     """
     return (1 / torch.tensor(STD)).repeat(width), (-torch.tensor(MEAN) / torch.tensor(STD)).repeat(width)
 
@@ -186,7 +186,7 @@ def normalize_rows(width: int) -> tuple[torch.Tensor, torch.Tensor]:
 def resize_hwc(crop: torch.Tensor, oh: int, ow: int) -> torch.Tensor:
     """A uint8 HWC image resized to (oh, ow, 3) (contiguous), bilinear with antialiasing.
 
-    torch's antialiased uint8 kernel, the one torchvision's resize calls, without torchvision's 20 us of
+    torch's antialiased uint8 kernel, the one torchvision's resize calls, without torchvision's ~20 us of
     dispatch per call (a fifth of a 224 px resize, spent holding the GIL the tail's threads share). A 1HWC
     view seen as NCHW is unambiguously channels-last, so the output is too, with no repacking.
     """
@@ -208,7 +208,7 @@ def tail_one(crop: torch.Tensor, oh: int, ow: int, flip: bool, out: torch.Tensor
     scale, bias = affine
     hw = out if channels_last else out.permute(1, 2, 0)  # an (H, W, 3) view either way
     rows = x.reshape(oh, ow * 3)
-    if channels_last:  # one fused pass from uint8 into the batch's rows (0.20 ms vs 0.34 with a temporary)
+    if channels_last:  # one fused pass from uint8 into the batch's rows: no temporary to write and read again
         torch.addcmul(bias[: ow * 3], rows, scale[: ow * 3], out=out[:oh, :ow].reshape(oh, ow * 3))
     else:  # the batch's rows are not contiguous in HWC order: normalize, then copy across
         hw[:oh, :ow].copy_(torch.addcmul(bias[: ow * 3], rows, scale[: ow * 3]).view(oh, ow, 3))
