@@ -251,6 +251,47 @@ def train(
     _train(cfg, name, folder, {"after": list(after), "hypothesis": hypothesis})
 
 
+@app.command()
+@expected_errors
+def sweep(
+    grid: List[str] = typer.Argument(..., help="KEY=V1,V2,... (one or more keys): the values to try, every combination."),
+    repeats: int = typer.Option(1, min=1, help="Seeds per setting: seed, seed+1, ... (intervals need at least 2)."),
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="YAML config (a path, or a shipped one)."),
+    res: Optional[str] = typer.Option(None, help="'full' or '256'; same as --set data.res=..."),
+    shards: Optional[Path] = typer.Option(None, help="Shard folder; same as --set data.shards=..."),
+    set_: List[str] = typer.Option([], "--set", help="Override a config key for every run (repeatable)."),
+    name: str = typer.Option("sweep", help="Sweep name: runs are <name>-<setting>-s<seed>, the card sweep-<name>.md."),
+    after: List[int] = typer.Option([], "--after", help="Number(s) of the experiment(s) this sweep follows."),
+    hypothesis: str = typer.Option("", help="What the sweep tests (for the family card and each run's card)."),
+) -> None:
+    """Run a grid of values times N seeds as ordinary runs, then one family card: mean +- 95% interval per setting, and
+    which differences are conclusive."""
+    import re
+
+    from .config import load
+    from .records.report import previous_state
+    from .records.rundir import find_run
+    from .records.sweep import family_card, label, parse_grid, settings
+
+    sets = list(set_) + ([f"data.res={res}"] if res else []) + ([f"data.shards={shards}"] if shards else [])
+    base = load(config, sets)
+    g = parse_grid(grid)
+    plan = []  # every run's config, checked before the first one starts
+    for setting in settings(g):
+        tag = re.sub(r"[^A-Za-z0-9._+-]", "_", "-".join(f"{k.rsplit('.', 1)[-1]}{v}" for k, v in setting.items()))
+        for i in range(repeats):
+            cfg = load(config, sets + [f"{k}={v}" for k, v in setting.items()] + [f"seed={base.seed + i}"])
+            plan.append((setting, cfg, f"{name}-{tag}-s{cfg.seed}"))
+    members = []
+    for setting, cfg, run_name in plan:
+        meta = {"after": list(after), "hypothesis": f"{hypothesis} [{label(setting)}, seed {cfg.seed}]".strip(), "sweep": name}
+        members.append((setting, cfg.seed, _train(cfg, run_name, None, meta)))
+    previous = [previous_state(r.path) for r in (find_run(base.out, k) for k in after) if r is not None]
+    described = f"config {config or 'defaults'}" + (f" with {' '.join(sets)}" if sets else "")
+    card = family_card(Path(base.out) / f"sweep-{name}.md", name, g, members, hypothesis, previous, described)
+    console.print(f"family card: {card}")
+
+
 def _resume_folder(resume: str | None, cfg, name: str) -> Path | None:
     """The run folder to resume: the one given, or for 'auto' the latest of this name that did not finish."""
     from .config import ConfigError

@@ -4,6 +4,8 @@ of the planned shapes, never deform an image, restore exactly, and fail clearly 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import shutil
 from pathlib import Path
 
@@ -191,20 +193,47 @@ def test_truncated_shard(shards, tmp_path):
         build_loader(cfg_for(s, "full", "pil"), "train", True, 0)
 
 
-@pytest.mark.parametrize("loader", LOADERS)
-def test_corrupt_sample_in_a_shard(shards, tmp_path, loader):
-    """A sample whose bytes are damaged inside an intact tar (sizes and index still agree, so nothing can
-    be seen up front) stops the epoch with an error naming its shard."""
-    s = _copy(shards, tmp_path)
-    split = open_split(s, "train")
+def _damage_a_sample(folder: Path, entropy_only: bool) -> tuple[Path, str]:
+    """Damage one training JPEG inside its tar, sizes unchanged: its entropy-coded data (flipped bytes, which libjpeg
+    only warns about) or everything after the start marker (which fails to decode). Returns the tar and the key."""
+    split = open_split(folder, "train")
     i = len(split) // 2
     tar = split.tars[int(split.shard[i])]
     data = bytearray(tar.read_bytes())
     o, n = int(split.offset[i]), int(split.size[i])
-    data[o + 2 : o + n] = b"\x00" * (n - 2)  # keeps the JPEG start marker: the decoder fails on the rest
+    if entropy_only:
+        for k in range(o + n // 2, o + n - 10, 97):
+            data[k] ^= 0x5A
+    else:
+        data[o + 2 : o + n] = b"\x00" * (n - 2)
     tar.write_bytes(bytes(data))
+    return tar, split.keys[i]
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+@pytest.mark.parametrize("entropy_only", [True, False])
+def test_damaged_sample_is_refused_before_training(shards, tmp_path, loader, entropy_only):
+    """Bytes damaged inside an intact tar (same size, index still right) are found when the loader is built, by the
+    shard's SHA-256 against the manifest, naming the tar; training never sees them."""
+    s = _copy(shards, tmp_path)
+    tar, _ = _damage_a_sample(s, entropy_only)
+    with pytest.raises(ShardError, match=f"{tar}: its SHA-256 differs from the manifest"):
+        build_loader(cfg_for(s, "full", loader), "train", True, 0)
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_undecodable_sample_stops_the_epoch_naming_it(shards, tmp_path, loader):
+    """A sample that cannot be decoded though its shard matches the manifest (a bad image that was sharded as it was,
+    here made by rewriting the manifest's checksum) stops the epoch with an error naming its shard and key."""
+    s = _copy(shards, tmp_path)
+    tar, key = _damage_a_sample(s, entropy_only=False)
+    m = json.loads((s / "manifest.json").read_text())
+    for sh in m["splits"]["train"]["shards"]:
+        if sh["tar"] == tar.name:
+            sh["sha256"] = hashlib.sha256(tar.read_bytes()).hexdigest()
+    (s / "manifest.json").write_text(json.dumps(m))
     L = build_loader(cfg_for(s, "full", loader), "train", True, 0)
-    with pytest.raises(LoaderError, match=f"{tar.name}.*{split.keys[i]}"):
+    with pytest.raises(LoaderError, match=f"{tar.name}.*{key}"):
         for _ in L.epoch(0):
             pass
 

@@ -10,6 +10,7 @@ import torch
 
 from mame_fast.input import build_loader
 from mame_fast.input.reader import open_split
+from mame_fast.records.records import read_run_info
 from mame_fast.train import checkpoint as ckpt
 from mame_fast.train.loop import run
 from mame_fast.train.model import build, spec_from_dict
@@ -59,3 +60,21 @@ def test_test_set_runs_once(shards, tmp_path):
     assert again["top1"] == first["top1"] and again["count"] == first["count"] == len(open_split(shards, "test"))
     ledger = [json.loads(x) for x in (tmp_path / "test_ledger.jsonl").read_text().splitlines()]
     assert [x["again"] for x in ledger] == [False, True] and [x["run"] for x in ledger] == [d.name, d.name]
+
+
+def test_test_evaluates_the_ema_weights_when_they_won(shards, tmp_path):
+    """A run whose EMA wins validation (a noisy constant learning rate, a short EMA): best.pt holds the EMA weights of
+    that epoch, `test` evaluates exactly them, and test.json and the ledger say so."""
+    sets = {"optim.lr": 0.1, "optim.ema": 0.7, "optim.schedule": "constant", "optim.warmup_epochs": 0}
+    d = run(cfg_for(shards, tmp_path, epochs=1, **sets), name="ema")
+    info = read_run_info(d)
+    assert (info["best_weights"], info["best_epoch"]) == ("ema", 1)  # the setup: the EMA won
+    best, last = ckpt.load(d / "best.pt"), ckpt.load(d / "last.pt")
+    ema = {k.removeprefix("module."): v for k, v in last["ema"].items()}
+    assert best["weights"] == "ema" and all(torch.equal(best["model"][k], ema[k]) for k in ema)
+    assert not all(torch.equal(best["model"][k], last["model"][k]) for k in ema)  # not the raw weights
+    r = evaluate_test_set(d)
+    assert (r["weights"], r["epoch"], r["checkpoint"]) == ("ema", 1, "best")
+    assert r["top1"] == pytest.approx(_top1(d, "best")[0], abs=1e-9)
+    ledger = json.loads((tmp_path / "test_ledger.jsonl").read_text().splitlines()[-1])
+    assert (ledger["weights"], ledger["epoch"]) == ("ema", 1)

@@ -56,17 +56,24 @@ def index_text(lines: list[str]) -> str:
 
 def read_index(idx: Path) -> list[dict[str, tuple[int, int]]]:
     """Parse a DALI v1.2 index: per sample, {ext: (offset, size)} plus '__key__'."""
-    lines = idx.read_text().splitlines()
-    if not lines or not lines[0].startswith(INDEX_VERSION + " "):
-        raise ShardError(f"{idx}: not a DALI {INDEX_VERSION} index file; re-create it with `mame-fast shard`")
-    n = int(lines[0].split()[1])
+    redo = "re-create it with `mame-fast shard` (it resumes) or DALI's wds2idx"
+    lines = idx.read_text(errors="replace").splitlines()
+    head = lines[0].split() if lines else []
+    if len(head) != 2 or head[0] != INDEX_VERSION or not head[1].isdigit():
+        raise ShardError(f"{idx}:1: not the header of a DALI {INDEX_VERSION} index file; {redo}")
+    n = int(head[1])
     samples = []
-    for line in lines[1 : n + 1]:
+    for lineno, line in enumerate(lines[1 : n + 1], 2):
         f = line.split()
-        comp = {f[i]: (int(f[i + 1]), int(f[i + 2])) for i in range(0, len(f), 4)}
+        try:
+            if not f or len(f) % 4:
+                raise ValueError
+            comp = {f[i]: (int(f[i + 1]), int(f[i + 2])) for i in range(0, len(f), 4)}
+        except ValueError:
+            raise ShardError(f"{idx}:{lineno}: damaged line (not groups of 'ext offset size name'); {redo}") from None
         samples.append(dict(comp, __key__=f[3].split(".", 1)[0]))
     if len(samples) != n:
-        raise ShardError(f"{idx}: header says {n} samples, file has {len(samples)}; the index is truncated")
+        raise ShardError(f"{idx}: header says {n} samples, file has {len(samples)}; the index is truncated; {redo}")
     return samples
 
 

@@ -97,6 +97,10 @@ def parse_dataset(data: bytes, source: str) -> list[Row]:
     reader.fieldnames = header
     rows: list[Row] = []
     for lineno, rec in enumerate(reader, 2):
+        # csv.DictReader fills missing fields with None and puts extra ones under the key None.
+        if None in rec or any(v is None for v in rec.values()):
+            got = len([v for k, v in rec.items() if k is not None and v is not None]) + len(rec.get(None) or [])
+            raise MetadataError(f"{source}:{lineno}: {got} field(s) where the header has {len(header)}; fix or remove the row")
         try:
             row = Row(
                 file=rec["Image file"].strip(),

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .records import read_metrics
+from .records import read_metrics, read_run_info, run_status
 
 NEXT = {
     "diverged": "Lower the learning rate (e.g. /3), add warm-up or gradient clipping (optim.clip_grad=1), check the data.",
@@ -97,12 +97,46 @@ def diagnose_history(train_loss: list[float], val_loss: list[float], train_acc: 
                      NEXT["fitting"], num)
 
 
-def diagnose_run(run_dir: Path, **kw) -> Diagnosis:
-    from .records import read_run_info
+# Runs that did not end by training: what they need is not training advice.
+NOT_TRAINED = {
+    "failed": "Fix what the error names (run.json has it), then start the run again or resume it from last.pt.",
+    "died": "The process ended without a word (killed, out of memory, a lost node): resume it from last.pt with --resume.",
+    "running": "Still running: diagnose it when it has finished.",
+    "interrupted": "Interrupted with a resumable checkpoint: continue it with `mame-fast train --resume <run>`.",
+}
 
+
+def diagnose_run(run_dir: Path, **kw) -> Diagnosis:
     rows = [r for r in read_metrics(run_dir) if r.get("val")]
     info = read_run_info(run_dir)
-    if info.get("status") == "diverged":
+    status = run_status(info)
+    if status == "diverged":
         return Diagnosis("diverged", ["the run stopped on a non-finite loss"], NEXT["diverged"], {"epochs": len(rows)})
-    return diagnose_history([r["train_loss"] for r in rows], [r["val"]["loss"] for r in rows],
-                            [r["train_top1"] for r in rows], [r["val"]["top1"] for r in rows], **kw)
+    if status in NOT_TRAINED:
+        why = f"the run {status}" + (f": {info['error']}" if info.get("error") else "") + f" after {len(rows)} validated epoch(s)"
+        return Diagnosis(status, [why], NOT_TRAINED[status], {"epochs": len(rows)})
+    d = diagnose_history([r["train_loss"] for r in rows], [r["val"]["loss"] for r in rows],
+                         [r["train_top1"] for r in rows], [r["val"]["top1"] for r in rows], **kw)
+    if d.verdict == "fitting" and rows:
+        d.next_step = low_resolution_tip(run_dir, rows, info) or d.next_step
+    return d
+
+
+def low_resolution_tip(run_dir: Path, rows: list[dict], info: dict, plateau: float = 0.01) -> str | None:
+    """For a --res 256 run that fits with a plateaued val top-1: the low-resolution limit may be reached; --res full,
+    with the model's FLOPs at that budget and an epoch time estimated from this run's images/s."""
+    from ..config import load
+    from ..train.model import load_spec, summary_rows
+    from .rundir import RunDir
+
+    cfg = load(Path(run_dir) / RunDir.CONFIG)
+    tops = [r["val"]["top1"] for r in rows]
+    if cfg.data.res != "256" or len(tops) < 3 or max(tops[-3:]) - min(tops[-3:]) > plateau:
+        return None
+    f = summary_rows(load_spec(Path(run_dir) / RunDir.SPEC), cfg.data.crop, 360_000)
+    ips = sum(r["images_per_s"] for r in rows[-3:]) / 3 * f["flops_256"] / f["flops_full"]  # images/s scale as 1/FLOPs
+    epoch_s = info.get("train_samples", 20_300) / max(ips, 1e-9)
+    return (f"The validation top-1 has plateaued at {tops[-1]:.3f} and the model fits: the low-resolution limit may be "
+            f"reached. Try --res full: this model costs {f['flops_full'] / 1e9:.1f} GFLOPs per image at ~360 kpx "
+            f"({f['flops_full'] / f['flops_256']:.1f}x its {cfg.data.crop} px cost), so an epoch of "
+            f"{info.get('train_samples', 20_300):,} images takes about {epoch_s / 60:.1f} min at this run's speed.")

@@ -82,14 +82,14 @@ def card_sections(run_dir: Path, root: Path) -> dict:
     dg = diagnose_run(run_dir)
     observations = [f"Automatic diagnosis: **{dg.verdict}**: {'; '.join(dg.reasons)}.", f"Suggested next step: {dg.next_step}"]
     return {"title": f"#{RunDir(run_dir).number}: {info.get('name', run_dir.name)}", "number": RunDir(run_dir).number,
-            "previous": [_previous(p) for p in preds] or ["None: this is a first experiment (no --after)."],
+            "previous": [previous_state(p) for p in preds] or ["None: this is a first experiment (no --after)."],
             "hypothesis": info.get("hypothesis") or "(not stated; give one with --hypothesis)",
             "setup": _setup(run_dir, info), "diff": diff_rows, "diff_against": f"#{RunDir(preds[0]).number}" if preds else None,
             "outcomes": _outcome_rows(outcomes(run_dir)), "plots": plots,
             "observations": observations + [f"Note: {t}" for t in info.get("notes", [])]}
 
 
-def _previous(p: Path) -> str:
+def previous_state(p: Path) -> str:
     o, d = outcomes(p), diagnose_run(p)
     name = read_run_info(p).get("name", p.name)
     return (f"#{RunDir(p).number} ({name}): best val top-1 {pct(o.get('best_val'), o.get('val_count'))} "
