@@ -11,6 +11,7 @@ permissions).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import os
@@ -53,13 +54,15 @@ def _fail(msg: str, code: int = EXIT_BAD_INPUT) -> None:
 def _expected() -> tuple[type[BaseException], ...]:
     from .config import ConfigError
     from .data.format import ShardError
+    from .data.metadata import MetadataError
     from .data.source import SourceError
     from .input import LoaderError
     from .records.live import MissingPackage
     from .train.checkpoint import CheckpointError
     from .train.testset import AlreadyTested
 
-    return ConfigError, ShardError, SourceError, LoaderError, MissingPackage, CheckpointError, AlreadyTested, OSError
+    return (ConfigError, ShardError, MetadataError, SourceError, LoaderError, MissingPackage, CheckpointError, AlreadyTested,
+            OSError)
 
 
 def io_sentence(e: OSError) -> str:
@@ -182,7 +185,7 @@ def _verify(folder: Path) -> None:
     problems = sh.verify(folder)
     m = sh.load_manifest(folder)
     for p in problems:
-        console.print(f"[red]mismatch:[/] {p}", highlight=False)
+        console.print(f"[red]mismatch:[/] {p}", highlight=False, soft_wrap=True)
     if problems:
         _fail(f"{len(problems)} problem(s) in {folder}")
     n = sum(s["count"] for s in m["splits"].values())
@@ -328,7 +331,8 @@ def _train(cfg, name: str, resume: Path | None, meta: dict) -> Path:
         _fail(f"{io_sentence(e)} {_resume_hint(started[0])}", EXIT_IO)
     finally:
         if started and master:
-            write_card(started[0])
+            with contextlib.suppress(Exception):  # a card that cannot be written must not hide why the run ended
+                write_card(started[0])
     status = read_run_info(run_dir).get("status")
     if master:
         console.print(f"run folder: {run_dir} ({status})")

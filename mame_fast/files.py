@@ -24,9 +24,11 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):  # the original error is the one to report, not a failed cleanup
             tmp.unlink()
+        if isinstance(e, OSError) and not e.filename:  # a failed write names no file: name the one being written
+            raise OSError(e.errno, e.strerror, str(path)) from e
         raise
     return path
 

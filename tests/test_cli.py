@@ -59,3 +59,22 @@ def test_other_commands(shards, tmp_path):
     assert code == 2 and "unknown config key 'optim.lrr'" in out
     code, out = invoke("shard", tmp_path, "--verify")
     assert code == 2 and "no manifest.json" in out
+
+
+def test_sweep_runs_the_grid_and_writes_a_family_card(shards, tmp_path):
+    """2 values x 2 seeds: four ordinary runs with their cards, and one family card with a mean, an interval and a
+    verdict per value."""
+    sets = [f"data.shards={shards}", f"out={tmp_path}", "data.res=256", "data.crop=48", "data.batch_size=16", "data.threads=1",
+            "epochs=1", "hist_epochs=0", "optim.name=adamw"]
+    code, out = invoke("sweep", "optim.lr=0.001,0.01", "--repeats", "2", "--name", "lr", "--hypothesis", "a larger lr",
+                       *[a for s in sets for a in ("--set", s)])
+    assert code == 0, out
+    runs = list_runs(tmp_path)
+    assert len(runs) == 4 and all((r / "card.md").is_file() for r in runs)
+    names = sorted(r.path.name.split("-", 1)[1] for r in runs)
+    assert names == ["lr-lr0.001-s0", "lr-lr0.001-s1", "lr-lr0.01-s0", "lr-lr0.01-s1"]
+    card = (tmp_path / "sweep-lr.md").read_text()
+    for value in ("optim.lr=0.001", "optim.lr=0.01"):
+        assert re.search(rf"\| {re.escape(value)} \| 2 \| \d+\.\d% \+- \d+\.\d \| #\d+ seed 0: \d+\.\d% \[", card), card
+    assert re.search(r"optim\.lr=0\.01 vs optim\.lr=0\.001: [+-]\d+\.\d points, (not )?conclusive", card)
+    assert "**5 - Observations**" in card and "a larger lr" in card

@@ -210,6 +210,15 @@ def _damage_a_sample(folder: Path, entropy_only: bool) -> tuple[Path, str]:
     return tar, split.keys[i]
 
 
+def _rewrite_checksum(folder: Path, tar: Path) -> None:
+    """Make the manifest agree with a damaged tar, as if the damage had been sharded."""
+    m = json.loads((folder / "manifest.json").read_text())
+    for sh in m["splits"]["train"]["shards"]:
+        if sh["tar"] == tar.name:
+            sh["sha256"] = hashlib.sha256(tar.read_bytes()).hexdigest()
+    (folder / "manifest.json").write_text(json.dumps(m))
+
+
 @pytest.mark.parametrize("loader", LOADERS)
 @pytest.mark.parametrize("entropy_only", [True, False])
 def test_damaged_sample_is_refused_before_training(shards, tmp_path, loader, entropy_only):
@@ -227,11 +236,7 @@ def test_undecodable_sample_stops_the_epoch_naming_it(shards, tmp_path, loader):
     here made by rewriting the manifest's checksum) stops the epoch with an error naming its shard and key."""
     s = _copy(shards, tmp_path)
     tar, key = _damage_a_sample(s, entropy_only=False)
-    m = json.loads((s / "manifest.json").read_text())
-    for sh in m["splits"]["train"]["shards"]:
-        if sh["tar"] == tar.name:
-            sh["sha256"] = hashlib.sha256(tar.read_bytes()).hexdigest()
-    (s / "manifest.json").write_text(json.dumps(m))
+    _rewrite_checksum(s, tar)
     L = build_loader(cfg_for(s, "full", loader), "train", True, 0)
     with pytest.raises(LoaderError, match=f"{tar.name}.*{key}"):
         for _ in L.epoch(0):

@@ -60,6 +60,9 @@ def test_resume_is_exact(shards, tmp_path, res, dropout_spec):
                for x, y in zip(s.values(), t.values()))
     va, vb = read_metrics(full), read_metrics(resumed)
     assert [r["val"] for r in va] == [r["val"] for r in vb] and [r["val_ema"] for r in va] == [r["val_ema"] for r in vb]
+    # Whole-epoch training metrics, also for the epoch cut in the middle (its running sums were checkpointed).
+    for key in ("train_loss", "train_top1", "grad_norm"):
+        assert [r[key] for r in va] == pytest.approx([r[key] for r in vb], rel=1e-12), key
 def test_nan_stops_and_keeps_the_last_good_checkpoint(shards, tmp_path):
     """A run whose loss becomes non-finite in epoch 2 (resumed with an absurd learning rate) stops with a message
     naming its last good checkpoint, which is epoch 1's, untouched."""
@@ -131,10 +134,11 @@ def uninterrupted(shards, tmp_path_factory, dropout_spec) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGUSR1])
 def test_interrupt_then_resume_equals_an_uninterrupted_run(shards, tmp_path, dropout_spec, uninterrupted, sig):
-    """A real signal to a training process mid-epoch saves a resumable checkpoint and says how to resume; `--resume`
-    then ends with the weights of a run that was never interrupted."""
+    """A real signal to a training process mid-epoch (Ctrl-C; a cluster's time limit or pre-emption) saves a resumable
+    checkpoint, marks the run interrupted, writes its card, says how to resume and exits with code 3; `--resume` then
+    ends with the weights of a run that was never interrupted, and run.json records the interruption and the resume."""
     p = subprocess.Popen(_train_cli(shards, tmp_path, "intr", f"model={dropout_spec}"), env=_cli_env(), cwd=tmp_path,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
@@ -143,7 +147,8 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(shards, tmp_path, dro
     p.send_signal(sig)
     out = p.communicate(timeout=120)[0]
     d = next(tmp_path.glob("*-intr"))
-    assert read_run_info(d)["status"] == "interrupted", out
+    assert p.returncode == 3 and read_run_info(d)["status"] == "interrupted", out
+    assert "epochs run / status | 1 / interrupted" in (d / "card.md").read_text()
     st = ckpt.load(d / "last.pt")
     assert st["epoch"] == 1 and st["step"] > 0, (st["epoch"], st["step"])
     assert f"--resume {d}" in out.replace("\n", "")
@@ -152,7 +157,8 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(shards, tmp_path, dro
     assert r.returncode == 0, r.stdout + r.stderr
     a, b = ckpt.load(uninterrupted / "last.pt")["model"], ckpt.load(d / "last.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert read_run_info(d)["status"] == "finished"
+    info = read_run_info(d)
+    assert info["status"] == "finished" and len(info["resumes"]) == 1 and info["resumes"][0]["changes"] == {}
 def test_bf16_life_of_a_full_resolution_run(shards, tmp_path):
     """The GPU's dtype path, on CPU (issue 10: it crashed at the end of epoch 1 on the H200, and here with
     precision=bf16): bf16 batches and autocast at full resolution with EMA, histograms and the shape warm-up,
@@ -280,3 +286,19 @@ def test_no_weight_decay_on_norms_and_biases():
     assert moved == {k for k, v in before.items() if v.dim() > 1}  # conv and linear weights only
     for k in moved:
         torch.testing.assert_close(dict(model.named_parameters())[k], before[k] * (1 - 0.1 * 1.9 * 0.01))
+
+
+def test_resume_with_overrides_records_them(shards, tmp_path):
+    """--resume --set: the change applies (a new peak learning rate from the resume point), config.yaml becomes the
+    config in effect, run.json keeps when and what changed, and the card's part 3 shows it."""
+    from typer.testing import CliRunner
+
+    from mame_fast.cli import app
+
+    d = run(cfg_for(shards, tmp_path, epochs=1, **{"optim.lr": 0.01}), name="ovr")
+    r = CliRunner().invoke(app, ["train", "--resume", str(d), "--set", "epochs=2", "--set", "optim.lr=0.02"])
+    assert r.exit_code == 0, r.output
+    info = read_run_info(d)
+    assert info["resumes"][-1]["changes"] == {"epochs": [1, 2], "optim.lr": [0.01, 0.02]}
+    assert load(d / "config.yaml").optim.lr == 0.02 and len(read_metrics(d)) == 2
+    assert "`epochs` 1 -> 2, `optim.lr` 0.01 -> 0.02" in (d / "card.md").read_text()

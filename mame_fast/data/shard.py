@@ -84,6 +84,16 @@ class ShardSettings:
     skip_bad: bool = False
     """Skip (and list in rejects.jsonl) unusable images instead of failing."""
 
+    def __post_init__(self) -> None:
+        checks = {"variant": self.variant in ("full", "256"), "max_pixels": self.max_pixels is None or self.max_pixels >= 1,
+                  "max_side": self.max_side is None or self.max_side >= 1, "quality": 1 <= self.quality <= 100,
+                  "shard_size_mb": self.shard_size_mb > 0,
+                  "splits": bool(self.splits) and set(self.splits) <= {"train", "val", "test"}}
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise ShardError(f"shard settings: {bad[0]}={getattr(self, bad[0])!r} is out of range (variant full or 256; sizes at "
+                             f"least 1; quality 1-100; splits among train, val, test); nothing was written")
+
 
 def target_size(w: int, h: int, max_pixels: int | None, max_side: int | None) -> tuple[int, int]:
     """The stored size under the budget: aspect kept to +-1 px, never upscaled."""
@@ -231,12 +241,15 @@ class ShardWriter:
         return self.folder / shard_name(self.split, self.index, ext)
 
     def add(self, rec: dict) -> None:
-        if self.tf is None:
-            self.tf = tarfile.open(self._name("tar.tmp"), "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115  (open across add() calls)
-            self.lines = []
-        self.lines.append(index_line([(name, *_member(self.tf, name, payload)) for name, payload in sample_members(rec)]))
-        if self.tf.offset >= self.max_bytes:
-            self.close()
+        try:
+            if self.tf is None:
+                self.tf = tarfile.open(self._name("tar.tmp"), "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115  (open across add() calls)
+                self.lines = []
+            self.lines.append(index_line([(name, *_member(self.tf, name, payload)) for name, payload in sample_members(rec)]))
+            if self.tf.offset >= self.max_bytes:
+                self.close()
+        except OSError as e:  # a failed write names no file (a full disk): name the shard being written
+            raise OSError(e.errno, e.strerror, e.filename or str(self._name("tar"))) from e
 
     def close(self) -> None:
         if self.tf is None:
@@ -439,49 +452,52 @@ def _check_settings(folder: Path, settings: ShardSettings) -> None:
 
 
 def verify(folder: Path) -> list[str]:
-    """Re-read every shard against the manifest and the index; returns the problems found (empty: OK)."""
+    """Re-read every shard against the manifest and the index; returns the problems found (empty: OK). Each shard is
+    compared with its own slice of the manifest, so one damaged shard does not make the ones after it look wrong."""
     folder = Path(folder)
     m = load_manifest(folder)
     problems: list[str] = []
     for split, s in m["splits"].items():
-        keys = iter(s["samples"]["key"])
-        labels = iter(s["samples"]["label"])
-        sizes = iter(zip(s["samples"]["width"], s["samples"]["height"]))
+        samples, pos = s["samples"], 0
         for sh in s["shards"]:
-            tar, idx = folder / sh["tar"], folder / sh["idx"]
-            if not tar.is_file() or not idx.is_file():
-                problems.append(f"{tar}: missing tar or index")
-                continue
-            if sha256(tar) != sh["sha256"]:
-                problems.append(f"{tar}: checksum differs from the manifest (file changed or corrupt)")
-            try:
-                index = read_index(idx)
-                with open(tar, "rb") as f:
-                    data = f.read()
-                with tarfile.open(tar) as tf:
-                    members = {mm.name: (mm.offset_data, mm.size) for mm in tf if mm.isfile()}
-            except (ShardError, tarfile.TarError, OSError) as e:
-                problems.append(f"{tar}: unreadable ({e})")
-                continue
-            for ent in index:
-                key = next(keys, None)
-                if ent["__key__"] != key:
-                    problems.append(f"{idx}: sample {ent['__key__']} where the manifest has {key}")
-                    continue
-                for ext in EXTS:
-                    if members.get(f"{key}.{ext}") != ent.get(ext):
-                        problems.append(f"{idx}: offset/size of {key}.{ext} does not match the tar")
-                label, (w, h) = next(labels), next(sizes)
-                off, size = ent["lbl"]
-                if int.from_bytes(data[off : off + size], "little") != label:
-                    problems.append(f"{tar}: {key}.lbl differs from the manifest label {label}")
-                off, size = ent["jpg"]
-                try:
-                    with Image.open(io.BytesIO(data[off : off + size])) as im:
-                        if im.size != (w, h):
-                            problems.append(f"{tar}: {key}.jpg is {im.size}, manifest says {(w, h)}")
-                except Exception as e:
-                    problems.append(f"{tar}: {key}.jpg does not open ({e})")
-        if next(keys, None) is not None:
+            rows = [{k: samples[k][i] for k in ("key", "label", "width", "height")} for i in range(pos, pos + sh["count"])]
+            problems += _verify_shard(folder, sh, rows)
+            pos += sh["count"]
+        if len(samples["key"]) > pos:
             problems.append(f"{folder}: manifest lists more {split} samples than the shards hold")
+    return problems
+
+
+def _verify_shard(folder: Path, sh: dict, rows: list[dict]) -> list[str]:
+    """The problems of one shard: checksum, index against tar and manifest, labels, image sizes."""
+    tar, idx = folder / sh["tar"], folder / sh["idx"]
+    if not tar.is_file() or not idx.is_file():
+        return [f"{tar}: missing tar or index"]
+    problems = [] if sha256(tar) == sh["sha256"] else [f"{tar}: checksum differs from the manifest (file changed or corrupt)"]
+    try:
+        index = read_index(idx)
+        data = tar.read_bytes()
+        with tarfile.open(tar) as tf:
+            members = {mm.name: (mm.offset_data, mm.size) for mm in tf if mm.isfile()}
+    except (ShardError, tarfile.TarError, OSError) as e:
+        return problems + [f"{tar}: unreadable ({e})"]
+    for ent, row in zip(index, rows):
+        key = row["key"]
+        if ent["__key__"] != key:
+            problems.append(f"{idx}: sample {ent['__key__']} where the manifest has {key}")
+            continue
+        problems += [f"{idx}: offset/size of {key}.{ext} does not match the tar" for ext in EXTS
+                     if members.get(f"{key}.{ext}") != ent.get(ext)]
+        off, size = ent["lbl"]
+        if int.from_bytes(data[off : off + size], "little") != row["label"]:
+            problems.append(f"{tar}: {key}.lbl differs from the manifest label {row['label']}")
+        off, size = ent["jpg"]
+        try:
+            with Image.open(io.BytesIO(data[off : off + size])) as im:
+                if im.size != (row["width"], row["height"]):
+                    problems.append(f"{tar}: {key}.jpg is {im.size}, manifest says {(row['width'], row['height'])}")
+        except Exception as e:  # any failure to open is what we report
+            problems.append(f"{tar}: {key}.jpg does not open ({e})")
+    if len(index) != len(rows):
+        problems.append(f"{idx}: {len(index)} samples where the manifest has {len(rows)}")
     return problems

@@ -87,7 +87,9 @@ class _PlannedBatches(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.plans)
 
-    def __getitem__(self, j: int) -> torch.Tensor:
+    def __getitem__(self, j: int) -> torch.Tensor | str:
+        """The planned batch as uint8 NHWC, or the sentence saying which sample cannot be decoded: returned, not raised,
+        because DataLoader re-raises a worker's exception wrapped in the worker's traceback text."""
         p = self.plans[j]
         out = torch.zeros((len(p.index), p.height, p.width, 3), dtype=torch.uint8)
         for k, i in enumerate(p.samples):
@@ -96,8 +98,8 @@ class _PlannedBatches(torch.utils.data.Dataset):
                                    bool(p.flip[k]))
             except (OSError, ValueError, SyntaxError, RuntimeError) as e:  # what PIL and torchvision.io raise for damaged images
                 tar = self.split.tars[int(self.split.shard[i])]
-                raise LoaderError(f"{tar}: sample {self.split.keys[i]} cannot be decoded ({e}). "
-                                  f"Check the shards with `mame-fast shard {self.split.folder} --verify`.") from e
+                return (f"{tar}: sample {self.split.keys[i]} cannot be decoded ({e}). "
+                        f"Check the shards with `mame-fast shard {self.split.folder} --verify`.")
             out[k, : a.shape[0], : a.shape[1]] = a
         copy_fillers(out, p.real)
         return out  # uint8: a quarter of the bytes of float32 to move between processes and to the device
@@ -114,6 +116,8 @@ class PilLoader(Loader):
             pin_memory=self.device.type == "cuda", prefetch_factor=self.cfg.prefetch if self.threads else None,
         )
         for i, (p, raw) in enumerate(zip(plans, dl), start=start_step):
+            if isinstance(raw, str):
+                raise LoaderError(raw)
             n, H, W, _ = raw.shape
             scale, bias = _normalize_rows_on(W, self.device)
             # One multiply-add from uint8 over whole NHWC rows (see normalize_rows), giving a channels-last

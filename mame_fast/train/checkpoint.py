@@ -12,6 +12,7 @@ EMA's), with which and at which epoch, for the one look at the test set.
 
 from __future__ import annotations
 
+import io
 import random
 from pathlib import Path
 
@@ -72,8 +73,12 @@ class TrainState:
 
 
 def save(path: Path, state: dict) -> None:
-    """Write ``state`` to ``path`` so that a crash leaves either the old file or the new one, never half."""
-    atomic_write(path, lambda f: torch.save(state, f))
+    """Write ``state`` to ``path`` so that a crash leaves either the old file or the new one, never half. Serialized in
+    memory first: torch.save straight into a file reports a full disk as an obscure RuntimeError, the plain write as
+    the OSError it is (one copy of the checkpoint in memory for a moment)."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write(path, lambda f: f.write(buf.getbuffer()))
 
 
 def load(path: Path, device: torch.device | str = "cpu") -> dict:
