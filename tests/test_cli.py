@@ -78,3 +78,16 @@ def test_sweep_runs_the_grid_and_writes_a_family_card(shards, tmp_path):
         assert re.search(rf"\| {re.escape(value)} \| 2 \| \d+\.\d% \+- \d+\.\d \| #\d+ seed 0: \d+\.\d% \[", card), card
     assert re.search(r"optim\.lr=0\.01 vs optim\.lr=0\.001: [+-]\d+\.\d points, (not )?conclusive", card)
     assert "**5 - Observations**" in card and "a larger lr" in card
+
+
+def test_resume_auto_continues_the_unfinished_run_of_that_name(shards, tmp_path):
+    """What a requeued cluster job does: the latest unfinished run of its --name continues; a finished one does not."""
+    sets = [f"data.shards={shards}", f"out={tmp_path}", "data.res=256", "data.crop=48", "data.batch_size=16", "data.threads=1",
+            "epochs=2", "hist_epochs=0"]
+    args = ["train", "--name", "job", "--resume", "auto"] + [a for s in sets for a in ("--set", s)]
+    code, out = invoke(*args, "--set", "max_steps=3")  # nothing to resume yet: a new run, cut at step 3
+    assert code == 0 and [r.path.name for r in list_runs(tmp_path)] == ["001-job"]
+    code, out = invoke(*args, "--set", "max_steps=0")
+    assert code == 0 and [r.path.name for r in list_runs(tmp_path)] == ["001-job"] and "finished" in out
+    code, out = invoke(*args)
+    assert code == 0 and [r.path.name for r in list_runs(tmp_path)] == ["001-job", "002-job"]
