@@ -46,8 +46,9 @@ from mame_fast.data import metadata as md
 from mame_fast.input import build_loader
 from mame_fast.input.loader import plan_config
 from mame_fast.input.plan import batch_shapes
-from mame_fast.train.model import build, count_flops, load_spec
+from mame_fast.train.model import build, count_flops
 from mame_fast.train.runtime import setup_runtime
+from mame_fast.train.spec import load_spec
 from mame_fast.train.step import make_optimizer, make_schedule, train_step, warm_up
 
 REAL_TRAIN = 20_300

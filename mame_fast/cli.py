@@ -361,8 +361,10 @@ def model(
     crop: int = typer.Option(224, min=8, help="Side of the fixed-size input for the 256 column."),
     pixels: int = typer.Option(360_000, min=64, help="Pixel budget of the full-resolution column."),
 ) -> None:
-    """Parameter counts and FLOPs of model specs at 256 (crop) and at the full-resolution budget."""
-    from .train.model import load_spec, shipped_specs, summary_rows
+    """Parameters and FLOPs of model specs at 256 (crop) and at the full-resolution budget; for the specs named, one row
+    per stage with its output size, channels, parameters, FLOPs and receptive field."""
+    from .train.model import stage_rows, summary_rows
+    from .train.spec import load_spec, shipped_specs
 
     table = Table(title=f"models: FLOPs per image at {crop}x{crop} and at ~{pixels:,} px")
     for c in ("spec", "params", "blocks", "features", f"GFLOPs {crop}", "GFLOPs full"):
@@ -372,6 +374,21 @@ def model(
         table.add_row(s, f"{r['params'] / 1e6:.2f} M", str(r["blocks"]), str(r["features"]), f"{r['flops_256'] / 1e9:.2f}",
                       f"{r['flops_full'] / 1e9:.2f}")
     console.print(table)
+    for s in specs or []:
+        console.print(_stage_table(s, stage_rows(load_spec(s), crop, pixels), crop, pixels))
+
+
+def _stage_table(name: str, rows: list[dict], crop: int, pixels: int) -> Table:
+    side = int(pixels**0.5)
+    t = Table(title=f"{name}: per stage, at {crop}x{crop} and at {side}x{side} (~{pixels:,} px); receptive field along the "
+                    f"conv path (* exceeds the input; squeeze-excite and the global pooling see the whole image)")
+    for c in ("stage", f"out {crop}", f"out {side}", "channels", "params", f"MFLOPs {crop}", f"MFLOPs {side}", "receptive field"):
+        t.add_column(c, justify="right")
+    for r in rows:
+        flag = " *" + "/".join(r["rf_exceeds"]) if r["rf_exceeds"] else ""
+        t.add_row(r["name"], "x".join(map(str, r["size_small"])), "x".join(map(str, r["size_full"])), str(r["channels"]),
+                  f"{r['params']:,}", f"{r['flops_small'] / 1e6:.0f}", f"{r['flops_full'] / 1e6:.0f}", f"{r['rf']} px{flag}")
+    return t
 
 
 @app.command("test")

@@ -9,7 +9,7 @@ import pytest
 
 from mame_fast import config as config_module
 from mame_fast.config import ConfigError, TrainConfig, load, merge, parse_sets
-from mame_fast.train.model import load_spec
+from mame_fast.train.spec import load_spec
 
 
 def test_unknown_config_keys_are_errors(tmp_path):

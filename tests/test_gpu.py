@@ -15,8 +15,9 @@ from mame_fast.input.reader import open_split
 from mame_fast.records.records import read_metrics, read_run_info
 from mame_fast.records.report import write_report
 from mame_fast.train.loop import run
-from mame_fast.train.model import build, load_spec
+from mame_fast.train.model import build
 from mame_fast.train.runtime import setup_runtime
+from mame_fast.train.spec import load_spec
 from mame_fast.train.step import make_optimizer, make_schedule, train_step
 from mame_fast.train.testset import evaluate_test_set
 

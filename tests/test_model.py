@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
 
-from mame_fast.train.model import ModelSpec, StageSpec, build, load_spec, summary_rows
+from mame_fast.config import ConfigError
+from mame_fast.train.model import build, stage_rows, summary_rows
+from mame_fast.train.spec import ModelSpec, StageSpec, load_spec, receptive_fields, shipped_specs, spec_dict, spec_from_dict
 
-FAMILY = ["tiny", "small", "medium", "large"]
 
-
-@pytest.mark.parametrize("name", FAMILY)
+@pytest.mark.parametrize("name", shipped_specs())
 def test_family_builds_forward_backward(name):
     m = build(load_spec(name))
     x = torch.randn(2, 3, 64, 64)
@@ -29,12 +33,26 @@ def _randomize_norms(m):
             mod.bias.data.uniform_(-0.5, 0.5)
 
 
-@pytest.mark.parametrize("block", ["residual", "inverted"])
-def test_padding_does_not_change_a_samples_output(block):
+# Every kind of layer the spec language has, each in a model whose padded logits must equal the unpadded ones.
+DESIGNS = {
+    "residual + SE + 1x1 head": dict(stages=(StageSpec(24, 2, 2, "residual", se=0.25), StageSpec(48, 2, 2, "residual", se=0.25)),
+                                     head_width=64),
+    "inverted + SE": dict(stages=(StageSpec(24, 2, 2, "inverted", se=0.25), StageSpec(48, 2, 2, "inverted", se=0.25))),
+    "plain + max pools + two-FC head": dict(stages=(StageSpec(24, 1, 2, "plain", "max"), StageSpec(48, 2, 2, "plain", "max")),
+                                            fc=(32,), dropout=0.5),
+    "plain + avg pools + avgmax pooling": dict(stages=(StageSpec(24, 1, 2, "plain", "avg", convs=3),
+                                                       StageSpec(48, 1, 2, "plain", "avg")), pool="avgmax", fc=(40, 24)),
+    "separable + dilated + groups + per-stage act": dict(stages=(
+        StageSpec(24, 1, 2, "residual", depthwise=True, dilation=2, kernel=5),
+        StageSpec(48, 2, 2, "residual", groups=4, act="gelu"))),
+    "max global pooling": dict(stages=(StageSpec(32, 2, 2, "residual"),), pool="max"),
+}
+
+
+@pytest.mark.parametrize("design", sorted(DESIGNS))
+def test_padding_does_not_change_a_samples_output(design):
     torch.manual_seed(0)
-    stages = (StageSpec(24, 2, 2, block, se=0.25), StageSpec(48, 2, 2, block, se=0.25))
-    spec = ModelSpec(stem_width=16, stem_depth=2, stages=stages,
-                     act="silu", head_width=64)
+    spec = ModelSpec(stem_width=16, stem_depth=2, act="silu", **DESIGNS[design])
     m = build(spec).eval()
     _randomize_norms(m)
     imgs = [torch.randn(1, 3, 61, 83), torch.randn(1, 3, 96, 40)]
@@ -48,6 +66,64 @@ def test_padding_does_not_change_a_samples_output(block):
         assert not torch.allclose(m(batch)[0], m(imgs[0])[0], atol=1e-5)  # without the mask it would differ
 
 
+def test_plain_net_with_a_two_fc_head_trains_a_step():
+    """The plain conv/pool spec with max-pool stages and a hidden FC layer with dropout: one SGD step lowers the loss on
+    the batch (dropout off for the comparison, on for the step)."""
+    spec = load_spec("plain")
+    assert {s.block for s in spec.stages} == {"plain"} and any(s.pool == "max" for s in spec.stages) and spec.fc and spec.dropout
+    torch.manual_seed(0)
+    m = build(spec)
+    x, y = torch.randn(8, 3, 64, 64), torch.arange(8)
+    opt = torch.optim.SGD(m.parameters(), lr=0.05)
+    loss = lambda: torch.nn.functional.cross_entropy(m(x), y)  # noqa: E731
+    m.eval()
+    before = loss().item()
+    m.train()
+    for _ in range(3):
+        opt.zero_grad()
+        loss().backward()
+        opt.step()
+    m.eval()
+    assert loss().item() < before
+
+
+def test_receptive_field_per_stage_matches_a_hand_count():
+    """stem: a 3x3 conv of stride 2 (rf 3, jump 2); stage 1: a 2x2 max pool (rf 3+1*2=5, jump 4), then two 3x3 convs
+    (5+2*4=13, then 21); stage 2: a residual block of 3x3 convs of dilation 2, the first of stride 2 (21+4*4=37, jump 8;
+    then 37+4*8=69). The model table prints them and flags stage 2 at 64 px (69 > 64) but not at 96."""
+    spec = spec_from_dict({"stem_width": 8, "stages": [{"width": 16, "depth": 1, "stride": 2, "block": "plain", "pool": "max"},
+                                                         {"width": 16, "depth": 1, "stride": 2, "dilation": 2}]})
+    assert receptive_fields(spec) == [3, 21, 69]
+    rows = stage_rows(spec, crop=64, pixels=96 * 96)
+    assert [r["rf"] for r in rows] == [3, 21, 69] and [r["rf_exceeds"] for r in rows] == [[], [], ["small"]]
+    assert [r["size_small"] for r in rows] == [(32, 32), (16, 16), (8, 8)] and rows[2]["channels"] == 16
+    from typer.testing import CliRunner
+
+    from mame_fast.cli import app
+
+    path = Path(tempfile.mkdtemp()) / "rf.yaml"
+    path.write_text(yaml.safe_dump(spec_dict(spec)))
+    r = CliRunner(env={"COLUMNS": "200"}).invoke(app, ["model", str(path), "--crop", "64", "--pixels", str(96 * 96)])
+    out = " ".join(r.output.split())
+    assert "21 px" in out and "69 px *small" in out
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"stages": [{"width": 8, "block": "dense"}]}, "stages[0].block: 'dense' is not one of 'plain', 'residual', 'inverted'"),
+    ({"stages": [{"width": 0}]}, "stages[0].width: 0 is not a positive integer"),
+    ({"stages": [{"width": 2.5}]}, "stages[0]: width: expected int, got 2.5"),
+    ({"stages": [{"width": 8, "stride": 2}] * 7}, "stages[6].stride: the strides so far shrink a 224 px input below one pixel"),
+    ({"stages": [{"width": 10, "groups": 4}]}, "stages[0].groups: 4 does not divide the widths 32 -> 10"),
+    ({"stages": [{"width": 8, "kernel": 4}]}, "stages[0].kernel: 4 must be an odd positive integer"),
+    ({"stages": [{"width": 8}], "pool": "median"}, "pool: 'median' is not one of 'avg', 'max', 'avgmax'"),
+    ({"stages": [{"width": 8}], "fc": [64, 0]}, "fc[1]: 0 is not a positive integer"),
+    ({"stages": [{"width": 8}], "act": "sparkle"}, "act: 'sparkle' is not an activation timm knows"),
+    ({"stages": []}, "stages: a model needs at least one stage"),
+])
+def test_a_bad_spec_is_refused_when_it_loads(bad, message):
+    with pytest.raises(ConfigError) as e:
+        spec_from_dict(bad)
+    assert message in str(e.value), str(e.value)
 
 
 def test_parameter_and_flop_counts_match_a_hand_count():

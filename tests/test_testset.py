@@ -13,7 +13,8 @@ from mame_fast.input.reader import open_split
 from mame_fast.records.records import read_run_info
 from mame_fast.train import checkpoint as ckpt
 from mame_fast.train.loop import run
-from mame_fast.train.model import build, spec_from_dict
+from mame_fast.train.model import build
+from mame_fast.train.spec import spec_from_dict
 from mame_fast.train.testset import AlreadyTested, evaluate_test_set
 
 from .helpers import cfg_for
@@ -38,9 +39,13 @@ def _top1(run_dir, which: str) -> tuple[float, int]:
 
 
 def test_test_reads_the_test_split_with_the_named_checkpoint(shards, tmp_path):
-    d = run(cfg_for(shards, tmp_path, epochs=3, **{"optim.lr": 0.02}), name="look")
+    """A run whose best epoch is not its last (a noisy constant learning rate): `--checkpoint last` and `best` each
+    evaluate their own weights on the test split, computed here with a plain loop."""
+    sets = {"optim.lr": 0.05, "optim.schedule": "constant", "optim.warmup_epochs": 0}
+    d = run(cfg_for(shards, tmp_path, epochs=3, **sets), name="look")
     n_test, n_val = len(open_split(shards, "test")), len(open_split(shards, "val"))
     assert n_test != n_val  # the fixture tells the splits apart
+    assert ckpt.load(d / "best.pt")["epoch"] < 3  # the setup: best and last differ
     r = evaluate_test_set(d, "last")
     top1, n = _top1(d, "last")
     assert r["count"] == n == n_test and r["top1"] == pytest.approx(top1, abs=1e-9)

@@ -20,7 +20,8 @@ from mame_fast.input.reader import open_split
 from mame_fast.records.records import read_metrics, read_run_info
 from mame_fast.train import checkpoint as ckpt
 from mame_fast.train.loop import TrainingDiverged, run
-from mame_fast.train.model import ModelSpec, StageSpec, build
+from mame_fast.train.model import build
+from mame_fast.train.spec import ModelSpec, StageSpec
 
 from .helpers import cfg_for
 
@@ -272,7 +273,8 @@ def test_mixup_and_cutmix_mix_images_and_targets_alike():
 def test_no_weight_decay_on_norms_and_biases():
     """One SGD step with zero gradients: only weight decay moves the parameters. Conv and linear weights shrink by
     exactly lr * (1 + momentum) * wd (Nesterov's first step); norm weights and all biases do not move."""
-    from mame_fast.train.model import ModelSpec, StageSpec, build
+    from mame_fast.train.model import build
+    from mame_fast.train.spec import ModelSpec, StageSpec
     from mame_fast.train.step import make_optimizer
 
     cfg = load(None, ["optim.name=sgd", "optim.lr=0.1", "optim.weight_decay=0.01", "optim.momentum=0.9"])

@@ -126,7 +126,8 @@ def low_resolution_tip(run_dir: Path, rows: list[dict], info: dict, plateau: flo
     """For a --res 256 run that fits with a plateaued val top-1: the low-resolution limit may be reached; --res full,
     with the model's FLOPs at that budget and an epoch time estimated from this run's images/s."""
     from ..config import load
-    from ..train.model import load_spec, summary_rows
+    from ..train.model import summary_rows
+    from ..train.spec import load_spec
     from .rundir import RunDir
 
     cfg = load(Path(run_dir) / RunDir.CONFIG)

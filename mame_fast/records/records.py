@@ -147,10 +147,8 @@ def save_histograms(run_dir: str | Path, model, batch, epoch: int, autocast, bin
     path = RunDir(run_dir).hist_file(epoch)
     path.parent.mkdir(exist_ok=True)
     data = {}
-    ends = [-1] + model.stage_ends
-    for s in range(len(model.stage_ends)):
-        w = torch.cat([p.detach().flatten().float().cpu() for b in model.blocks[ends[s] + 1 : ends[s + 1] + 1]
-                       for n, p in b.named_parameters() if p.dim() > 1])
+    for s, stage in enumerate(model.stages):
+        w = torch.cat([p.detach().flatten().float().cpu() for p in stage.parameters() if p.dim() > 1])
         data[f"weights/stage{s + 1}"] = w.numpy()
     was = model.training
     model.eval()

@@ -33,9 +33,9 @@ from ..records.plots import plot_run
 from ..records.rundir import RunDir
 from . import checkpoint as ckpt
 from .evaluate import evaluate
-from .model import ModelSpec, load_spec, spec_dict, total_stride
 from .model import build as build_model
 from .runtime import Runtime, setup_runtime
+from .spec import ModelSpec, load_spec, spec_dict, total_stride
 from .step import EpochMeter, make_optimizer, make_schedule, train_step, warm_up
 
 HEARTBEAT_S = 60  # how often a running run refreshes run.json's heartbeat (records.STALE_AFTER_S reads it)

@@ -1,125 +1,25 @@
-"""Stage 3a: custom CNNs assembled from ``timm.layers`` building blocks, described by a YAML spec.
-
-Not ``timm.create_model`` and no replica of a known architecture: users grow their own network by
-editing a spec (stem, stages of blocks with widths, depths, strides, block kind, SE, activation, norm,
-drop-path, dropout). This module knows nothing of training.
+"""Stage 3b: the CNN a spec (``spec.py``) describes, built from ``timm.layers`` (``ConvNormAct``,
+``SeparableConvNormAct``, ``SEModule``, ``DropPath``, activation and norm factories) and ``torch.nn`` where timm has
+nothing. Never ``timm.create_model``. This module knows nothing of training.
 
 **Padding-aware.** Full-resolution batches are padded to their bucket (right/bottom). Every block takes
-``mask`` (n, 1, H, W; 1 = real pixel) and re-zeroes the padding after each conv-norm-act, squeeze-excite
-and the head average only over real pixels, and strided convs subsample the mask (a stride-2 output is
-real iff its centre input is, which is also how many outputs the unpadded image has). In eval mode a
-padded sample's logits therefore equal those of the same image run alone; in training, BatchNorm
-statistics still see the (few, zero) padded pixels. With ``mask=None`` (fixed-size batches) all of it is
-skipped.
+``mask`` (n, 1, H, W; 1 = real pixel) and re-zeroes the padding after each conv-norm-act; squeeze-excite, the
+pools between stages and the global pooling see real pixels only (a max ignores the padding, an average divides
+by the real pixels), and strided layers subsample the mask (a stride-2 output is real iff its first input is,
+which is also how many outputs the unpadded image has, with pools in ceil mode). In eval mode a padded sample's
+logits therefore equal those of the same image run alone; in training, BatchNorm statistics still see the (few,
+zero) padded pixels. With ``mask=None`` (fixed-size batches) all of it is skipped.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from pathlib import Path
-
 import torch
 import torch.nn as nn
-import yaml
-from timm.layers import ConvNormAct, DropPath, SEModule, create_act_layer, get_act_layer, get_norm_layer
+import torch.nn.functional as F
+from timm.layers import ConvNormAct, DropPath, SEModule, SeparableConvNormAct, create_act_layer, get_act_layer, get_norm_layer
 
-from ..config import ConfigError, merge, shipped
 from ..input.loader import valid_mask
-
-BLOCKS = ("residual", "inverted")
-
-
-@dataclass(frozen=True)
-class StageSpec:
-    width: int = 64
-    """Output channels of the stage."""
-    depth: int = 1
-    """Number of blocks."""
-    stride: int = 2
-    """Stride of the first block (2 halves the resolution)."""
-    block: str = "residual"
-    """'residual' (two 3x3 conv-norm-act) or 'inverted' (1x1 expand, 3x3 depthwise, 1x1 project)."""
-    expand: float = 4.0
-    """Expansion ratio of 'inverted' blocks."""
-    se: float = 0.0
-    """Squeeze-excite reduction ratio (0: no SE), e.g. 0.25."""
-    kernel: int = 3
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    stem_width: int = 32
-    """Channels of the stem (one stride-2 3x3 conv-norm-act, then ``stem_depth - 1`` stride-1 ones)."""
-    stem_depth: int = 1
-    stem_stride: int = 2
-    stages: tuple[StageSpec, ...] = (StageSpec(64, 1, 2), StageSpec(128, 1, 2))
-    act: str = "relu"
-    """Activation, any name timm's get_act_layer knows: relu, silu, gelu, mish, ..."""
-    norm: str = "batchnorm2d"
-    """Norm layer, any name timm's get_norm_layer knows: batchnorm2d, groupnorm, ..."""
-    drop_path: float = 0.0
-    """Stochastic depth: drop rate of the last block, growing linearly from 0 at the first."""
-    dropout: float = 0.0
-    """Dropout before the classifier."""
-    head_width: int = 0
-    """Optional 1x1 conv-norm-act before pooling (0: none)."""
-    num_classes: int = 29
-
-
-def load_spec(name_or_path: str | Path) -> ModelSpec:
-    """A spec shipped in ``configs/models/<name>.yaml`` (by name) or a YAML path; unknown keys are errors."""
-    p = Path(name_or_path)
-    if not p.suffix:
-        p = shipped(f"models/{name_or_path}.yaml")
-    if not p.is_file():
-        raise ConfigError(f"model: {name_or_path!r} is neither a shipped spec ({', '.join(shipped_specs())}) nor a YAML file")
-    try:
-        return spec_from_dict(yaml.safe_load(p.read_text()) or {})
-    except ConfigError as e:
-        raise ConfigError(f"{p}: {e}") from None
-
-
-def shipped_specs() -> list[str]:
-    return sorted(p.stem for p in shipped("models").iterdir() if p.name.endswith(".yaml"))
-
-
-def spec_from_dict(data: dict) -> ModelSpec:
-    """The inverse of ``spec_dict``; unknown keys are errors."""
-    data = dict(data)
-    stages = data.pop("stages", None)
-    spec = merge(ModelSpec(), data)
-    return merge_stages(spec, stages) if stages is not None else spec
-
-
-def merge_stages(spec: ModelSpec, stages: list[dict]) -> ModelSpec:
-    from dataclasses import replace
-
-    out = []
-    for i, s in enumerate(stages):
-        try:
-            out.append(merge(StageSpec(), s))
-        except ConfigError as e:
-            raise ConfigError(f"stages[{i}]: {e}") from None
-        if out[-1].block not in BLOCKS:
-            raise ConfigError(f"stages[{i}].block: {out[-1].block!r} is not one of {BLOCKS}")
-    return replace(spec, stages=tuple(out))
-
-
-def total_stride(spec: ModelSpec) -> int:
-    """How much the network shrinks its input: the stem's stride times every stage's."""
-    out = spec.stem_stride
-    for s in spec.stages:
-        out *= s.stride
-    return out
-
-
-def spec_dict(spec: ModelSpec) -> dict:
-    d = {f.name: getattr(spec, f.name) for f in fields(spec)}
-    d["stages"] = [{f.name: getattr(s, f.name) for f in fields(s)} for s in spec.stages]
-    return d
-
-
-# ---------------------------------------------------------------------------------------------------
+from .spec import ModelSpec, StageSpec, receptive_fields
 
 
 def _m(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -128,6 +28,13 @@ def _m(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 def _down(mask: torch.Tensor | None, stride: int) -> torch.Tensor | None:
     return mask if mask is None or stride == 1 else mask[:, :, ::stride, ::stride]
+
+
+def masked_max(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """(n, c, 1, 1) maximum over the real pixels."""
+    if mask is not None:
+        x = x.masked_fill(mask == 0, float("-inf"))
+    return x.amax((2, 3), keepdim=True)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -145,12 +52,59 @@ class MaskedSE(SEModule):
         return x * self.gate(s)
 
 
+def spatial(cin: int, cout: int, s: StageSpec, stride: int, act, norm, apply_act: bool = True) -> nn.Module:
+    """The stage's spatial conv: kernel, dilation and groups as specified, or depthwise-separable."""
+    if s.depthwise:
+        return SeparableConvNormAct(cin, cout, s.kernel, stride=stride, dilation=s.dilation, norm_layer=norm, act_layer=act,
+                                    apply_act=apply_act)
+    return ConvNormAct(cin, cout, s.kernel, stride=stride, dilation=s.dilation, groups=s.groups, norm_layer=norm, act_layer=act,
+                       apply_act=apply_act)
+
+
+class Pool(nn.Module):
+    """A 2x2 max or average pool of stride 2 between stages, over real pixels only (ceil mode: an odd side keeps its
+    last row, as the subsampled mask does)."""
+
+    stride = 2
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        if self.kind == "max":
+            y = F.max_pool2d(x if mask is None else x.masked_fill(mask == 0, float("-inf")), 2, 2, ceil_mode=True)
+        else:
+            y = F.avg_pool2d(_m(x, mask), 2, 2, ceil_mode=True)
+            if mask is not None:
+                y = y / F.avg_pool2d(mask, 2, 2, ceil_mode=True).clamp_min(1e-6)
+        m = _down(mask, 2)
+        return y if m is None else torch.where(m > 0, y, torch.zeros((), dtype=y.dtype, device=y.device))
+
+
+class PlainBlock(nn.Module):
+    """``convs`` conv-norm-act layers, no skip (then SE, if asked)."""
+
+    def __init__(self, cin: int, cout: int, stride: int, s: StageSpec, act, norm, drop_path: float):
+        super().__init__()
+        self.stride = stride
+        self.convs = nn.ModuleList([spatial(cin if i == 0 else cout, cout, s, stride if i == 0 else 1, act, norm)
+                                    for i in range(s.convs)])
+        self.se = MaskedSE(cout, rd_ratio=s.se, act_layer=act) if s.se else None
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        m = _down(mask, self.stride)
+        for conv in self.convs:
+            x = _m(conv(x), m)
+        return x if self.se is None else self.se(x, m)
+
+
 class ResidualBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int, s: StageSpec, act, norm, drop_path: float):
         super().__init__()
         self.stride = stride
-        self.conv1 = ConvNormAct(cin, cout, s.kernel, stride=stride, act_layer=act, norm_layer=norm)
-        self.conv2 = ConvNormAct(cout, cout, s.kernel, act_layer=act, norm_layer=norm, apply_act=False)
+        self.conv1 = spatial(cin, cout, s, stride, act, norm)
+        self.conv2 = spatial(cout, cout, s, 1, act, norm, apply_act=False)
         self.se = MaskedSE(cout, rd_ratio=s.se, act_layer=act) if s.se else None
         # A 1x1 (strided) projection: exact under padding, unlike average-pool shortcuts.
         self.shortcut = (
@@ -175,7 +129,7 @@ class InvertedBlock(nn.Module):
         self.stride = stride
         mid = max(8, int(round(cin * s.expand / 8)) * 8)
         self.expand = ConvNormAct(cin, mid, 1, act_layer=act, norm_layer=norm)
-        self.dw = ConvNormAct(mid, mid, s.kernel, stride=stride, groups=mid, act_layer=act, norm_layer=norm)
+        self.dw = ConvNormAct(mid, mid, s.kernel, stride=stride, dilation=s.dilation, groups=mid, act_layer=act, norm_layer=norm)
         self.se = MaskedSE(mid, rd_ratio=s.se / s.expand, act_layer=act) if s.se else None
         self.project = ConvNormAct(mid, cout, 1, norm_layer=norm, apply_act=False)
         self.residual = cin == cout and stride == 1
@@ -191,6 +145,28 @@ class InvertedBlock(nn.Module):
         return x + self.drop_path(y) if self.residual else y
 
 
+BLOCKS = {"plain": PlainBlock, "residual": ResidualBlock, "inverted": InvertedBlock}
+
+
+class Stage(nn.Module):
+    """An optional pool, then the stage's blocks."""
+
+    def __init__(self, cin: int, s: StageSpec, act, norm, drop_paths: list[float]):
+        super().__init__()
+        self.pool = Pool(s.pool) if s.stride == 2 and s.pool != "conv" else None
+        first = 1 if self.pool is not None else s.stride
+        self.blocks = nn.ModuleList([BLOCKS[s.block](cin if d == 0 else s.width, s.width, first if d == 0 else 1, s, act, norm,
+                                                     drop_paths[d]) for d in range(s.depth)])
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.pool is not None:
+            x, mask = self.pool(x, mask), _down(mask, 2)
+        for b in self.blocks:
+            x = b(x, mask)
+            mask = _down(mask, b.stride)
+        return x, mask
+
+
 class Net(nn.Module):
     """A CNN built from a ModelSpec. ``forward(x, sizes=None)``: sizes (n, 2) valid (h, w) per image."""
 
@@ -203,20 +179,22 @@ class Net(nn.Module):
                  for _ in range(spec.stem_depth - 1)]
         self.stem = nn.ModuleList(stem)
         n_blocks = sum(s.depth for s in spec.stages)
-        blocks, cin, i = [], spec.stem_width, 0
-        self.stage_ends: list[int] = []
+        rates = [spec.drop_path * i / max(1, n_blocks - 1) for i in range(n_blocks)]
+        stages, cin = [], spec.stem_width
         for s in spec.stages:
-            for d in range(s.depth):
-                dp = spec.drop_path * i / max(1, n_blocks - 1)
-                cls = ResidualBlock if s.block == "residual" else InvertedBlock
-                blocks.append(cls(cin, s.width, s.stride if d == 0 else 1, s, act, norm, dp))
-                cin, i = s.width, i + 1
-            self.stage_ends.append(len(blocks) - 1)
-        self.blocks = nn.ModuleList(blocks)
+            stages.append(Stage(cin, s, get_act_layer(s.act) if s.act else act, norm, rates[: s.depth]))
+            rates, cin = rates[s.depth :], s.width
+        self.stages = nn.ModuleList(stages)
         self.head = ConvNormAct(cin, spec.head_width, 1, act_layer=act, norm_layer=norm) if spec.head_width else None
-        self.num_features = spec.head_width or cin
+        feat = (spec.head_width or cin) * (2 if spec.pool == "avgmax" else 1)
+        hidden = []
+        for w in spec.fc:
+            hidden += [nn.Dropout(spec.dropout), nn.Linear(feat, w), create_act_layer(act, inplace=True)]
+            feat = w
+        self.hidden = nn.Sequential(*hidden)
+        self.num_features = feat
         self.dropout = nn.Dropout(spec.dropout)
-        self.fc = nn.Linear(self.num_features, spec.num_classes)
+        self.fc = nn.Linear(feat, spec.num_classes)
         self._init()
 
     def _init(self) -> None:
@@ -224,30 +202,37 @@ class Net(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, std=0.01)
+                if m is self.fc:
+                    nn.init.normal_(m.weight, std=0.01)  # small logits at the start
+                else:
+                    nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
                 nn.init.zeros_(m.bias)
         # Zero-init the last norm of each residual branch: blocks start as identities, deep nets train stably.
-        for b in self.blocks:
-            last = b.conv2 if isinstance(b, ResidualBlock) else b.project
-            nn.init.zeros_(last.bn.weight) if hasattr(last, "bn") and hasattr(last.bn, "weight") else None
+        for stage in self.stages:
+            for b in stage.blocks:
+                last = b.conv2 if isinstance(b, ResidualBlock) else b.project if isinstance(b, InvertedBlock) else None
+                bn = getattr(last, "bn", None)
+                if getattr(bn, "weight", None) is not None:
+                    nn.init.zeros_(bn.weight)
 
     def features(self, x: torch.Tensor, sizes: torch.Tensor | None = None, taps: dict | None = None):
         mask = None if sizes is None else valid_mask(sizes, x.shape[2], x.shape[3], x.dtype)
         for layer in self.stem:
             mask = _down(mask, layer.conv.stride[0])
             x = _m(layer(x), mask)
-        for i, b in enumerate(self.blocks):
-            x = b(x, mask)
-            mask = _down(mask, b.stride)
-            if taps is not None and i in self.stage_ends:
-                taps[f"stage{self.stage_ends.index(i) + 1}"] = x
+        for i, stage in enumerate(self.stages):
+            x, mask = stage(x, mask)
+            if taps is not None:
+                taps[f"stage{i + 1}"] = x
         if self.head is not None:
             x = _m(self.head(x), mask)
         return x, mask
 
     def forward(self, x: torch.Tensor, sizes: torch.Tensor | None = None) -> torch.Tensor:
         x, mask = self.features(x, sizes)
-        return self.fc(self.dropout(masked_mean(x, mask).flatten(1)))
+        pooled = {"avg": lambda: masked_mean(x, mask), "max": lambda: masked_max(x, mask),
+                  "avgmax": lambda: torch.cat([masked_mean(x, mask), masked_max(x, mask)], 1)}[self.spec.pool]()
+        return self.fc(self.dropout(self.hidden(pooled.flatten(1))))
 
 
 def build(spec: ModelSpec) -> Net:
@@ -267,12 +252,41 @@ def count_flops(model: nn.Module, h: int, w: int) -> int:
 
 
 def summary_rows(spec: ModelSpec, crop: int = 224, pixels: int = 360_000) -> dict:
+    """Parameters and forward FLOPs per image at a ``crop`` square and at the full-resolution budget (a square of
+    ``pixels``)."""
     m = build(spec)
     side = int(pixels**0.5)
     return {
         "params": sum(p.numel() for p in m.parameters()),
         "flops_256": count_flops(m, crop, crop),
         "flops_full": count_flops(m, side, side),
-        "blocks": len(m.blocks),
+        "blocks": sum(s.depth for s in spec.stages),
         "features": m.num_features,
     }
+
+
+@torch.no_grad()
+def stage_rows(spec: ModelSpec, crop: int = 224, pixels: int = 360_000) -> list[dict]:
+    """Per stage (the stem first): output size at ``crop`` and at the full budget, channels, parameters, forward FLOPs
+    at both sizes, and receptive field, flagged where it already exceeds the input's side."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    m = build(spec).eval()
+    side = int(pixels**0.5)
+    rows = [{"name": "stem", "channels": spec.stem_width, "params": sum(p.numel() for p in m.stem.parameters())}]
+    rows += [{"name": f"stage {i + 1} ({s.block}{', ' + s.pool + ' pool' if s.stride == 2 and s.pool != 'conv' else ''})",
+              "channels": s.width, "params": sum(p.numel() for p in m.stages[i].parameters())} for i, s in enumerate(spec.stages)]
+    for key, n in (("small", crop), ("full", side)):
+        x = torch.zeros(1, 3, n, n)
+        for row, layer in zip(rows, [None, *m.stages]):
+            with FlopCounterMode(display=False) as fc:
+                if layer is None:
+                    for conv in m.stem:
+                        x = conv(x)
+                else:
+                    x, _ = layer(x, None)
+            row[f"size_{key}"], row[f"flops_{key}"] = tuple(x.shape[2:]), fc.get_total_flops()
+    for row, rf in zip(rows, receptive_fields(spec)):
+        row["rf"] = rf
+        row["rf_exceeds"] = [k for k, n in (("small", crop), ("full", side)) if rf > n]
+    return rows

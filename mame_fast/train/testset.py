@@ -24,8 +24,9 @@ from ..records.records import append_jsonl, now, update_run_info
 from ..records.rundir import RunDir
 from . import checkpoint as ckpt
 from .evaluate import evaluate
-from .model import build, spec_from_dict
+from .model import build
 from .runtime import setup_runtime
+from .spec import spec_from_dict
 
 CHECKPOINTS = ("best", "last", "ema")
 

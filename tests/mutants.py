@@ -1,0 +1,194 @@
+"""The mutation check of the core (``make mutants``): curated mutants, each a small change named after the promise it
+breaks, must each make the tests that guard that promise fail.
+
+Each mutant is applied to a copy of the repository (never to the working tree), and the tests it names run
+against the copy; a mutant survives when they all pass. The run prints and writes a table with the kill rate
+and the survivors (``tests/mutants_report.md``). A survivor is either a gap to close with a test or a change
+that cannot alter behaviour (then it is removed from the list with a line saying why).
+
+    python tests/mutants.py [--only SUBSTRING] [--jobs 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Mutant:
+    promise: str  # what the change breaks, as the README or a docstring promises it
+    file: str
+    old: str  # must occur exactly once in the file
+    new: str
+    tests: str  # pytest arguments: files and -k selections that guard the promise
+
+
+M = Mutant
+MUTANTS = [
+    # -- the epoch plan (input/plan.py) ----------------------------------------------------------------
+    M("every sample once per epoch: the split for the world size drops a sample", "mame_fast/input/plan.py",
+      "chunks[j:j] = [c[: len(c) // 2], c[len(c) // 2 :]]", "chunks[j:j] = [c[: len(c) // 2], c[len(c) // 2 + 1 :]]",
+      "tests/test_plan.py"),
+    M("fillers weigh nothing: they are counted as samples", "mame_fast/input/plan.py",
+      "_batch(np.resize(c, cfg.batch_size), len(c),", "_batch(np.resize(c, cfg.batch_size), cfg.batch_size,", "tests/test_plan.py"),
+    M("training flips happen", "mame_fast/input/plan.py", "flip = (u[idx, 3] < 0.5) & cfg.flip", "flip = (u[idx, 3] < 0.0) & cfg.flip",
+      "tests/test_plan.py tests/test_loaders.py -k flips"),
+    M("crops never deform: the training crop takes the bucket's aspect", "mame_fast/input/plan.py",
+      "ch, cw = _crop_to_aspect(ih, iw, np.full(len(idx), W / H))", "ch, cw = _crop_to_aspect(ih, iw, np.full(len(idx), H / W))",
+      "tests/test_loaders.py -k deformation"),
+    M("the order changes every epoch", "mame_fast/input/plan.py", "rng = np.random.default_rng([seed, epoch, 0 if cfg.train else 1])",
+      "rng = np.random.default_rng([seed, 0, 0 if cfg.train else 1])", "tests/test_plan.py -k order"),
+    M("bucket sides are multiples of the total stride", "mame_fast/input/plan.py", "lo: float = 0.25, hi: float = 4.0, multiple: int = 32",
+      "lo: float = 0.25, hi: float = 4.0, multiple: int = 8", "tests/test_plan.py -k bucketing"),
+    M("the shape set known before step 0 is the plan's", "mame_fast/input/plan.py",
+      "return [(cfg.batch_size, int(b.h[k]), int(b.w[k])) for k in used]", "return [(cfg.batch_size, int(b.w[k]), int(b.h[k])) for k in used]",
+      "tests/test_plan.py"),
+    # -- reading and loading (input/) ------------------------------------------------------------------
+    M("a shard whose bytes changed is refused before training", "mame_fast/input/reader.py", "        if sha256(tar) != want:",
+      "        if False and sha256(tar) != want:", "tests/test_loaders.py -k damaged"),
+    M("a stale index is refused", "mame_fast/input/reader.py",
+      "if len(entries) != sh[\"count\"] or [e[\"__key__\"] for e in entries] != keys[pos : pos + sh[\"count\"]]:",
+      "if len(entries) != sh[\"count\"]:", "tests/test_loaders.py -k stale"),
+    M("labels follow their samples", "mame_fast/input/loader.py", "\"labels\": np.stack([self.split.labels[p.index] for p in plans]),",
+      "\"labels\": np.stack([self.split.labels[np.sort(p.index)] for p in plans]),", "tests/test_loaders.py -k labels"),
+    M("each image's valid size is reported (height, width)", "mame_fast/input/loader.py",
+      "\"sizes\": np.stack([np.stack([p.out_h, p.out_w], 1) for p in plans]).astype(np.int32),",
+      "\"sizes\": np.stack([np.stack([p.out_w, p.out_h], 1) for p in plans]).astype(np.int32),", "tests/test_loaders.py -k labels"),
+    M("colour jitter reaches training batches", "mame_fast/input/loader.py", "        if self.plan_cfg.color_jitter:",
+      "        if False:", "tests/test_loaders.py -k jitter"),
+    M("the DALI CPU tail fills short batches with copies of their samples", "mame_fast/input/dali.py",
+      "            copy_fillers(out, p.real)", "            pass", "tests/test_loaders.py -k fallback_gives"),
+    M("the fallback flips what the plan flips", "mame_fast/input/fallback.py", "    return out.flip(1) if flip else out",
+      "    return out", "tests/test_loaders.py -k flips"),
+    # -- the step (train/step.py) ----------------------------------------------------------------------
+    M("label smoothing spreads the target", "mame_fast/train/step.py", "    return onehot * (1 - smoothing) + smoothing / n",
+      "    return onehot", "tests/test_train.py -k smoothing"),
+    M("mixup mixes the targets as it mixes the images", "mame_fast/train/step.py", "    return x, t * lam + t.flip(0) * (1 - lam)",
+      "    return x, t", "tests/test_train.py -k mixup"),
+    M("the loss covers the batch's real rows only", "mame_fast/train/step.py",
+      "loss = torch.sum(-target[:r] * F.log_softmax(logits[:r].float(), -1), -1).mean()",
+      "loss = torch.sum(-target * F.log_softmax(logits.float(), -1), -1).mean()", "tests/test_train.py -k fillers"),
+    M("no weight decay on norms and biases", "mame_fast/train/step.py", "    groups = param_groups_weight_decay(model, o.weight_decay)",
+      "    groups = [{\"params\": list(model.parameters()), \"weight_decay\": o.weight_decay}]", "tests/test_train.py -k decay"),
+    M("a resumed run continues the schedule at its step", "mame_fast/train/step.py",
+      "LambdaLR(opt, factor, last_epoch=start_step - 1)", "LambdaLR(opt, factor, last_epoch=-1)",
+      "tests/test_train.py -k resume_is_exact"),
+    # -- resume and checkpoints (train/checkpoint.py, train/loop.py) -------------------------------------
+    M("resume restores the EMA weights", "mame_fast/train/checkpoint.py", "            self.ema.load_state_dict(d[\"ema\"])",
+      "            pass", "tests/test_train.py -k resume_is_exact"),
+    M("resume restores each rank's own RNG", "mame_fast/train/checkpoint.py", "        set_rng_state(d[\"rng\"][rank])",
+      "        set_rng_state(d[\"rng\"][0])", "tests/test_train.py -k torchrun"),
+    M("an epoch resumed in the middle reports whole-epoch numbers", "mame_fast/train/checkpoint.py",
+      "        self.meter.load_state_dict(d[\"meter\"])", "        pass", "tests/test_train.py -k resume_is_exact"),
+    M("stopping inside an epoch saves a resumable checkpoint", "mame_fast/train/loop.py",
+      "                if stop is not Stop.FINISHED and st.step < s.train_loader.steps(st.epoch):  # left inside the epoch\n"
+      "                    save_last(s, run_dir)",
+      "                if stop is not Stop.FINISHED and st.step < s.train_loader.steps(st.epoch):  # left inside the epoch\n"
+      "                    pass", "tests/test_train.py -k resume_is_exact"),
+    M("best.pt holds exactly the weights that won validation", "mame_fast/train/loop.py",
+      "    weights, top1, module = max(candidates, key=lambda c: c[1])", "    weights, top1, module = candidates[0]",
+      "tests/test_testset.py -k ema"),
+    M("a non-finite loss stops the run", "mame_fast/train/loop.py", "    if diverged:\n        raise TrainingDiverged(",
+      "    if False:\n        raise TrainingDiverged(", "tests/test_train.py -k nan"),
+    # -- the test set, once (train/testset.py, train/evaluate.py) ---------------------------------------
+    M("test reads the test split", "mame_fast/train/testset.py", "loader = build_loader(cfg.data, \"test\", False,",
+      "loader = build_loader(cfg.data, \"val\", False,", "tests/test_testset.py"),
+    M("the test set is looked at once", "mame_fast/train/testset.py", "    if result_path.is_file() and not again:",
+      "    if False:", "tests/test_testset.py -k once"),
+    M("--checkpoint last evaluates the last weights", "mame_fast/train/testset.py", "    if which == \"best\":",
+      "    if which in (\"best\", \"last\"):", "tests/test_testset.py -k named"),
+    M("metrics count the real rows, not the fillers", "mame_fast/train/evaluate.py", "        sums[2] += b.real",
+      "        sums[2] += len(b.labels)", "tests/test_testset.py -k named"),
+    # -- the shard writer (data/) ------------------------------------------------------------------------
+    M("the same input and seed give byte-identical shards", "mame_fast/data/shard.py", "    info.mtime = 0  #",
+      "    info.mtime = id(payload)  #", "tests/test_shard.py -k deterministic"),
+    M("an interrupted shard run resumes after its last complete shard", "mame_fast/data/shard.py",
+      "    return done_recs, rows[done_pos[-1] + 1 :] if done_pos else rows", "    return done_recs, rows",
+      "tests/test_shard.py -k resume"),
+    M("verify finds a changed label", "mame_fast/data/shard.py", "        if int.from_bytes(data[off : off + size], \"little\") != row[\"label\"]:",
+      "        if False:", "tests/test_shard.py -k verify"),
+    # -- configuration (config.py) ----------------------------------------------------------------------
+    M("an unknown config key is an error", "mame_fast/config.py",
+      "            raise ConfigError(f\"unknown config key {key!r}; valid keys here: {', '.join(sorted(fields))}\")",
+      "            continue", "tests/test_config.py"),
+    M("a choice outside its Literal is an error", "mame_fast/config.py", "            if choices and v not in choices:",
+      "            if False:", "tests/test_faults.py -k bad_config"),
+    M("a number outside its range is an error", "mame_fast/config.py", "            if key in RANGES:\n                _in_range(key, v)",
+      "            pass", "tests/test_faults.py -k bad_config"),
+]
+
+
+def copy_repo(dst: Path) -> None:
+    ignore = shutil.ignore_patterns(".venv", ".git", ".gpu", "_work", "__pycache__", "demo", "runs", "*.egg-info", ".pytest_cache")
+    shutil.copytree(ROOT, dst, ignore=ignore, symlinks=True)
+
+
+def try_mutant(m: Mutant, repo: Path) -> tuple[bool, float, str]:
+    """(killed, seconds, detail) of one mutant, on its own copy of the repository."""
+    path = repo / m.file
+    src = path.read_text()
+    if src.count(m.old) != 1:
+        return False, 0.0, f"STALE: the original text occurs {src.count(m.old)} times in {m.file}"
+    path.write_text(src.replace(m.old, m.new))
+    env = dict(os.environ, PYTHONPATH=str(repo), OMP_NUM_THREADS="1")
+    t = time.time()
+    r = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *m.tests.split()], cwd=repo, env=env,
+                       capture_output=True, text=True)
+    path.write_text(src)
+    last = (r.stdout.strip().splitlines() or [""])[-1]
+    return r.returncode not in (0, 5), time.time() - t, last  # 5: no test collected, which kills nothing
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", default="", help="run the mutants whose promise contains this")
+    ap.add_argument("--jobs", type=int, default=2, help="mutants tried at once, each on its own copy")
+    args = ap.parse_args()
+    chosen = [m for m in MUTANTS if args.only in m.promise]
+    t0 = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        copies = []
+        for j in range(args.jobs):
+            copy_repo(Path(tmp) / f"repo{j}")
+            copies.append(Path(tmp) / f"repo{j}")
+        free = list(copies)
+
+        def job(m: Mutant):
+            repo = free.pop()
+            try:
+                return try_mutant(m, repo)
+            finally:
+                free.append(repo)
+
+        with ThreadPoolExecutor(args.jobs) as ex:
+            results = list(ex.map(job, chosen))
+    killed = sum(k for k, _, _ in results)
+    lines = [f"# Mutation check of the core: {killed} of {len(chosen)} mutants killed ({killed / len(chosen):.0%})", "",
+             f"- date: {dt.datetime.now().isoformat(timespec='seconds')}, {time.time() - t0:.0f} s on {os.cpu_count()} cores "
+             f"({args.jobs} at once); each mutant runs only the tests that guard its promise", "",
+             "| promise broken | file | tests | result | s |", "|---|---|---|---|---|"]
+    for m, (k, s, detail) in zip(chosen, results):
+        lines.append(f"| {m.promise} | `{m.file}` | `{m.tests}` | {'killed' if k else '**SURVIVED** ' + detail} | {s:.0f} |")
+    survivors = [m.promise for m, (k, _, _) in zip(chosen, results) if not k]
+    lines += ["", "Survivors: " + ("; ".join(survivors) if survivors else "none") + "."]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if not args.only:
+        (ROOT / "tests" / "mutants_report.md").write_text(text)
+    sys.exit(0 if not survivors else 1)
+
+
+if __name__ == "__main__":
+    main()
