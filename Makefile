@@ -4,6 +4,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 # A torch/torchvision pair that works together (the CPU-only torch 2.13.0 wheel matches no torchvision).
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
+# NVIDIA DALI for the CUDA driver: cuda13 (drivers >= 580) or cuda12 (make DALI=cuda12 ...).
+DALI   ?= cuda13
 
 .PHONY: demo test test-fast lint mutants install clean
 
@@ -11,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,$(DALI)]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -379,3 +379,41 @@ def test_huge_original_decodes_in_bounded_memory(tmp_path):
     assert w * h <= 1_000_000 and abs(w / h - 16000 / 12000) < 2 / h
     _, _, small = peak(jpeg(tmp_path / "small.jpg", 2000, 1500))
     assert big - small < 64, (big, small)
+
+
+@pytest.mark.parametrize("split", ["train", "val", "test"])
+def test_wids_reads_every_sample_through_the_shard_list(mame_root, shards, split):
+    """wids.ShardListDataset over <split>.wids.json: random access to every sample, each with its metadata label."""
+    wids = pytest.importorskip("wids")
+    meta = md.load_dir(mame_root)
+    want = {sh.safe_key(r.file): meta.label(r) for r in meta.split(split)}
+    ds = wids.ShardListDataset(str(shards / f"{split}.wids.json"), transformations=[])
+    assert len(ds) == len(want)
+    got = {}
+    for i in range(len(ds)):
+        s = ds[i]
+        got[s["__key__"]] = int(s[".cls"].read() if hasattr(s[".cls"], "read") else s[".cls"])
+        assert int.from_bytes(s[".lbl"].read() if hasattr(s[".lbl"], "read") else s[".lbl"], "little") == got[s["__key__"]]
+    assert got == want
+
+
+def test_timms_webdataset_reader_finds_the_splits(shards):
+    """timm's wds reader reads _info.json: each split's sample count and shard names, and iterates the samples."""
+    from timm.data.readers.reader_wds import ReaderWds
+
+    for split in ("train", "val", "test"):
+        r = ReaderWds(str(shards), name="mame", split=split, is_training=False, batch_size=1, input_key="jpg")
+        assert len(r) == json.loads((shards / "manifest.json").read_text())["splits"][split]["count"]
+        assert sum(1 for _ in r) == len(r)
+
+
+def test_hugging_face_datasets_reads_the_shards(mame_root, shards):
+    """Hugging Face datasets' webdataset builder over the tars as they are: every sample, with its metadata label."""
+    datasets = pytest.importorskip("datasets")
+    meta = md.load_dir(mame_root)
+    files = {split: [str(t) for t in sh.split_shards(shards, split)] for split in ("train", "val", "test")}
+    ds = datasets.load_dataset("webdataset", data_files=files, cache_dir=str(shards.parent / "hf_cache"))
+    for split in files:
+        want = {sh.safe_key(r.file): meta.label(r) for r in meta.split(split)}
+        got = {row["__key__"]: int(row["cls"]) for row in ds[split].remove_columns(["jpg"])}
+        assert got == want and ds[split][0]["jpg"].size[0] > 0

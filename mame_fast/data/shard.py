@@ -392,9 +392,25 @@ def _sample_meta(meta: md.Metadata, r: md.Row, split: str) -> dict:
             "orig_width": r.width, "orig_height": r.height, "aspect": round(r.width / r.height, 4), "split": split}
 
 
+def reader_lists(folder: Path, variant: str, splits: dict) -> None:
+    """Shard lists other tools read as they are: ``<split>.wids.json`` (wids' ShardListDataset: random access by index)
+    and ``_info.json`` (timm's ``--dataset wds/...`` reader), with each shard's sample count, names relative to the
+    folder."""
+    info = {"name": f"mame-{variant}", "splits": {}}
+    for split, s in splits.items():
+        names, counts = [sh["tar"] for sh in s["shards"]], [sh["count"] for sh in s["shards"]]
+        wids = {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": f"mame-{variant}-{split}",
+                "shardlist": [{"url": n, "nsamples": c} for n, c in zip(names, counts)]}
+        atomic_write_text(folder / f"{split}.wids.json", json.dumps(wids, indent=1))
+        info["splits"][split] = {"name": split, "num_samples": s["count"], "filenames": names, "shard_lengths": counts}
+    atomic_write_text(folder / "_info.json", json.dumps(info, indent=1))
+
+
 def _write_manifest(folder: Path, src: Path, source: Source, meta: md.Metadata, settings: ShardSettings, splits: dict,
                     rejected: int) -> None:
-    """manifest.json, written last: a folder without it was never published."""
+    """The readers' lists of shards (``reader_lists``), then manifest.json, written last: a folder without it was never
+    published."""
+    reader_lists(folder, settings.variant, splits)
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "created_by": f"mame-fast {__version__}",
         "variant": settings.variant, "settings": dataclasses.asdict(settings),
