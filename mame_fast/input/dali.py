@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from ..config import DataConfig
-from .loader import MEAN, STD, Batch, Loader, LoaderError, copy_fillers, normalize_rows, tail_one
+from .loader import MEAN, STD, Batch, Loader, LoaderError, copy_fillers, normalize_rows, tail_images
 from .plan import BatchPlan, EpochPlans
 from .reader import Split
 
@@ -75,8 +75,11 @@ class _Feed:
 
     COLUMNS = ("x", "y", "cw", "ch", "out_w", "out_h", "flip", "height", "width")
 
-    def __init__(self, split: Split, plans: EpochPlans):
+    def __init__(self, split: Split, plans: EpochPlans, fillers: bool = True):
         self.split, self.plans = split, plans
+        # The GPU graph outputs whole batches, fillers included; the CPU-only graph decodes a batch's own samples
+        # only, and the CPU tail copies them into the filler rows (plan.py).
+        self.fillers = fillers
         self.epoch = self.step = 0
         self._jpegs: list | None = None  # DALI TensorCPU per sample, views of the shards' memory maps
 
@@ -98,11 +101,11 @@ class _Feed:
             plans = self.plans(self.epoch)
         p = plans[self.step]
         self.step += 1
-        n = len(p.index)
+        n = len(p.index) if self.fillers else p.real
         params = np.empty((n, len(self.COLUMNS)), np.float32)
-        params[:, :7] = np.stack([p.x, p.y, p.cw, p.ch, p.out_w, p.out_h, p.flip], 1)
+        params[:, :7] = np.stack([p.x, p.y, p.cw, p.ch, p.out_w, p.out_h, p.flip], 1)[:n]
         params[:, 7], params[:, 8] = p.height, p.width
-        return self.jpegs(p.index), params
+        return self.jpegs(p.index[:n]), params
 
 
 @functools.lru_cache(maxsize=1)
@@ -146,7 +149,7 @@ class DaliLoader(Loader):
         # Resize/flip/normalize/pad inside DALI: always on the GPU; on the CPU only when asked, which is how
         # the tests run the GPU path's graph on machines without a GPU.
         self.dali_tail = self.gpu if dali_tail is None else dali_tail
-        self.feed = _Feed(self.split, self.plan)
+        self.feed = _Feed(self.split, self.plan, fillers=self.dali_tail)
         _live_dali_loaders().add(self)
         self.pipe = None
         self._next: tuple[int, int] | None = None  # (epoch, step) of the batch the pipeline delivers next
@@ -269,20 +272,15 @@ class DaliLoader(Loader):
             self._pool = ThreadPoolExecutor(self.threads)  # torch kernels release the GIL
         n, H, W = len(p.index), p.height, p.width
         out = torch.empty((n, H, W, 3) if self.cfg.channels_last else (n, 3, H, W), dtype=torch.float32)
-        affine = normalize_rows(W)
-
-        todo = iter(range(p.real))  # shared by the threads: each takes the next image when it is free
-
-        def work() -> None:
-            for k in todo:
-                # A view of DALI's output buffer, no copy (a copy cost as much
-                # as the resize). The pipeline runs DALI's dynamic executor, where an output stays valid while it
-                # is referenced (``crops`` here), however many runs later.
-                crop = torch.from_numpy(np.asarray(crops[k]))
-                tail_one(crop, int(p.out_h[k]), int(p.out_w[k]), bool(p.flip[k]), out[k], affine, self.cfg.channels_last)
-
-        # One task per thread rather than per image: fewer futures and wake-ups under the GIL.
-        done = [self._pool.submit(work) for _ in range(min(self.threads, p.real))]
+        scale, bias = normalize_rows(W)
+        # Views of DALI's output buffers, no copy (a copy cost as much as the resize). The pipeline runs DALI's dynamic
+        # executor, where an output stays valid while it is referenced (``crops`` here), however many runs later.
+        images = [torch.from_numpy(np.asarray(crops[k])) for k in range(p.real)]
+        sizes = (p.out_h[: p.real].tolist(), p.out_w[: p.real].tolist(), p.flip[: p.real].astype(bool).tolist())
+        tail, threads = tail_images(), min(self.threads, p.real)
+        # One call per thread over every threads-th image, run by TorchScript without the GIL (input/loader.py).
+        done = [self._pool.submit(tail, images, *sizes, out, scale, bias, self.cfg.channels_last, i, threads)
+                for i in range(threads)]
 
         def result() -> torch.Tensor:
             for f in done:

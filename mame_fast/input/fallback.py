@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from .loader import Batch, Loader, LoaderError, copy_fillers, normalize_rows, resize_hwc, valid_mask
-from .plan import BatchPlan
+from .plan import EpochPlans
 from .reader import Split
 
 
@@ -81,16 +81,17 @@ def _decode_planned_pil(data: bytes | memoryview, x: float, y: float, cw: float,
 
 
 class _PlannedBatches(torch.utils.data.Dataset):
-    def __init__(self, split: Split, plans: list[BatchPlan]):
-        self.split, self.plans = split, plans
+    """Item (epoch, step): that planned batch, decoded in a worker. The workers compute the plan themselves (a pure
+    function of seed and epoch), so one set of persistent workers serves every epoch."""
 
-    def __len__(self) -> int:
-        return len(self.plans)
+    def __init__(self, split: Split, plans: EpochPlans, normalize: bool):
+        self.split, self.plans, self.normalize = split, plans, normalize
 
-    def __getitem__(self, j: int) -> torch.Tensor | str:
-        """The planned batch as uint8 NHWC, or the sentence saying which sample cannot be decoded: returned, not raised,
-        because DataLoader re-raises a worker's exception wrapped in the worker's traceback text."""
-        p = self.plans[j]
+    def __getitem__(self, key: tuple[int, int]) -> torch.Tensor | str:
+        """The planned batch as NHWC (uint8, or normalized float32 with zero padding when ``normalize``), or the
+        sentence saying which sample cannot be decoded: returned, not raised, because DataLoader re-raises a worker's
+        exception wrapped in the worker's traceback text."""
+        p = self.plans(key[0])[key[1]]
         out = torch.zeros((len(p.index), p.height, p.width, 3), dtype=torch.uint8)
         for k, i in enumerate(p.samples):
             try:
@@ -102,31 +103,62 @@ class _PlannedBatches(torch.utils.data.Dataset):
                         f"Check the shards with `mame-fast shard {self.split.folder} --verify`.")
             out[k, : a.shape[0], : a.shape[1]] = a
         copy_fillers(out, p.real)
-        return out  # uint8: a quarter of the bytes of float32 to move between processes and to the device
+        if not self.normalize:
+            return out  # uint8: a quarter of the bytes of float32 to move to the device, normalized there
+        return normalize_batch(out, torch.from_numpy(np.stack([p.out_h, p.out_w], 1)) if p.padded else None)
+
+
+class _Steps(torch.utils.data.Sampler):
+    """The (epoch, step) items of the epoch the loader asks for next."""
+
+    def __init__(self):
+        self.epoch, self.start, self.stop = 0, 0, 0
+
+    def __iter__(self):
+        return iter([(self.epoch, s) for s in range(self.start, self.stop)])
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+def normalize_batch(raw: torch.Tensor, sizes: torch.Tensor | None) -> torch.Tensor:
+    """A uint8 NHWC batch as normalized float32 (n, 3, H, W) channels-last, padding exactly 0 (as in DALI's output).
+    One multiply-add over whole NHWC rows (see normalize_rows): ~3x faster than broadcasting over an NCHW view."""
+    n, H, W, _ = raw.shape
+    scale, bias = _normalize_rows_on(W, raw.device)
+    x = torch.addcmul(bias, raw.view(n, H, W * 3), scale).view(n, H, W, 3).permute(0, 3, 1, 2)
+    return x if sizes is None else x * valid_mask(sizes, H, W, x.dtype)
 
 
 class PilLoader(Loader):
-    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
-        _torchvision_decodes()  # imports torchvision.io here, so that the workers forked each epoch do not, each time
+    """Decoding in DataLoader worker processes (no GIL to share), kept across epochs. On a CPU run the workers also
+    normalize, so the training process only receives finished batches; on a GPU run they hand uint8 (a quarter of the
+    bytes) and the normalization runs on the device."""
 
-        plans = self.plan(epoch)[start_step:]
-        self.rows(epoch)  # labels and sizes of the whole epoch to the device, before the first batch
-        dl = torch.utils.data.DataLoader(
-            _PlannedBatches(self.split, plans), batch_size=None, shuffle=False, num_workers=self.threads,
-            pin_memory=self.device.type == "cuda", prefetch_factor=self.cfg.prefetch if self.threads else None,
-        )
-        for i, (p, raw) in enumerate(zip(plans, dl), start=start_step):
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self._steps = _Steps()
+        self._dl = None
+
+    def _loader(self) -> torch.utils.data.DataLoader:
+        if self._dl is None:
+            _torchvision_decodes()  # imported once here, before the workers fork
+            self._dl = torch.utils.data.DataLoader(
+                _PlannedBatches(self.split, self.plan, normalize=self.device.type == "cpu"), batch_size=None,
+                sampler=self._steps, num_workers=self.threads, persistent_workers=self.threads > 0,
+                pin_memory=self.device.type == "cuda", prefetch_factor=self.cfg.prefetch if self.threads else None)
+        return self._dl
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
+        rows = self.rows(epoch)  # labels and sizes of the whole epoch to the device, before the first batch
+        plans = self.plan(epoch)
+        self._steps.epoch, self._steps.start, self._steps.stop = epoch, start_step, len(plans)
+        for i, raw in enumerate(self._loader(), start=start_step):
             if isinstance(raw, str):
                 raise LoaderError(raw)
-            n, H, W, _ = raw.shape
-            scale, bias = _normalize_rows_on(W, self.device)
-            # One multiply-add from uint8 over whole NHWC rows (see normalize_rows), giving a channels-last
-            # float32 batch: on CPU ~3x faster than broadcasting over an NCHW view.
-            x = torch.addcmul(bias, raw.to(self.device, non_blocking=True).view(n, H, W * 3), scale)
-            x = x.view(n, H, W, 3).permute(0, 3, 1, 2)
-            if p.padded:  # padding is exactly 0, as in DALI's output
-                x = x * valid_mask(self.rows(epoch)["sizes"][i], H, W, x.dtype)
-            yield self._finish(x, epoch, i)
+            if raw.dtype == torch.uint8:  # normalized on the device
+                raw = normalize_batch(raw.to(self.device, non_blocking=True), rows["sizes"][i] if plans[i].padded else None)
+            yield self._finish(raw, epoch, i)
 
 
 @functools.lru_cache(maxsize=128)

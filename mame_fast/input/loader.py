@@ -197,23 +197,52 @@ def resize_hwc(crop: torch.Tensor, oh: int, ow: int) -> torch.Tensor:
     return x[0].permute(1, 2, 0)
 
 
+def _tail_images(crops: list[torch.Tensor], out_h: list[int], out_w: list[int], flips: list[bool], out: torch.Tensor,
+                 scale: torch.Tensor, bias: torch.Tensor, channels_last: bool, start: int, step: int) -> None:
+    """Images start, start + step, ... of ``crops`` (uint8 HWC) resized to (out_h, out_w), flipped, normalized and written
+    top-left into their rows of ``out`` ((n, H, W, 3) if ``channels_last``, else (n, 3, H, W)), padding zeroed.
+
+    Written for TorchScript (``tail_images``): a scripted call runs its whole loop without the GIL, so the CPU tail's
+    threads scale with the cores instead of queueing for the interpreter between small ops."""
+    for k in range(start, len(crops), step):
+        oh, ow = out_h[k], out_w[k]
+        x = crops[k]
+        if x.size(0) != oh or x.size(1) != ow:
+            # torch's antialiased uint8 kernel (what torchvision's resize calls); a 1HWC view seen as NCHW is
+            # channels-last, so the output is too, with no repacking.
+            x = torch.ops.aten._upsample_bilinear2d_aa(x.unsqueeze(0).permute(0, 3, 1, 2), [oh, ow], False, None, None)
+            x = x[0].permute(1, 2, 0)
+        if flips[k]:
+            x = x.flip([1])
+        hw = out[k] if channels_last else out[k].permute(1, 2, 0)  # an (H, W, 3) view either way
+        rows = x.reshape(oh, ow * 3)
+        if channels_last:  # one fused pass from uint8 into the batch's rows: no temporary to write and read again
+            torch.addcmul(bias[: ow * 3], rows, scale[: ow * 3], out=hw[:oh, :ow].reshape(oh, ow * 3))
+        else:  # the batch's rows are not contiguous in HWC order: normalize, then copy across
+            hw[:oh, :ow].copy_(torch.addcmul(bias[: ow * 3], rows, scale[: ow * 3]).view(oh, ow, 3))
+        if oh < hw.size(0):
+            hw[oh:].zero_()
+        if ow < hw.size(1):
+            hw[:oh, ow:].zero_()
+
+
+@functools.lru_cache(maxsize=1)
+def tail_images():
+    """``_tail_images`` compiled by TorchScript (it releases the GIL while it runs); the plain function where TorchScript
+    is unavailable (it is deprecated in recent torch): same results, threads then share the GIL."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.jit.script(_tail_images)
+    except Exception:  # any failure to script: the plain function computes the same
+        return _tail_images
+
+
 def tail_one(crop: torch.Tensor, oh: int, ow: int, flip: bool, out: torch.Tensor, affine: tuple[torch.Tensor, torch.Tensor],
              channels_last: bool) -> None:
     """One decoded uint8 HWC crop resized to (oh, ow), flipped, normalized and written top-left into ``out``
-    ((H, W, 3) if ``channels_last``, else (3, H, W)), the rest of ``out`` zeroed. The CPU tail's whole
-    per-image work (the benchmark's augment limit runs it too)."""
-    x = resize_hwc(crop, oh, ow)
-    if flip:
-        x = x.flip(1)
-    scale, bias = affine
-    hw = out if channels_last else out.permute(1, 2, 0)  # an (H, W, 3) view either way
-    rows = x.reshape(oh, ow * 3)
-    if channels_last:  # one fused pass from uint8 into the batch's rows: no temporary to write and read again
-        torch.addcmul(bias[: ow * 3], rows, scale[: ow * 3], out=out[:oh, :ow].reshape(oh, ow * 3))
-    else:  # the batch's rows are not contiguous in HWC order: normalize, then copy across
-        hw[:oh, :ow].copy_(torch.addcmul(bias[: ow * 3], rows, scale[: ow * 3]).view(oh, ow, 3))
-    H, W = hw.shape[:2]
-    if oh < H:
-        hw[oh:].zero_()
-    if ow < W:
-        hw[:oh, ow:].zero_()
+    ((H, W, 3) if ``channels_last``, else (3, H, W)), the rest of ``out`` zeroed: the CPU tail's whole per-image work
+    (the benchmark's augment limit runs it too)."""
+    tail_images()([crop], [oh], [ow], [flip], out[None], affine[0], affine[1], channels_last, 0, 1)
