@@ -22,13 +22,13 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) -m mame_fast demo --out demo
 
-## The test suite (offline, CPU): lint, then every test. CI runs this.
+## The test suite (offline, CPU): lint, then every test, on two processes. CI runs this.
 test: $(VENV)/.installed lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist worksteal
 
 ## The edit loop: the suite without the slow tests (torchrun, subprocess runs, the GPU check's smoke run).
 test-fast: $(VENV)/.installed
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n 2 --dist worksteal -m "not slow"
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check .

@@ -34,6 +34,8 @@ _options = {"debug": False}
 @app.callback()
 def _main(debug: bool = typer.Option(False, "--debug", help="Show the traceback of expected errors too.")) -> None:
     _options["debug"] = debug
+    if not console.is_terminal:  # a log file or a pipe: tables at full width rather than wrapped at 80 columns
+        console.width = max(console.width, 160)
 
 
 class _Rate(ProgressColumn):

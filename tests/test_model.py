@@ -103,7 +103,7 @@ def test_receptive_field_per_stage_matches_a_hand_count():
 
     path = Path(tempfile.mkdtemp()) / "rf.yaml"
     path.write_text(yaml.safe_dump(spec_dict(spec)))
-    r = CliRunner(env={"COLUMNS": "200"}).invoke(app, ["model", str(path), "--crop", "64", "--pixels", str(96 * 96)])
+    r = CliRunner().invoke(app, ["model", str(path), "--crop", "64", "--pixels", str(96 * 96)])
     out = " ".join(r.output.split())
     assert "21 px" in out and "69 px *small" in out
 

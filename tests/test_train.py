@@ -134,21 +134,26 @@ def uninterrupted(shards, tmp_path_factory, dropout_spec) -> Path:
     return next(out.glob("*-ref"))
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGUSR1])
-def test_interrupt_then_resume_equals_an_uninterrupted_run(shards, tmp_path, dropout_spec, uninterrupted, sig):
-    """A real signal to a training process mid-epoch (Ctrl-C; a cluster's time limit or pre-emption) saves a resumable
-    checkpoint, marks the run interrupted, writes its card, says how to resume and exits with code 3; `--resume` then
-    ends with the weights of a run that was never interrupted, and run.json records the interruption and the resume."""
+def _interrupt(shards: Path, tmp_path: Path, dropout_spec: Path, sig: int) -> tuple[Path, str, int]:
+    """Start a training process, send it ``sig`` once epoch 1 is done (so that it lands in epoch 2); the run folder,
+    the output and the exit code."""
     p = subprocess.Popen(_train_cli(shards, tmp_path, "intr", f"model={dropout_spec}"), env=_cli_env(), cwd=tmp_path,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and not list(tmp_path.glob("*-intr/metrics.jsonl")):
-        time.sleep(0.05)  # epoch 1 is done: the signal lands in epoch 2
+        time.sleep(0.05)
     p.send_signal(sig)
     out = p.communicate(timeout=120)[0]
-    d = next(tmp_path.glob("*-intr"))
-    assert p.returncode == 3 and read_run_info(d)["status"] == "interrupted", out
+    return next(tmp_path.glob("*-intr")), out, p.returncode
+
+
+@pytest.mark.slow
+def test_sigterm_then_resume_equals_an_uninterrupted_run(shards, tmp_path, dropout_spec, uninterrupted):
+    """SIGTERM to a training process mid-epoch (a cluster's time limit or pre-emption) saves a resumable checkpoint,
+    marks the run interrupted, writes its card, says how to resume and exits with code 3; `--resume` then ends with
+    the weights of a run that was never interrupted, and run.json records the interruption and the resume."""
+    d, out, code = _interrupt(shards, tmp_path, dropout_spec, signal.SIGTERM)
+    assert code == 3 and read_run_info(d)["status"] == "interrupted", out
     assert "epochs run / status | 1 / interrupted" in (d / "card.md").read_text()
     st = ckpt.load(d / "last.pt")
     assert st["epoch"] == 1 and st["step"] > 0, (st["epoch"], st["step"])
@@ -160,6 +165,23 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(shards, tmp_path, dro
     assert all(torch.equal(a[k], b[k]) for k in a)
     info = read_run_info(d)
     assert info["status"] == "finished" and len(info["resumes"]) == 1 and info["resumes"][0]["changes"] == {}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGUSR1])
+def test_ctrl_c_sigterm_and_sigusr1_raise_the_same_flag(sig):
+    """Ctrl-C, SIGTERM and SIGUSR1 (what SLURM's --signal sends) all set the flag the loop checks at its log steps
+    (the whole path, checkpoint and exit code 3, runs in the SIGTERM test above), and the old handlers come back."""
+    from mame_fast.train.loop import signal_flag
+
+    before = signal.getsignal(sig)
+    with signal_flag() as signalled:
+        assert not signalled()
+        os.kill(os.getpid(), sig)
+        time.sleep(0.01)
+        assert signalled()
+    assert signal.getsignal(sig) is before
+
+
 def test_bf16_life_of_a_full_resolution_run(shards, tmp_path):
     """The GPU's dtype path, on CPU (issue 10: it crashed at the end of epoch 1 on the H200, and here with
     precision=bf16): bf16 batches and autocast at full resolution with EMA, histograms and the shape warm-up,
@@ -273,8 +295,6 @@ def test_mixup_and_cutmix_mix_images_and_targets_alike():
 def test_no_weight_decay_on_norms_and_biases():
     """One SGD step with zero gradients: only weight decay moves the parameters. Conv and linear weights shrink by
     exactly lr * (1 + momentum) * wd (Nesterov's first step); norm weights and all biases do not move."""
-    from mame_fast.train.model import build
-    from mame_fast.train.spec import ModelSpec, StageSpec
     from mame_fast.train.step import make_optimizer
 
     cfg = load(None, ["optim.name=sgd", "optim.lr=0.1", "optim.weight_decay=0.01", "optim.momentum=0.9"])

@@ -20,7 +20,6 @@ pipeline at that step.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib.util
 import weakref
@@ -55,13 +54,6 @@ def _undecodable(split: Split, index: np.ndarray) -> list[str]:
     return bad
 
 
-def _settle(pending: tuple[BatchPlan, Callable[[], torch.Tensor]] | None) -> None:
-    """Wait for a batch's CPU tail to end, whatever its outcome (it is being abandoned)."""
-    if pending is not None:
-        with contextlib.suppress(Exception):
-            pending[1]()
-
-
 class _Feed:
     """external_source callback: the next planned batch as encoded bytes + one row of parameters per sample.
 
@@ -69,8 +61,8 @@ class _Feed:
     This is Python on the training thread, once per batch, so it is kept small: two inputs, the JPEGs and
     every per-sample number in one dense float32 array (the graph slices it). DALI checks and wraps each input,
     and each element of a list, in Python; the JPEGs are therefore wrapped once, as DALI tensors over the
-    memory-mapped shards (no copy), and handed over as they are: half the time of eight inputs and copied numpy
-    arrays (benchmarks/results/design_measurements_*.md).
+    memory-mapped shards, and handed over as they are (DALI then copies their bytes, a memcpy): about half the
+    time of eight inputs and numpy arrays (benchmarks/results/design_measurements_*.md).
     """
 
     COLUMNS = ("x", "y", "cw", "ch", "out_w", "out_h", "flip", "height", "width")
@@ -169,8 +161,9 @@ class DaliLoader(Loader):
                       # test_one_loader_over_epochs... and test_gpu_graph_on_cpu... fail at full resolution).
                       exec_dynamic=True)
         def pipe():
-            # no_copy: the JPEGs stay in the shards' memory maps, which live as long as the split.
-            jpeg, q = fn.external_source(source=self.feed, num_outputs=2, batch=True, parallel=False, no_copy=True,
+            # Copied at feed time (no_copy=False): DALI keeps no reference to what it is fed, and the shard maps must
+            # not be needed by batches still prefetching when a loader is torn down.
+            jpeg, q = fn.external_source(source=self.feed, num_outputs=2, batch=True, parallel=False, no_copy=False,
                                          dtype=[types.UINT8, types.FLOAT])
             # Decode only the planned crop (ROI decode): fewer pixels to decode, colour-convert and resize.
             # nvJPEG on the GPU ("mixed"), or libjpeg-turbo on DALI's CPU threads, the crop then sent to the GPU.
@@ -211,7 +204,7 @@ class DaliLoader(Loader):
                 try:
                     outs = self.pipe.run(stream) if self.gpu else self.pipe.run()
                 except RuntimeError as e:
-                    _settle(pending)  # its tail reads the outputs of the pipeline about to be dropped
+                    self._settle(pending)  # its tail reads the outputs of the pipeline about to be dropped
                     pending, self.pipe = None, None
                     raise self._decode_error(plans, i, e) from e
                 self._next = (epoch, i + 1) if i + 1 < len(plans) else (epoch + 1, 0)
@@ -232,7 +225,16 @@ class DaliLoader(Loader):
         finally:
             # Left early (a break, an error in the consumer): the pool may still be writing a batch from this
             # pipeline's outputs, and a restore is about to drop the pipeline.
-            _settle(pending)
+            self._settle(pending)
+
+    @staticmethod
+    def _settle(pending: tuple[BatchPlan, Callable[[], torch.Tensor]] | None) -> None:
+        """Wait for a batch's CPU tail to end, whatever its outcome (it is being abandoned)."""
+        if pending is not None:
+            try:  # noqa: SIM105  (no module globals here: this also runs when an abandoned generator is finalized at exit)
+                pending[1]()
+            except Exception:  # it is being abandoned: its outcome does not matter
+                pass
 
     def _decode_error(self, plans: list[BatchPlan], i: int, e: Exception) -> LoaderError:
         """The failing batch is this one or one being prefetched: name what PIL cannot decode among them."""
@@ -276,6 +278,7 @@ class DaliLoader(Loader):
         # Views of DALI's output buffers, no copy (a copy cost as much as the resize). The pipeline runs DALI's dynamic
         # executor, where an output stays valid while it is referenced (``crops`` here), however many runs later.
         images = [torch.from_numpy(np.asarray(crops[k])) for k in range(p.real)]
+        keep = [crops]  # the views above do not keep DALI's output alive: this does, until the tail is done
         sizes = (p.out_h[: p.real].tolist(), p.out_w[: p.real].tolist(), p.flip[: p.real].astype(bool).tolist())
         tail, threads = tail_images(), min(self.threads, p.real)
         # One call per thread over every threads-th image, run by TorchScript without the GIL (input/loader.py).
@@ -285,6 +288,7 @@ class DaliLoader(Loader):
         def result() -> torch.Tensor:
             for f in done:
                 f.result()
+            del keep[:]  # DALI's outputs were read: they may go now
             copy_fillers(out, p.real)
             return out.permute(0, 3, 1, 2) if self.cfg.channels_last else out
 
