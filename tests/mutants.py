@@ -85,6 +85,12 @@ MUTANTS = [
     M("a resumed run continues the schedule at its step", "mame_fast/train/step.py",
       "LambdaLR(opt, factor, last_epoch=start_step - 1)", "LambdaLR(opt, factor, last_epoch=-1)",
       "tests/test_train.py -k resume_is_exact"),
+    # -- the model (train/model.py) ------------------------------------------------------------------------
+    M("CPU training survives strided 1x1 convs (torch 2.14.1's oneDNN kernel corrupts the heap)", "mame_fast/train/model.py",
+      "    if kernel == 1 and stride > 1:", "    if False:", "tests/test_model.py -k corrupting"),
+    M("padding changes no sample's output: average pools divide by real pixels", "mame_fast/train/model.py",
+      "                y = y / F.avg_pool2d(mask, 2, 2, ceil_mode=True).clamp_min(1e-6)", "                pass",
+      "tests/test_model.py -k padding"),
     # -- resume and checkpoints (train/checkpoint.py, train/loop.py) -------------------------------------
     M("resume restores the EMA weights", "mame_fast/train/checkpoint.py", "            self.ema.load_state_dict(d[\"ema\"])",
       "            pass", "tests/test_train.py -k resume_is_exact"),

@@ -135,3 +135,54 @@ def test_parameter_and_flop_counts_match_a_hand_count():
     r = summary_rows(spec, crop=32, pixels=32 * 32)
     assert r["params"] == params == 4405
     assert r["flops_256"] == r["flops_full"] == flops
+
+
+_STRIDED_POINTWISE = """
+import torch
+from timm.layers import get_act_layer, get_norm_layer
+from mame_fast.train.model import ResidualBlock
+from mame_fast.train.spec import StageSpec
+torch.manual_seed(0)
+b = ResidualBlock(8, 16, 2, StageSpec(16), get_act_layer("relu"), get_norm_layer("batchnorm2d"), 0.0)
+b = b.to(memory_format=torch.channels_last)
+x = torch.randn(16, 8, 64, 64).contiguous(memory_format=torch.channels_last).requires_grad_()
+for _ in range(50):
+    b.zero_grad()
+    b(x, None).square().mean().backward()
+print("survived")
+"""
+
+
+def test_a_strided_projection_trains_on_cpu_without_corrupting_memory():
+    """A residual block's stride-2 1x1 projection, channels-last, backward 50 times on the CPU, in its own process. Built as
+    a strided 1x1 conv it ends in a segfault every time with torch 2.14.1 (oneDNN corrupts the heap; in the suite it
+    aborted a later, unrelated test now and then); built as model.py builds it, it survives."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _STRIDED_POINTWISE], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "survived" in r.stdout, (r.returncode, r.stderr[-2000:])
+
+
+@pytest.mark.parametrize("separable", [False, True])
+def test_a_subsampled_pointwise_conv_is_the_strided_one(separable):
+    """conv_norm_act's 1x1 stride-2 layer (subsample, then stride 1) computes what the strided conv computes, forward
+    and backward, on odd and even sides, and keeps the strided layer's parameter names."""
+    from timm.layers import ConvNormAct, SeparableConvNormAct
+
+    from mame_fast.train.model import conv_norm_act
+
+    torch.manual_seed(0)
+    kw = dict(norm_layer="batchnorm2d", act_layer="relu")
+    sub = conv_norm_act(6, 10, 1, 2, separable=separable, **kw)
+    ref = (SeparableConvNormAct if separable else ConvNormAct)(6, 10, 1, stride=2, **kw)
+    assert sub.state_dict().keys() == ref.state_dict().keys()
+    ref.load_state_dict(sub.state_dict())
+    x = torch.randn(3, 6, 13, 20, requires_grad=True)  # contiguous: the reference takes the safe kernel
+    xs = x.detach().clone().requires_grad_()
+    torch.testing.assert_close(sub(xs), ref(x))
+    sub(xs).square().sum().backward()
+    ref(x).square().sum().backward()
+    torch.testing.assert_close(xs.grad, x.grad)
+    for (k, a), b in zip(sub.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, msg=k)

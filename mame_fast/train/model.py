@@ -52,13 +52,42 @@ class MaskedSE(SEModule):
         return x * self.gate(s)
 
 
+class _Subsampled:
+    """Mixin: take every ``down``-th row and column, then the layer at stride 1."""
+
+    down = 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x[:, :, :: self.down, :: self.down] if self.down > 1 else x)
+
+
+class SubsampledConvNormAct(_Subsampled, ConvNormAct):
+    pass
+
+
+class SubsampledSeparableConvNormAct(_Subsampled, SeparableConvNormAct):
+    pass
+
+
+def conv_norm_act(cin: int, cout: int, kernel: int, stride: int = 1, separable: bool = False, **kw) -> nn.Module:
+    """timm's ConvNormAct (or SeparableConvNormAct). A strided 1x1 conv is built as a subsampling followed by the conv
+    at stride 1: the same function and the same parameter names, because the CPU kernel for the strided form is unsafe:
+    torch 2.14.1's oneDNN corrupts the heap in the backward pass of a 1x1 stride-2 conv on channels-last input
+    (tests/test_model.py reproduces it), which crashed CPU training at random points afterwards."""
+    if kernel == 1 and stride > 1:
+        m = (SubsampledSeparableConvNormAct if separable else SubsampledConvNormAct)(cin, cout, kernel, stride=1, **kw)
+        m.down = stride
+        return m
+    return (SeparableConvNormAct if separable else ConvNormAct)(cin, cout, kernel, stride=stride, **kw)
+
+
 def spatial(cin: int, cout: int, s: StageSpec, stride: int, act, norm, apply_act: bool = True) -> nn.Module:
     """The stage's spatial conv: kernel, dilation and groups as specified, or depthwise-separable."""
     if s.depthwise:
-        return SeparableConvNormAct(cin, cout, s.kernel, stride=stride, dilation=s.dilation, norm_layer=norm, act_layer=act,
-                                    apply_act=apply_act)
-    return ConvNormAct(cin, cout, s.kernel, stride=stride, dilation=s.dilation, groups=s.groups, norm_layer=norm, act_layer=act,
-                       apply_act=apply_act)
+        return conv_norm_act(cin, cout, s.kernel, stride, separable=True, dilation=s.dilation, norm_layer=norm, act_layer=act,
+                             apply_act=apply_act)
+    return conv_norm_act(cin, cout, s.kernel, stride, dilation=s.dilation, groups=s.groups, norm_layer=norm, act_layer=act,
+                         apply_act=apply_act)
 
 
 class Pool(nn.Module):
@@ -108,7 +137,7 @@ class ResidualBlock(nn.Module):
         self.se = MaskedSE(cout, rd_ratio=s.se, act_layer=act) if s.se else None
         # A 1x1 (strided) projection: exact under padding, unlike average-pool shortcuts.
         self.shortcut = (
-            ConvNormAct(cin, cout, 1, stride=stride, norm_layer=norm, apply_act=False) if (cin != cout or stride != 1) else None
+            conv_norm_act(cin, cout, 1, stride, norm_layer=norm, apply_act=False) if (cin != cout or stride != 1) else None
         )
         self.drop_path = DropPath(drop_path) if drop_path else nn.Identity()
         self.act = create_act_layer(act, inplace=True)
@@ -129,7 +158,7 @@ class InvertedBlock(nn.Module):
         self.stride = stride
         mid = max(8, int(round(cin * s.expand / 8)) * 8)
         self.expand = ConvNormAct(cin, mid, 1, act_layer=act, norm_layer=norm)
-        self.dw = ConvNormAct(mid, mid, s.kernel, stride=stride, dilation=s.dilation, groups=mid, act_layer=act, norm_layer=norm)
+        self.dw = conv_norm_act(mid, mid, s.kernel, stride, dilation=s.dilation, groups=mid, act_layer=act, norm_layer=norm)
         self.se = MaskedSE(mid, rd_ratio=s.se / s.expand, act_layer=act) if s.se else None
         self.project = ConvNormAct(mid, cout, 1, norm_layer=norm, apply_act=False)
         self.residual = cin == cout and stride == 1
