@@ -14,6 +14,7 @@
 # A rerun of some steps (after a fix, on a machine with little time left) sets STEPS, and may narrow them:
 #   STEPS="gpu_tests train_throughput" GPU_TESTS_K=dali TRAIN_VARIANTS=full:off:gpu,full:off:cpu LOADER_RES=full REFERENCE=0
 #   GPU_CHECK_LIMITS="60 170 1 95"   (seconds for gpu_tests, train_throughput, demo, loader_throughput)
+#   LOADER_PER_CLASS=100             (the loader table on train_throughput's sample, already generated: no generation)
 #
 # On the lent GPU machines DALI travels in three parts: ../shared/gpu/README.md. Writes $OUT/gpu_check.md, the
 # benchmarks' result files under $OUT/results/ and $OUT/logs.tar.gz (every step's full log).
@@ -45,7 +46,7 @@ else
               --variants "${TRAIN_VARIANTS:-256:off:auto,256:on:auto,full:off:auto}")
   [ "${REFERENCE:-1}" = 1 ] && TRAIN_ARGS+=(--reference)
   # The loader step needed more than 170 s per resolution on the H200 with --per-class 100 --repeats 2 (run 1).
-  LOADER_ARGS=(--per-class 60 --repeats 1 --workers "$NPROC")
+  LOADER_ARGS=(--per-class "${LOADER_PER_CLASS:-60}" --repeats 1 --workers "$NPROC")
   DEMO_ARGS=(--workers "$NPROC")
   LIMITS=(${GPU_CHECK_LIMITS:-120 180 100 170})  # seconds per step, in the order below
 fi
@@ -54,7 +55,7 @@ fi
   echo "# gpu_check.sh $( [ "$SMOKE" = 1 ] && echo '(SMOKE: tiny sample, no GPU rows)')"
   echo
   echo "- date: $(date -Iseconds), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet HEAD 2>/dev/null || echo ' + changes')"
-  echo "- machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $NPROC cores"
+  echo "- machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $NPROC cores ($(lscpu 2>/dev/null | grep -m1 -i 'thread(s) per core' | tr -s ' ' || echo 'threads per core unknown'))"
   echo "- GPU: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo none)"
   echo "- $("$PY" -c 'import sys, torch; v = [f"python {sys.version.split()[0]}", f"torch {torch.__version__}"]
 try:

@@ -176,6 +176,43 @@ def test_one_loader_over_epochs_equals_fresh_loaders(shards, loader):
             assert torch.equal(got[e, i].index, b.index) and torch.equal(got[e, i].images, b.images), (e, i)
 
 
+def _loaders_to_prime(shards: Path) -> list[tuple[str, object]]:
+    """Each loader as the trainer builds it, and DALI with the GPU path's graph (run on the CPU) too."""
+    cfg = cfg_for(shards, "full", LOADERS[0])
+    out = [(kind, lambda kind=kind: build_loader(cfg_for(shards, "full", kind), "train", True, seed=3)) for kind in LOADERS]
+    if "dali" in LOADERS:
+        from mame_fast.input.dali import DaliLoader
+
+        out.append(("dali-gpu-graph", lambda: DaliLoader(open_split(shards, "train"), cfg, True, 3, 0, 1, torch.device("cpu"),
+                                                         torch.float32, dali_tail=True)))
+    return out
+
+
+def _same_as_fresh(kind: str, make, L, e: int, start: int) -> None:
+    want = list(make().epoch(e, start))
+    got = list(L.epoch(e, start))
+    assert len(got) == len(want) == L.steps(e) - start, (kind, e, start)
+    for a, b in zip(got, want):
+        assert torch.equal(a.index, b.index) and torch.equal(a.images, b.images), (kind, e, start)
+
+
+def test_primed_batches_are_the_ones_asked_for(shards):
+    """prime() starts a loader early (the trainer calls it before the warm-up): the batches then asked for are
+    exactly a fresh loader's, whether they are the primed ones (the same pipeline goes on) or others (the primed
+    ones are dropped), primed twice or at an epoch's end."""
+    for kind, make in _loaders_to_prime(shards):
+        L = make()
+        L.prime(1, 2)
+        L.prime(1, 2)  # twice: the same batches, none skipped
+        pipe = getattr(L, "pipe", None)
+        _same_as_fresh(kind, make, L, 1, 2)
+        assert getattr(L, "pipe", None) is pipe  # DALI: the primed pipeline went on
+        L.prime(2)  # the natural next epoch: the pipeline has already prefetched it
+        _same_as_fresh(kind, make, L, 2, 0)
+        L.prime(0)  # primed, then something else asked for
+        _same_as_fresh(kind, make, L, 3, 1)
+
+
 # Bad shard folders: a clear error naming the shard, raised when the loader is built (before training).
 
 

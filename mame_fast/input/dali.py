@@ -145,6 +145,7 @@ class DaliLoader(Loader):
         _live_dali_loaders().add(self)
         self.pipe = None
         self._next: tuple[int, int] | None = None  # (epoch, step) of the batch the pipeline delivers next
+        self._ahead = False  # prime() has already scheduled the run whose outputs come next
         self._pool = None
 
     def _build(self):
@@ -184,16 +185,35 @@ class DaliLoader(Loader):
         p.build()
         return p
 
+    def _pipeline_at(self, epoch: int, start_step: int) -> None:
+        """The pipeline is kept while the batches asked for are the ones it has prefetched (the next epoch after a
+        finished one, or what prime() started); otherwise (a restore, an epoch left early) a fresh one starts at the step."""
+        if self.pipe is None or self._next != (epoch, start_step):
+            self.pipe, self._ahead = None, False  # frees the old pipeline and its prefetched batches first
+            self.feed.start(epoch, start_step)
+            self.pipe = self._build()
+            self._next = (epoch, start_step)
+
+    def prime(self, epoch: int, start_step: int = 0) -> None:
+        """Build the pipeline and start its first run (which prefetches ``prefetch`` batches), so that the decoders'
+        start-up and the first batches overlap with what the trainer does before step 0 (the shape warm-up)."""
+        self._pipeline_at(epoch, start_step)
+        if not self._ahead:
+            self.pipe.schedule_run()
+            self._ahead = True
+
+    def _run(self, stream):
+        """What ``pipe.run()`` does (schedule the next run, take the oldest outputs), minus a run prime() scheduled."""
+        if not self._ahead:
+            self.pipe.schedule_run()
+        self._ahead = False
+        return self.pipe.outputs(stream) if self.gpu else self.pipe.outputs()
+
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
 
         plans = self.plan(epoch)
-        # The pipeline is kept while the batches asked for are the ones it has prefetched (the next epoch
-        # after a finished one); otherwise (a restore, an epoch left early) a fresh one starts at the step.
-        if self.pipe is None or self._next != (epoch, start_step):
-            self.pipe = None  # frees the old pipeline and its prefetched batches first
-            self.feed.start(epoch, start_step)
-            self.pipe = self._build()
+        self._pipeline_at(epoch, start_step)
         self.rows(epoch)  # labels and sizes of the whole epoch to the device, before the first batch
         # GPU: outputs bound to torch's stream, so neither run() nor the copy waits on the host for the GPU.
         stream = torch.cuda.current_stream(self.device) if self.gpu else None
@@ -202,10 +222,10 @@ class DaliLoader(Loader):
             for i in range(start_step, len(plans)):
                 self._next = None  # unknown until this batch arrives
                 try:
-                    outs = self.pipe.run(stream) if self.gpu else self.pipe.run()
+                    outs = self._run(stream)
                 except RuntimeError as e:
                     self._settle(pending)  # its tail reads the outputs of the pipeline about to be dropped
-                    pending, self.pipe = None, None
+                    pending, self.pipe, self._ahead = None, None, False
                     raise self._decode_error(plans, i, e) from e
                 self._next = (epoch, i + 1) if i + 1 < len(plans) else (epoch + 1, 0)
                 if not self.dali_tail:

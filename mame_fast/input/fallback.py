@@ -137,6 +137,7 @@ class PilLoader(Loader):
         super().__init__(*a, **kw)
         self._steps = _Steps()
         self._dl = None
+        self._primed: tuple[int, int, Iterator] | None = None  # (epoch, start step, batches) that prime() started
 
     def _loader(self) -> torch.utils.data.DataLoader:
         if self._dl is None:
@@ -147,11 +148,23 @@ class PilLoader(Loader):
                 pin_memory=self.device.type == "cuda", prefetch_factor=self.cfg.prefetch if self.threads else None)
         return self._dl
 
+    def _batches(self, epoch: int, start_step: int) -> Iterator:
+        """The workers' iterator over the epoch's batches from a step: starting it sends them their first requests."""
+        self._steps.epoch, self._steps.start, self._steps.stop = epoch, start_step, self.steps(epoch)
+        return iter(self._loader())
+
+    def prime(self, epoch: int, start_step: int = 0) -> None:
+        """Start the workers (the first time) and their first batches now, so that it overlaps with what the trainer does
+        before step 0."""
+        if self._primed is None or self._primed[:2] != (epoch, start_step):
+            self._primed = (epoch, start_step, self._batches(epoch, start_step))
+
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         rows = self.rows(epoch)  # labels and sizes of the whole epoch to the device, before the first batch
         plans = self.plan(epoch)
-        self._steps.epoch, self._steps.start, self._steps.stop = epoch, start_step, len(plans)
-        for i, raw in enumerate(self._loader(), start=start_step):
+        primed, self._primed = self._primed, None
+        batches = primed[2] if primed is not None and primed[:2] == (epoch, start_step) else self._batches(epoch, start_step)
+        for i, raw in enumerate(batches, start=start_step):
             if isinstance(raw, str):
                 raise LoaderError(raw)
             raw = normalize_batch(raw.to(self.device, non_blocking=True), rows["sizes"][i] if plans[i].padded else None)

@@ -110,6 +110,12 @@ class Loader:
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         raise NotImplementedError
 
+    def prime(self, epoch: int, start_step: int = 0) -> None:
+        """Start preparing ``epoch(epoch, start_step)``'s first batches now (the pipeline's or the workers' start-up
+        included), so that it overlaps with what the trainer does before step 0; that call then takes them over.
+        Asking for any other batches first discards them."""
+        raise NotImplementedError
+
     def rows(self, epoch: int) -> dict[str, torch.Tensor]:
         """Labels (steps, n), valid sizes (steps, n, 2) and colour factors (steps, n, 3) of every batch of an epoch,
         on the training device, copied there in one go when the epoch starts.

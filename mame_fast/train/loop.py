@@ -184,6 +184,8 @@ def train(s: Session, run_dir: RunDir, console) -> Stop:
     shapes = (s.train_loader.shapes(), s.val_loader.shapes())
     progress.say(f"batch shapes per epoch: {len(shapes[0])} in training, {len(shapes[1])} in validation "
                  f"(cuDNN autotuning {'on' if rt.cudnn_benchmark else 'off'})")
+    if st.epoch < cfg.epochs:  # the loader's start-up and first batches overlap with the warm-up
+        s.train_loader.prime(st.epoch, st.step)
     if cfg.warmup == "always" or (cfg.warmup == "auto" and rt.cudnn_benchmark):
         cost = warm_up(s.model, *shapes, rt)
         progress.say(f"warm-up: {cost:.2f} s for {len(shapes[0]) + len(shapes[1])} shapes")

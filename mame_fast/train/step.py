@@ -116,7 +116,9 @@ def warm_up(model: torch.nn.Module, train_shapes: list, eval_shapes: list, rt: R
     with torch.random.fork_rng(devices=devices):
         for shapes, train in ((train_shapes, True), (eval_shapes, False)):
             m.train(train)
-            for n, h, w in shapes:
+            # Largest first: the caching allocator then serves every smaller shape from blocks it already holds,
+            # where smallest first would allocate anew for each larger one.
+            for n, h, w in sorted(shapes, key=lambda s: s[0] * s[1] * s[2], reverse=True):
                 x = torch.zeros(n, 3, h, w, device=rt.device, dtype=rt.dtype).contiguous(memory_format=fmt)
                 sizes = None if train else torch.tensor([[h, w]], device=rt.device).expand(n, 2)
                 with torch.set_grad_enabled(train), rt.autocast():
