@@ -241,7 +241,10 @@ def shipped(name: str) -> Path:
     ``models/tiny.yaml``. Found through importlib.resources, so an installed wheel has them too."""
     from importlib import resources
 
-    return Path(str(resources.files("mame_fast.configs") / name))
+    try:
+        return Path(str(resources.files("mame_fast.configs") / name))
+    except ModuleNotFoundError:  # a checkout on PYTHONPATH, not installed (the GPU machine): the folder beside the package
+        return Path(__file__).resolve().parent.parent / "configs" / name
 
 
 def load(path: str | Path | None = None, sets: list[str] | None = None, base: TrainConfig | None = None) -> TrainConfig:

@@ -35,3 +35,20 @@ def test_a_wheel_installed_outside_the_checkout_runs(tmp_path):
         "--set", "data.batch_size=16", "--set", "hist_epochs=0", "--set", "data.threads=1")
     assert (work / "runs" / "001-wheel" / "card.md").is_file()
     assert "stem_width: 24" in (work / "runs" / "001-wheel" / "model.yaml").read_text()  # the shipped tiny spec
+
+
+def test_a_checkout_on_pythonpath_finds_the_shipped_configs(tmp_path):
+    """The GPU machine runs the project from a copied checkout on PYTHONPATH, not installed: the shipped specs and
+    configs are found there too (mame_fast.configs exists only in an install). The editable install's finder is
+    removed, so that only the checkout is seen."""
+    code = (
+        "import sys; sys.meta_path = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]; "
+        f"sys.path.insert(0, {str(ROOT)!r}); "
+        "import mame_fast.config as c; from mame_fast.train.spec import load_spec; "
+        "assert c.__file__.startswith(sys.path[0]), c.__file__; "
+        "print(load_spec('small').stem_width, c.load('demo').epochs)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert len(out.stdout.split()) == 2
