@@ -301,8 +301,10 @@ class DaliLoader(Loader):
         keep = [crops]  # the views above do not keep DALI's output alive: this does, until the tail is done
         sizes = (p.out_h[: p.real].tolist(), p.out_w[: p.real].tolist(), p.flip[: p.real].astype(bool).tolist())
         tail, threads = tail_images(), min(self.threads, p.real)
-        # One call per thread over every threads-th image, run by TorchScript without the GIL (input/loader.py).
-        done = [self._pool.submit(tail, images, *sizes, out, scale, bias, self.cfg.channels_last, i, threads)
+        # One call per thread over every threads-th image, run by TorchScript without the GIL (input/loader.py). Each
+        # call gets only its own images and rows: its arguments are converted under the GIL, element by element.
+        done = [self._pool.submit(tail, images[i::threads], *(v[i::threads] for v in sizes), out[i : p.real : threads], scale,
+                                  bias, self.cfg.channels_last, 0, 1)
                 for i in range(threads)]
 
         def result() -> torch.Tensor:

@@ -139,7 +139,9 @@ class Loader:
         p, rows = self.plan(epoch)[step], self.rows(epoch)
         sizes = rows["sizes"][step]
         if self.plan_cfg.color_jitter:
-            images = color_jitter(images.float(), rows["color"][step]) * valid_mask(sizes, p.height, p.width, torch.float32)
+            images = color_jitter(images.float(), rows["color"][step])
+            if p.padded:  # the jitter moved the padding off zero (training batches have none: plan.py)
+                images = images * valid_mask(sizes, p.height, p.width, torch.float32)
         images = images.to(self.dtype)
         images = images.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last else images.contiguous()
         return Batch(images=images, labels=rows["labels"][step], sizes=sizes, index=torch.from_numpy(p.samples),
