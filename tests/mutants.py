@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -72,6 +73,17 @@ MUTANTS = [
       "            copy_fillers(out, p.real)", "            pass", "tests/test_loaders.py -k fallback_gives"),
     M("the fallback flips what the plan flips", "mame_fast/input/fallback.py", "    return out.flip(1) if flip else out",
       "    return out", "tests/test_loaders.py -k flips"),
+    M("the fallback's padding is zero on a CPU (per image)", "mame_fast/input/fallback.py",
+      "            rows[k, :h, 3 * w :].zero_()", "            pass", "tests/test_loaders.py -k 'batches_shapes and pil'"),
+    # Not a mutant: the ring slot's zero_() in fallback.py. Padded batches have their padding zeroed again after
+    # normalization (normalize_batch, from the valid sizes), and unpadded ones have none, so leaving stale bytes in a
+    # slot changes no batch; the slot is zeroed so that it holds what the ring-less path hands over.
+    M("a fallback primed for other batches gives the ones asked for", "mame_fast/input/fallback.py",
+      "batches = primed[2] if primed is not None and primed[:2] == (epoch, start_step) else",
+      "batches = primed[2] if primed is not None else", "tests/test_loaders.py -k primed"),
+    M("a rebuilt DALI pipeline is not taken as primed", "mame_fast/input/dali.py",
+      "            self.pipe, self._ahead = None, False  # frees", "            self.pipe = None  # frees",
+      "tests/test_loaders.py -k primed"),
     # -- the step (train/step.py) ----------------------------------------------------------------------
     M("label smoothing spreads the target", "mame_fast/train/step.py", "    return onehot * (1 - smoothing) + smoothing / n",
       "    return onehot", "tests/test_train.py -k smoothing"),
@@ -150,11 +162,12 @@ def try_mutant(m: Mutant, repo: Path) -> tuple[bool, float, str]:
     path.write_text(src.replace(m.old, m.new))
     env = dict(os.environ, PYTHONPATH=str(repo), OMP_NUM_THREADS="1")
     t = time.time()
-    r = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *m.tests.split()], cwd=repo, env=env,
+    r = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *shlex.split(m.tests)], cwd=repo, env=env,
                        capture_output=True, text=True)
     path.write_text(src)
     last = (r.stdout.strip().splitlines() or [""])[-1]
-    return r.returncode not in (0, 5), time.time() - t, last  # 5: no test collected, which kills nothing
+    # 4: pytest's usage error (a bad -k), 5: no test collected: neither tested the mutant, so neither kills it
+    return r.returncode not in (0, 4, 5), time.time() - t, last
 
 
 def main() -> None:
