@@ -222,7 +222,7 @@ def table(title: str, m: dict) -> str:
     fill = m["first_epoch_s"] - steady  # what the first epoch still costs once every shape has been seen
     real_epoch = REAL_TRAIN / summary(real)[0]
     real_overhead = per_shape * m["real_shapes"] + max(0.0, fill)
-    once = m["startup_s"] + m.get("process_first_s", 0.0)
+    once = m["startup_s"] + m["process_first_s"]
     pairs = [t_mem / t_real for t_real, t_mem in zip(m["real_s"], m["memory_s"])]  # in-memory / real time, adjacent pairs
     ratio = summary(pairs)[0]
     pct = lambda v: "n/a" if v is None else f"{v:.0f}%"  # noqa: E731
@@ -240,7 +240,7 @@ def table(title: str, m: dict) -> str:
         f"(3x forward FLOPs).",
         f"- once per process: start-up (CUDA, loader and model built) {m['startup_s']:.2f} s; first use of CUDA, cuDNN "
         f"and their kernels {m['process_first_s']:.2f} s (a forward+backward pass on a throwaway shape)"
-        + ("; the loader primed before it, as the trainer does." if m.get("primed", True) else "; the loader not primed.")
+        + ("; the loader primed before it, as the trainer does." if m["primed"] else "; the loader not primed.")
         + " First use of a shape: "
         + (f"{per_shape * 1e3:.0f} ms each ({m['first_use_s']:.2f} s for {m['shapes']}" if m["first_use_s"] >= 0 else
            f"below this machine's noise (the second pass took {-m['first_use_s']:.2f} s longer over {m['shapes']} shapes")

@@ -58,7 +58,7 @@ class _Subsampled:
     down = 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x[:, :, :: self.down, :: self.down] if self.down > 1 else x)
+        return super().forward(x[:, :, :: self.down, :: self.down])
 
 
 class SubsampledConvNormAct(_Subsampled, ConvNormAct):
