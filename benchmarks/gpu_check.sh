@@ -37,7 +37,7 @@ if [ "$SMOKE" = 1 ]; then
   # A tiny sample in a temporary folder; one steady epoch; small images: the script's every path, in seconds.
   export MAME_FAST_BENCH_WORK="$WORK/bench"
   TRAIN_ARGS=(--model tiny --per-class 3 --batch-size 8 --epochs 1 --workers 2 --crop 64 --pixels 20000)
-  LOADER_ARGS=(--per-class 3 --repeats 1 --workers 2 --crop 64 --pixels 20000 --batch-size 8 --res full)
+  LOADER_ARGS=(--per-class 3 --repeats 1 --workers 2 --crop 64 --pixels 20000 --batch-size 8 --res full --min-seconds 0.3)
   DEMO_ARGS=(--per-class 3,1,1 --workers 2 --set epochs=1)
   LIMITS=(${GPU_CHECK_LIMITS:-60 120 90 150})
 else

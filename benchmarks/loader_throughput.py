@@ -22,7 +22,7 @@ decode costs about one full decode, 80% allows 1.25 decodes of work per image in
 (resize, flip, float32 normalization) costs more than what is left (the breakdown under each table). The loader is measured
 against the augment limit instead, goal >= 80%: its own machinery may cost at most a fifth.
 
-    python benchmarks/loader_throughput.py [--per-class 40] [--repeats 3] [--workers 2]
+    python benchmarks/loader_throughput.py [--per-class 40] [--repeats 3] [--workers 2] [--min-seconds 2]
 """
 
 from __future__ import annotations
@@ -121,38 +121,45 @@ def imagefolder_loader(root: Path, res: str, crop: int, pixels: int, batch: int,
 # -- decode limit ----------------------------------------------------------------------------------------
 
 
-def _second_pass(loop) -> float:
-    """Seconds of ``loop()``'s second run: the first one pays the fresh process's page faults, which the
-    loaders, measured after a warm-up epoch, no longer pay."""
+def _second_pass(loop, times: int) -> float:
+    """Seconds per run of ``loop()`` over ``times`` runs after a first one: the first pays the fresh process's page
+    faults, which the loaders, measured after a warm-up epoch, no longer pay."""
     loop()
     t = time.perf_counter()
-    loop()
-    return time.perf_counter() - t
+    for _ in range(times):
+        loop()
+    return (time.perf_counter() - t) / times
 
 
-def _decode_all(job: tuple[list[Path], str]) -> float:
-    files, how = job
+def rounds_for(seconds: float, min_seconds: float) -> int:
+    """Epochs per timed round, so that a round of epochs that take ``seconds`` each lasts at least ``min_seconds``: a
+    round of a fraction of a second times the loader's start and end more than its steady pace."""
+    return max(1, math.ceil(min_seconds / max(seconds, 1e-3)))
+
+
+def _decode_all(job: tuple[list[Path], str, int]) -> float:
+    files, how, times = job
     blobs = [f.read_bytes() for f in files]  # from memory: the limit of the decoder, not of the disk
     if how == "torchvision":
         from torchvision.io import decode_jpeg
 
         torch.set_num_threads(1)
         tensors = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
-        return _second_pass(lambda: [decode_jpeg(b) for b in tensors])
+        return _second_pass(lambda: [decode_jpeg(b) for b in tensors], times)
     # decode only (convert("RGB") would add a copy of each image)
-    return _second_pass(lambda: [Image.open(io.BytesIO(b)).load() for b in blobs])
+    return _second_pass(lambda: [Image.open(io.BytesIO(b)).load() for b in blobs], times)
 
 
-def decode_limit(files: list[Path], workers: int, how: str) -> list[float]:
+def decode_limit(files: list[Path], workers: int, how: str, times: int = 1) -> list[float]:
     """Seconds each of ``workers`` processes takes to decode its share of ``files`` in a tight loop, with
     PIL or torchvision.io (both libjpeg-turbo; torchvision has less per-image overhead). The wall time is
     the largest; the core time their sum."""
     with _mp_context().Pool(workers) as pool:
-        return pool.map(_decode_all, [(files[i::workers], how) for i in range(workers)])
+        return pool.map(_decode_all, [(files[i::workers], how, times) for i in range(workers)])
 
 
-def _augment_all(job: tuple[Path, str, list[BatchPlan]]) -> float:
-    folder, res, plans = job
+def _augment_all(job: tuple[Path, str, list[BatchPlan], int]) -> float:
+    folder, res, plans, times = job
     torch.set_num_threads(1)
     keep_freed_memory()  # as the loader does
     split = open_split(folder, "train", res)
@@ -166,16 +173,16 @@ def _augment_all(job: tuple[Path, str, list[BatchPlan]]) -> float:
                 crop = decode_crop(blobs[int(i)], p.x[k], p.y[k], p.cw[k], p.ch[k])
                 tail_one(crop, int(p.out_h[k]), int(p.out_w[k]), bool(p.flip[k]), out[k], affine, True)
 
-    return _second_pass(loop)
+    return _second_pass(loop, times)
 
 
-def augment_limit(cfg: DataConfig, plans: list[BatchPlan], workers: int) -> list[float]:
+def augment_limit(cfg: DataConfig, plans: list[BatchPlan], workers: int, times: int = 1) -> list[float]:
     """The loader's per-image work with nothing around it (no queue, threads or batching machinery): the
     epoch's planned samples, each decoded whole (torchvision.io), cropped, then the CPU tail's own
     ``tail_one`` (resize, flip, normalize into a batch, pad), in a tight loop, one process per core.
     Seconds per process, as ``decode_limit``."""
     with _mp_context().Pool(workers) as pool:
-        return pool.map(_augment_all, [(Path(cfg.shards), cfg.res, plans[i::workers]) for i in range(workers)])
+        return pool.map(_augment_all, [(Path(cfg.shards), cfg.res, plans[i::workers], times) for i in range(workers)])
 
 
 def breakdown(cfg: DataConfig, epoch: int) -> tuple[float, float, float]:
@@ -204,9 +211,11 @@ def breakdown(cfg: DataConfig, epoch: int) -> tuple[float, float, float]:
     return decode, tail, time.process_time() - t
 
 
-def run_contender(name: str, cfg: DataConfig, root: Path, args) -> tuple[list[float], list[float], tuple | None]:
-    """Epoch times of one contender (one loader over all rounds; round 0, with the start-up, not counted);
-    for DALI CPU also the cores it kept busy and its breakdown."""
+def run_contender(name: str, cfg: DataConfig, root: Path, args) -> tuple[list[float], list[float], list[float], tuple | None]:
+    """Epoch times of one contender (one loader over all rounds; round 0, one epoch with the start-up, not counted; each
+    timed round as many epochs in a row as last ``--min-seconds``), the share of each round the consuming thread was on
+    a CPU (near 1: that thread, the one every batch goes through, bounds the loader); for DALI CPU also the cores it
+    kept busy and its breakdown."""
     torch.set_num_threads(1)  # the main thread only consumes batches; the cores belong to the loader
     # A spawned process inherits "spawn" as its start method: DataLoader workers would re-import torch each
     # epoch. They start as in a user's run (fork on Linux).
@@ -223,20 +232,26 @@ def run_contender(name: str, cfg: DataConfig, root: Path, args) -> tuple[list[fl
 
         def epoch(rep: int):
             return (b.labels[: b.real] for b in loader.epoch(rep))  # images of the epoch, fillers not counted
-    times, busy = [], []
+    times, busy, thread = [], [], []
+    k, e = 1, 0  # epochs per round, the next epoch
     for rep in range(args.repeats + 1):
-        cpu, t = time.process_time(), time.perf_counter()
-        got = sum(len(y) for y in epoch(rep))
+        cpu, own, t = time.process_time(), time.thread_time(), time.perf_counter()
+        for _ in range(k):
+            got = sum(len(y) for y in epoch(e))
+            assert got == n, (name, got, n)
+            e += 1
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         dt = time.perf_counter() - t
-        assert got == n, (name, got, n)
         if rep:
-            times.append(dt)
+            times.append(dt / k)
             busy.append((time.process_time() - cpu) / dt)  # DALI's threads are in this process
+            thread.append((time.thread_time() - own) / dt)
+        else:
+            k = rounds_for(dt, args.min_seconds)
     if name != "DALI CPU":
-        return times, busy, None
-    return times, busy, breakdown(cfg, 1)
+        return times, busy, thread, None
+    return times, busy, thread, breakdown(cfg, 1)
 
 
 # -- main ------------------------------------------------------------------------------------------------
@@ -251,6 +266,8 @@ def main() -> None:
     ap.add_argument("--crop", type=int, default=224)
     ap.add_argument("--pixels", type=int, default=360_000)
     ap.add_argument("--res", default="256,full", help="which resolutions to measure")
+    ap.add_argument("--min-seconds", type=float, default=2.0,
+                    help="each timed round runs as many epochs in a row as last this long (from the warm-up epoch's time)")
     args = ap.parse_args()
     torch.set_num_threads(1)  # inherited by the limits' forked processes: one thread per process, one per core
     root, shards = prepare(args.per_class, args.workers)
@@ -266,6 +283,7 @@ def main() -> None:
         contenders = dali + ["PIL fallback", "ImageFolder + PIL"]
         limits = ["decode limit (PIL)", "decode limit (torchvision.io)", "augment limit"]
         times: dict[str, list[float]] = {}
+        thread: dict[str, list[float]] = {}
         busy: list[float] = []
         split_note = ""
         # Each loader runs in a process of its own, as in a training run. In one process, the forks of the
@@ -274,19 +292,21 @@ def main() -> None:
         spawn = multiprocessing.get_context("spawn")
         for name in contenders:
             with ProcessPoolExecutor(1, mp_context=spawn) as ex:
-                times[name], b, parts = ex.submit(run_contender, name, cfg, root, args).result()
+                times[name], b, thread[name], parts = ex.submit(run_contender, name, cfg, root, args).result()
             if name == "DALI CPU":
                 busy, (dec, tail, rs) = b, parts
         plans = build_loader(DataConfig(**{**cfg.__dict__, "loader": "pil"}), "train", True, 0).plan
-        limit_core = []
+        limit_core, runs = [], [1, 1, 1]  # and runs per timed round of each limit
         for rep in range(args.repeats + 1):  # round 0: warm-up, not counted
-            parts = {limits[0]: decode_limit(files, args.workers, "pil"),
-                     limits[1]: decode_limit(files, args.workers, "torchvision"),
-                     limits[2]: augment_limit(cfg, plans(rep), args.workers)}
+            parts = {limits[0]: decode_limit(files, args.workers, "pil", runs[0]),
+                     limits[1]: decode_limit(files, args.workers, "torchvision", runs[1]),
+                     limits[2]: augment_limit(cfg, plans(rep), args.workers, runs[2])}
             if rep:
                 for name, ps in parts.items():
                     times.setdefault(name, []).append(max(ps))
                 limit_core.append([sum(ps) for ps in parts.values()])
+            else:
+                runs = [rounds_for(max(ps), args.min_seconds) for ps in parts.values()]
         ref = {k: summary(times[k])[0] for k in limits}
         if busy:
             ms = lambda core_s: 1e3 * core_s / n  # noqa: E731  core-milliseconds per image
@@ -306,25 +326,28 @@ def main() -> None:
             f"({'256x256 data_256/' if res == '256' else 'data/ originals, longest side 1000'}), "
             f"output {f'{args.crop}x{args.crop} crops' if res == '256' else f'~{args.pixels} px per image, bucketed'}\n",
             "| contender | epoch s (median [min, max]) | images/s | source Mpx/s | vs ImageFolder | vs decode limit (PIL) "
-            "| vs decode limit (torchvision.io) | vs augment limit |",
-            "|---|---|---|---|---|---|---|---|",
+            "| vs decode limit (torchvision.io) | vs augment limit | consuming thread on a CPU |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for name, ts in times.items():
             med, lo, hi = summary(ts)
             shares = " | ".join(f"{r / med:.0%}" for r in ref.values())
             rows.append(f"| {name} | {med:.2f} [{lo:.2f}, {hi:.2f}] | {n / med:.0f} | {src_mpx / med:.1f} | "
-                        f"{base / med:.2f}x | {shares} |")
+                        f"{base / med:.2f}x | {shares} | {f'{summary(thread[name])[0]:.0%}' if name in thread else '-'} |")
         sections.append("\n".join(rows) + "\n" + split_note)
         print(sections[-1], flush=True)
     body = (
-        f"{args.workers} workers/threads per contender, batch {args.batch_size}, {args.repeats} timed epochs after one "
-        f"warm-up (median [min, max]). Each loader runs in a process of its own, is built once and runs the epochs in a row, "
+        f"{args.workers} workers/threads per contender, batch {args.batch_size}, {args.repeats} timed rounds after one "
+        f"warm-up epoch (median [min, max] of seconds per epoch; a round is as many epochs in a row as last at least "
+        f"{args.min_seconds:g} s). Each loader runs in a process of its own, is built once and runs the epochs in a row, "
         f"as in training "
         f"(DataLoaders start their workers each epoch, as by default). mame-fast's loaders hand channels-last float32. "
         f"The limits run in {args.workers} processes, one per core, from memory: the decode limits decode the same "
         f"files (PIL, the issue's reference, and torchvision.io, both libjpeg-turbo); the augment limit does the DALI "
         f"CPU loader's per-image work, a whole-image decode (torchvision.io), the planned crop and the loader's own "
-        f"tail function (resize, flip, normalize to float32 into a batch, pad), with nothing around it.\n\n" + "\n".join(sections)
+        f"tail function (resize, flip, normalize to float32 into a batch, pad), with nothing around it. 'Consuming thread on "
+        f"a CPU': the share of the wall time the thread that takes the batches (the training thread in a run) spent on a "
+        f"CPU; near 100%, that one thread bounds the loader, whatever the cores.\n\n" + "\n".join(sections)
     )
     packages = ("torch", "torchvision", "nvidia-dali-cuda130", "pillow")
     print("saved", write_results("loader_throughput", "Loader throughput", body, packages))

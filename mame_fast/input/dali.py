@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ..config import DataConfig
-from .loader import MEAN, STD, Batch, Loader, LoaderError, copy_fillers, normalize_rows, tail_images
+from .loader import MEAN, STD, Batch, Loader, LoaderError, normalize_rows, start_tail
 from .plan import BatchPlan, EpochPlans
 from .reader import Split
 
@@ -146,7 +146,7 @@ class DaliLoader(Loader):
         self.pipe = None
         self._next: tuple[int, int] | None = None  # (epoch, step) of the batch the pipeline delivers next
         self._ahead = False  # prime() has already scheduled the run whose outputs come next
-        self._pool = None
+        self._pool = None  # the CPU tail's threads where TorchScript is unavailable (loader.start_tail)
 
     def _build(self):
         from nvidia.dali import fn, pipeline_def, types
@@ -280,18 +280,21 @@ class DaliLoader(Loader):
         for p in self.plan(epoch):
             yield p, pipe.run()[0]
 
-    def cpu_tail(self, crops, p: BatchPlan) -> Callable[[], torch.Tensor]:
-        """Start resizing, flipping, normalizing and padding the decoded crops into one (n, 3, H, W) float32
-        batch on the thread pool; the returned function waits for it and gives the batch.
-
-        Each thread writes its samples straight into the requested memory format of an uninitialized
-        batch (zeroing only padding): allocating with zeros and converting the layout afterwards took
-        longer than the resizing itself.
-        """
+    def _tail_pool(self):
         from concurrent.futures import ThreadPoolExecutor
 
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.threads)  # torch kernels release the GIL
+        return self._pool
+
+    def cpu_tail(self, crops, p: BatchPlan) -> Callable[[], torch.Tensor]:
+        """Start resizing, flipping, normalizing and padding the decoded crops into one (n, 3, H, W) float32
+        batch in ``threads`` parallel tasks (``loader.start_tail``); the returned function waits for it and gives the batch.
+
+        Each task writes its samples straight into the requested memory format of an uninitialized
+        batch (zeroing only padding): allocating with zeros and converting the layout afterwards took
+        longer than the resizing itself.
+        """
         n, H, W = len(p.index), p.height, p.width
         out = torch.empty((n, H, W, 3) if self.cfg.channels_last else (n, 3, H, W), dtype=torch.float32)
         scale, bias = normalize_rows(W)
@@ -300,18 +303,11 @@ class DaliLoader(Loader):
         images = [torch.from_numpy(np.asarray(crops[k])) for k in range(p.real)]
         keep = [crops]  # the views above do not keep DALI's output alive: this does, until the tail is done
         sizes = (p.out_h[: p.real].tolist(), p.out_w[: p.real].tolist(), p.flip[: p.real].astype(bool).tolist())
-        tail, threads = tail_images(), min(self.threads, p.real)
-        # One call per thread over every threads-th image, run by TorchScript without the GIL (input/loader.py). Each
-        # call gets only its own images and rows: its arguments are converted under the GIL, element by element.
-        done = [self._pool.submit(tail, images[i::threads], *(v[i::threads] for v in sizes), out[i : p.real : threads], scale,
-                                  bias, self.cfg.channels_last, 0, 1)
-                for i in range(threads)]
+        wait = start_tail(images, *sizes, out, scale, bias, self.cfg.channels_last, min(self.threads, p.real), self._tail_pool)
 
         def result() -> torch.Tensor:
-            for f in done:
-                f.result()
+            wait()
             del keep[:]  # DALI's outputs were read: they may go now
-            copy_fillers(out, p.real)
             return out.permute(0, 3, 1, 2) if self.cfg.channels_last else out
 
         return result

@@ -12,10 +12,12 @@ picks one.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import os
+from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -208,7 +210,9 @@ def resize_hwc(crop: torch.Tensor, oh: int, ow: int) -> torch.Tensor:
 def _tail_images(crops: list[torch.Tensor], out_h: list[int], out_w: list[int], flips: list[bool], out: torch.Tensor,
                  scale: torch.Tensor, bias: torch.Tensor, channels_last: bool, start: int, step: int) -> None:
     """Images start, start + step, ... of ``crops`` (uint8 HWC) resized to (out_h, out_w), flipped, normalized and written
-    top-left into their rows of ``out`` ((n, H, W, 3) if ``channels_last``, else (n, 3, H, W)), padding zeroed.
+    top-left into their rows of ``out`` ((n, H, W, 3) if ``channels_last``, else (n, 3, H, W)), padding zeroed, and into
+    the filler rows past ``len(crops)`` that copy them (row j is row j % len(crops), as in ``copy_fillers``): in the tasks,
+    because on the thread that waits for them the copies took most of its time at full resolution.
 
     Written for TorchScript (``tail_images``): a scripted call runs its whole loop without the GIL, so the CPU tail's
     threads scale with the cores instead of queueing for the interpreter between small ops."""
@@ -232,20 +236,73 @@ def _tail_images(crops: list[torch.Tensor], out_h: list[int], out_w: list[int], 
             hw[oh:].zero_()
         if ow < hw.size(1):
             hw[:oh, ow:].zero_()
+        for j in range(k + len(crops), out.size(0), len(crops)):  # the plan's fillers of this image (copy_fillers)
+            out[j].copy_(out[k])
 
 
 @functools.lru_cache(maxsize=1)
 def tail_images():
     """``_tail_images`` compiled by TorchScript (it releases the GIL while it runs); the plain function where TorchScript
     is unavailable (it is deprecated in recent torch): same results, threads then share the GIL."""
+    return _script(_tail_images) or _tail_images
+
+
+def _script(fn):
     import warnings
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return torch.jit.script(_tail_images)
-    except Exception:  # any failure to script: the plain function computes the same
-        return _tail_images
+            return torch.jit.script(fn)
+    except Exception:  # any failure to script: the caller has a plain-Python path that computes the same
+        return None
+
+
+def _fork_tail(crops: list[torch.Tensor], out_h: list[int], out_w: list[int], flips: list[bool], out: torch.Tensor,
+               scale: torch.Tensor, bias: torch.Tensor, channels_last: bool, tasks: int) -> list[torch.jit.Future[None]]:
+    """``_tail_images`` over a whole batch as ``tasks`` interleaved tasks on torch's inter-op thread pool (``jit.fork``
+    inside a scripted function starts them there; called eagerly it would run them in turn)."""
+    futures: list[torch.jit.Future[None]] = []
+    for i in range(tasks):
+        futures.append(torch.jit.fork(_tail_images, crops, out_h, out_w, flips, out, scale, bias, channels_last, i, tasks))
+    return futures
+
+
+@functools.lru_cache(maxsize=1)
+def _forked_tail():
+    return _script(_fork_tail)
+
+
+def start_tail(crops: list[torch.Tensor], out_h: list[int], out_w: list[int], flips: list[bool], out: torch.Tensor,
+               scale: torch.Tensor, bias: torch.Tensor, channels_last: bool, tasks: int,
+               pool: Callable[[], Executor]) -> Callable[[], None]:
+    """Start ``_tail_images`` over a batch (``crops`` into rows ``[0, len(crops))`` of ``out``) in ``tasks`` parallel
+    tasks; the returned function waits for all of them, then raises the first error if any.
+
+    One scripted call starts every task on torch's inter-op pool and none of them takes the GIL: with a Python thread
+    pool each task took it to start, to convert its arguments and to report back, a dozen GIL handoffs per batch that
+    queue behind each other, longer the more tasks (benchmarks/results/design_measurements_*.md). Without TorchScript,
+    ``pool()`` runs the same tasks.
+    """
+    fork = _forked_tail()
+    if fork is not None:
+        futures = fork(crops, out_h, out_w, flips, out, scale, bias, channels_last, tasks)
+
+        def wait_forked() -> None:
+            torch.futures.collect_all(futures).wait()  # all of them done, failed or not, before any error is raised
+            for f in futures:
+                f.wait()
+
+        return wait_forked
+    submitted = [pool().submit(_tail_images, crops, out_h, out_w, flips, out, scale, bias, channels_last, i, tasks)
+                 for i in range(tasks)]
+
+    def wait_pooled() -> None:
+        concurrent.futures.wait(submitted)
+        for f in submitted:
+            f.result()
+
+    return wait_pooled
 
 
 def tail_one(crop: torch.Tensor, oh: int, ow: int, flip: bool, out: torch.Tensor, affine: tuple[torch.Tensor, torch.Tensor],
