@@ -289,9 +289,16 @@ def start_tail(crops: list[torch.Tensor], out_h: list[int], out_w: list[int], fl
         futures = fork(crops, out_h, out_w, flips, out, scale, bias, channels_last, tasks)
 
         def wait_forked() -> None:
-            torch.futures.collect_all(futures).wait()  # all of them done, failed or not, before any error is raised
+            # Every task ends before an error is raised: the others still read the crops and write the batch.
+            # (torch.futures.collect_all fails as soon as one task does.)
+            errors = []
             for f in futures:
-                f.wait()
+                try:
+                    f.wait()
+                except RuntimeError as e:  # what a failed TorchScript task raises
+                    errors.append(e)
+            if errors:
+                raise errors[0]
 
         return wait_forked
     submitted = [pool().submit(_tail_images, crops, out_h, out_w, flips, out, scale, bias, channels_last, i, tasks)
