@@ -17,7 +17,7 @@
 #   LOADER_PER_CLASS=100             (the default: the loader table on train_throughput's sample, generated once)
 #
 # Still to measure (README, "What is still open"), one call after the DALI carry, about 5 minutes on 16 cores:
-#   STEPS="train_throughput loader_throughput" REFERENCE=0 TRAIN_VARIANTS=256:off:auto,256:on:auto,full:off:auto
+#   STEPS="train_throughput loader_throughput" REFERENCE=0 TRAIN_VARIANTS=256:off:auto,256:off:auto:b128,256:on:auto,full:off:auto
 #   GPU_CHECK_LIMITS="1 200 1 290"
 #
 # On the lent GPU machines DALI travels in three parts: ../shared/gpu/README.md. Writes $OUT/gpu_check.md, the
@@ -47,7 +47,7 @@ if [ "$SMOKE" = 1 ]; then
 else
   # Sized to a 16-core GPU machine: 2,900 images, epochs of a few seconds at full speed, three timed in a row.
   TRAIN_ARGS=(--model small --per-class 100 --batch-size 64 --epochs 3 --workers "$NPROC"
-              --variants "${TRAIN_VARIANTS:-256:off:auto,256:on:auto,full:off:auto}")
+              --variants "${TRAIN_VARIANTS:-256:off:auto,256:off:auto:b128,256:on:auto,full:off:auto}")
   [ "${REFERENCE:-1}" = 1 ] && TRAIN_ARGS+=(--reference)
   # The loader step needed more than 170 s per resolution on the H200 with --per-class 100 --repeats 2 (run 1); on the
   # H100 with --repeats 1, 117 s at full and 67 s at 256, before timed rounds lasted at least 2 s (--min-seconds).

@@ -265,9 +265,9 @@ def main() -> None:
     ap.add_argument("--crop", type=int, default=224)
     ap.add_argument("--pixels", type=int, default=360_000)
     ap.add_argument("--variants", default=None,
-                    help="comma-separated res:cudnn:decode[:tN][:noprime], e.g. 256:on:gpu,full:off:cpu:t8 (tN: N loader "
-                         "threads instead of --workers; noprime: the loader starts at the first epoch, not before the "
-                         "warm-up). Default: on and off, decode auto; on a CPU: off")
+                    help="comma-separated res:cudnn:decode[:tN][:bN][:noprime], e.g. 256:on:gpu:b128,full:off:cpu:t8 (tN: N "
+                         "loader threads instead of --workers; bN: batches of N instead of --batch-size; noprime: the loader "
+                         "starts at the first epoch, not before the warm-up). Default: on and off, decode auto; on a CPU: off")
     ap.add_argument("--reference", action="store_true", help="also time timm's resnet50 (GPU)")
     ap.add_argument("--reference-batch", type=int, default=128)
     ap.add_argument("--reference-steps", type=int, default=30)
@@ -284,15 +284,16 @@ def main() -> None:
     for variant in args.variants.split(",") if args.variants else default:
         res, mode, decode, *opts = variant.split(":")
         threads = next((int(o[1:]) for o in opts if o.startswith("t")), args.workers)
+        batch = next((int(o[1:]) for o in opts if o.startswith("b")), args.batch_size)
         prime = "noprime" not in opts
         extra = [f"data.crop={args.crop}"] if res == "256" else [f"data.pixels={args.pixels}"]
-        sets = [f"model={args.model}", f"data.res={res}", f"data.shards={shards[res]}", f"data.batch_size={args.batch_size}",
+        sets = [f"model={args.model}", f"data.res={res}", f"data.shards={shards[res]}", f"data.batch_size={batch}",
                 f"data.threads={threads}", "optim.name=sgd", f"cudnn_benchmark={mode == 'on'}",
                 f"data.decode={decode}"] + extra
         m = run_child("measure", args, sets, prime)
         if m:
             where = f", JPEG decode {decode}" if cuda else ""
-            title = (f"--res {res}, model `{args.model}`, batch {args.batch_size}, cuDNN autotuning {mode}{where}, "
+            title = (f"--res {res}, model `{args.model}`, batch {batch}, cuDNN autotuning {mode}{where}, "
                      f"{threads} loader threads{'' if prime else ', not primed'}")
             sections.append(table(title, m))
             print(sections[-1], flush=True)
