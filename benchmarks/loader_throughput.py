@@ -185,20 +185,21 @@ def augment_limit(cfg: DataConfig, plans: list[BatchPlan], workers: int, times: 
         return pool.map(_augment_all, [(Path(cfg.shards), cfg.res, plans[i::workers], times) for i in range(workers)])
 
 
-def breakdown(cfg: DataConfig, epoch: int) -> tuple[float, float, float]:
-    """DALI CPU's work split in parts, each run alone on all threads, in core-seconds for one epoch:
-    the DALI graph (read + ROI decode), the CPU tail (resize, flip, normalize, pad) on the decoded crops,
-    and of that tail the resize alone."""
+def breakdown(cfg: DataConfig, epoch: int) -> tuple[float, float, float, float, float]:
+    """DALI CPU's work split in parts, each run alone on all threads, in core-seconds for one epoch: the DALI graph
+    (read + ROI decode), the CPU tail (resize, flip, normalize, pad) on the decoded crops, and of that tail the resize
+    alone; then the wall seconds of the graph and of the tail, each batch by batch (no prefetch, no overlap): which of
+    the two falls short of the cores when the loader does."""
     loader = build_loader(DataConfig(**{**cfg.__dict__, "loader": "dali"}), "train", True, 0)
-    t = time.process_time()  # CPU time of all of this process's threads: DALI's, the tail's, the main one
+    t, wall = time.process_time(), time.perf_counter()  # CPU time of all of this process's threads
     for _ in loader.decoded_crops(epoch):
         pass
-    decode = time.process_time() - t
+    decode, decode_wall = time.process_time() - t, time.perf_counter() - wall
     planned = list(loader.decoded_crops(epoch))  # the same crops again, kept for the tail alone (valid while referenced)
-    t = time.process_time()
+    t, wall = time.process_time(), time.perf_counter()
     for p, c in planned:
         loader.cpu_tail(c, p)()
-    tail = time.process_time() - t
+    tail, tail_wall = time.process_time() - t, time.perf_counter() - wall
 
     def resize(job):
         p, c = job
@@ -208,7 +209,7 @@ def breakdown(cfg: DataConfig, epoch: int) -> tuple[float, float, float]:
     t = time.process_time()
     with ThreadPoolExecutor(loader.threads) as pool:
         list(pool.map(resize, planned))
-    return decode, tail, time.process_time() - t
+    return decode, tail, time.process_time() - t, decode_wall, tail_wall
 
 
 def run_contender(name: str, cfg: DataConfig, root: Path, args) -> tuple[list[float], list[float], list[float], tuple | None]:
@@ -294,7 +295,7 @@ def main() -> None:
             with ProcessPoolExecutor(1, mp_context=spawn) as ex:
                 times[name], b, thread[name], parts = ex.submit(run_contender, name, cfg, root, args).result()
             if name == "DALI CPU":
-                busy, (dec, tail, rs) = b, parts
+                busy, (dec, tail, rs, dec_wall, tail_wall) = b, parts
         plans = build_loader(DataConfig(**{**cfg.__dict__, "loader": "pil"}), "train", True, 0).plan
         limit_core, runs = [], [1, 1, 1]  # and runs per timed round of each limit
         for rep in range(args.repeats + 1):  # round 0: warm-up, not counted
@@ -319,7 +320,9 @@ def main() -> None:
                 f"{lim_tv:.2f} (torchvision.io) and {lim_aug:.2f} for the augment limit's whole per-image work. With both "
                 f"parts perfectly overlapped on {args.workers} cores this design reaches at most "
                 f"**{lim_pil / (ms(dec) + ms(tail)):.0%}** of the PIL decode limit; during the timed epochs the loader kept "
-                f"{summary(busy)[0]:.2f} of {args.workers} cores busy.\n")
+                f"{summary(busy)[0]:.2f} of {args.workers} cores busy. Each part alone, batch by batch on all threads: the "
+                f"graph {n / dec_wall:.0f} img/s ({dec / dec_wall:.1f} cores busy), the tail {n / tail_wall:.0f} img/s "
+                f"({tail / tail_wall:.1f} cores busy).\n")
         base = summary(times["ImageFolder + PIL"])[0]
         rows = [
             f"### --res {res}: {n} training images, source {src_mpx / n:.2f} Mpx mean "
