@@ -25,6 +25,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.table import Table
 from rich.text import Text
 
+from .files import usable_cores
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="High-throughput from-scratch CNN training on MAMe.")
 console = Console()
 EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_DIVERGED, EXIT_IO = 2, 3, 4, 5
@@ -101,7 +103,7 @@ def sample(
     max_side: int = typer.Option(1000, min=16, help="Longest side of the written images in px."),
     large: int = typer.Option(2, min=0, help="How many images to keep large (4096 px) to exercise big-image handling."),
     seed: int = typer.Option(0),
-    workers: int = typer.Option(os.cpu_count() or 1, min=1),
+    workers: int = typer.Option(usable_cores(), min=1, help="Processes (default: the CPUs this process may use)."),
     zip: bool = typer.Option(False, "--zip", help="Write MAMe_data.zip, MAMe_data_256.zip, MAMe_metadata.zip instead."),
 ) -> None:
     """Generate a MAMe-faithful miniature dataset from the real metadata."""
@@ -138,7 +140,7 @@ def shard(
     max_pixels: Optional[int] = typer.Option(None, min=1, help="Budget in pixels per image (default 1,000,000 for full)."),
     quality: int = typer.Option(90, min=1, max=100, help="JPEG quality of re-encoded images."),
     shard_size: float = typer.Option(128.0, "--shard-size", min=0.01, help="Shard size in MB."),
-    workers: int = typer.Option(os.cpu_count() or 1, min=1),
+    workers: int = typer.Option(usable_cores(), min=1, help="Processes (default: the CPUs this process may use)."),
     splits: str = typer.Option("train,val,test"),
     seed: int = typer.Option(0),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unusable images, listing them in rejects.jsonl."),
@@ -199,7 +201,7 @@ def _verify(folder: Path) -> None:
 @expected_errors
 def demo(
     out: Path = typer.Option(Path("demo"), help="Folder for the sample data, shards, runs and report."),
-    workers: int = typer.Option(os.cpu_count() or 1, min=1),
+    workers: int = typer.Option(usable_cores(), min=1, help="Processes (default: the CPUs this process may use)."),
     config: str = typer.Option("demo", help="Training config of the demo (a shipped config name or a YAML path)."),
     per_class: str = typer.Option("40,10,10", help="Images per class of the generated sample, for train,val,test."),
     set_: List[str] = typer.Option([], "--set", help="Override a key of the demo's training config (repeatable)."),

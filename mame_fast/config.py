@@ -96,7 +96,7 @@ class DataConfig(_Checked):
     eval_crop_fraction: float = 0.875
     """res=256 evaluation: centre square of this fraction of the short side (224/256)."""
     threads: int = 0
-    """DALI threads / DataLoader workers per rank (0: all cores divided among local ranks)."""
+    """DALI threads / DataLoader workers per rank (0: the cores this rank may use, input/loader.py ``rank_cores``)."""
     prefetch: int = 4
     """Batches the loader prepares ahead (DALI prefetch queue depth; DataLoader prefetch factor)."""
     decode: Literal["auto", "gpu", "cpu"] = "auto"

@@ -1,4 +1,4 @@
-"""Publishing files safely, and the process pool every stage uses for per-image work.
+"""Publishing files safely, and the process pool (and the cores) every stage uses for per-image work.
 
 Everything the project publishes (manifest.json, run.json, test.json, checkpoints, cards) goes through
 ``atomic_write``: a temporary file beside the target, flushed and fsynced, then renamed over it, so a
@@ -44,3 +44,12 @@ def mp_context():
     import multiprocessing as mp
 
     return mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+
+
+def usable_cores() -> int:
+    """The CPUs this process may run on: its affinity mask (a Slurm task's binding, ``taskset``, a container's cpuset),
+    which ``os.cpu_count()`` ignores; every CPU where there are no masks (macOS)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return os.cpu_count() or 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -431,3 +432,32 @@ def test_the_cpu_tail_gives_one_batch_however_its_tasks_run(monkeypatch, forked,
                             lambda: pool)  # the second crop has two channels: its task fails
         with pytest.raises(RuntimeError):
             wait()
+
+
+def test_a_rank_takes_the_cores_it_may_use():
+    """data.threads=0: the CPUs of the rank's affinity mask, shared with the node's other ranks only when they share it."""
+    from mame_fast.input.loader import rank_cores
+
+    assert rank_cores(112, 112, 4, torchrun=False) == 28  # nothing restricted: the machine, split among 4 ranks
+    assert rank_cores(112, 112, 4, torchrun=True) == 28
+    assert rank_cores(20, 112, 4, torchrun=False) == 20  # srun bound each of the 4 tasks to 20 CPUs of its own
+    assert rank_cores(32, 112, 4, torchrun=True) == 8  # torchrun's 4 workers inherit one 32-CPU allotment
+    assert rank_cores(8, 112, 1, torchrun=False) == 8  # taskset / a container's cpuset
+    assert rank_cores(2, 112, 4, torchrun=True) == 1  # never none
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity masks on this OS")
+def test_a_loader_pinned_to_one_cpu_takes_one_thread(shards):
+    """A process restricted to one CPU (as by taskset or a Slurm binding) builds loaders of one thread, not one per CPU
+    of the machine."""
+    import subprocess
+    import sys
+
+    code = ("import os, torch; os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]}); "
+            "from mame_fast.config import DataConfig; from mame_fast.input import build_loader; "
+            f"print(build_loader(DataConfig(shards={str(shards)!r}, res='full', loader='pil', threads=0), 'val', False, 0)"
+            ".threads)")
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == "1"

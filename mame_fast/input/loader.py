@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ..config import DataConfig
+from ..files import usable_cores
 from .plan import EpochPlans, PlanConfig, batch_shapes, make_buckets, square_bucket
 from .reader import Split
 
@@ -68,6 +69,15 @@ def keep_freed_memory() -> bool:
         return False
 
 
+def rank_cores(usable: int, machine: int, local_ranks: int, torchrun: bool) -> int:
+    """The cores one rank's loader may take (``data.threads=0``): the ``usable`` CPUs of its affinity mask, shared with
+    the node's other ranks when they have the same mask: under torchrun (its workers inherit the launcher's), or when
+    nothing restricted it (``usable == machine``). A rank bound to CPUs of its own (Slurm's srun, one task per rank,
+    as in tools/slurm_train.sbatch) keeps them all."""
+    shared = torchrun or usable >= machine
+    return max(1, usable // local_ranks if shared else usable)
+
+
 def plan_config(cfg: DataConfig, train: bool) -> PlanConfig:
     if cfg.res == "full":
         buckets = make_buckets(cfg.pixels, cfg.buckets, multiple=cfg.side_multiple)
@@ -89,8 +99,8 @@ class Loader:
         self.split, self.cfg, self.train, self.seed = split, cfg, train, seed
         self.rank, self.world, self.device, self.dtype = rank, world, device, dtype
         self.plan_cfg = plan_config(cfg, train)
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        self.threads = cfg.threads or max(1, (os.cpu_count() or 1) // local)
+        local, torchrun = int(os.environ.get("LOCAL_WORLD_SIZE", "1")), "TORCHELASTIC_RUN_ID" in os.environ
+        self.threads = cfg.threads or rank_cores(usable_cores(), os.cpu_count() or 1, local, torchrun)
         # A separate object, not a method: the DALI feed holds it, and a bound method would tie the loader into
         # a reference cycle, freed only by the cyclic GC, which may then run in a forked DataLoader worker, where
         # the pipeline's destructor waits forever for threads the fork did not copy.
