@@ -401,7 +401,7 @@ def test_colour_jitter_reaches_training_batches_only(shards, loader):
 @pytest.mark.parametrize("forked", [True, False])
 @pytest.mark.parametrize("channels_last", [True, False])
 @pytest.mark.parametrize("tasks", [1, 2, 5])
-def test_the_cpu_tail_gives_one_batch_however_its_tasks_run(monkeypatch, forked, channels_last, tasks):
+def test_the_cpu_tail_gives_one_batch_however_its_tasks_run(forked, channels_last, tasks):
     """The DALI CPU tail's tasks (forked on torch's inter-op pool, or on a Python pool without TorchScript) write each
     crop resized, flipped, normalized and zero-padded into its row, and into the filler rows that copy it; a task's
     error is raised by the wait."""
@@ -411,8 +411,6 @@ def test_the_cpu_tail_gives_one_batch_however_its_tasks_run(monkeypatch, forked,
 
     if forked:
         assert L._forked_tail() is not None, "TorchScript cannot compile the forked tail: the Python pool runs it"
-    else:
-        monkeypatch.setattr(L, "_forked_tail", lambda: None)
     g = torch.Generator().manual_seed(tasks)
     crops = [torch.randint(0, 256, (h, w, 3), dtype=torch.uint8, generator=g) for h, w in [(40, 30), (24, 24), (50, 10)]]
     out_h, out_w, flips = [20, 24, 32], [16, 24, 8], [True, False, True]
@@ -426,10 +424,10 @@ def test_the_cpu_tail_gives_one_batch_however_its_tasks_run(monkeypatch, forked,
     scale, bias = L.normalize_rows(W)
     with ThreadPoolExecutor(2) as pool:
         out = torch.full((n, H, W, 3) if channels_last else (n, 3, H, W), float("nan"))
-        L.start_tail(crops, out_h, out_w, flips, out, scale, bias, channels_last, tasks, lambda: pool)()
+        L.start_tail(crops, out_h, out_w, flips, out, scale, bias, channels_last, tasks, lambda: pool, forked)()
         torch.testing.assert_close(out if channels_last else out.permute(0, 2, 3, 1), want, atol=1e-4, rtol=0)
         wait = L.start_tail([crops[0], crops[1][:, :, :2]], out_h, out_w, flips, out, scale, bias, channels_last, tasks,
-                            lambda: pool)  # the second crop has two channels: its task fails
+                            lambda: pool, forked)  # the second crop has two channels: its task fails
         with pytest.raises(RuntimeError):
             wait()
 

@@ -285,18 +285,18 @@ def _forked_tail():
 
 def start_tail(crops: list[torch.Tensor], out_h: list[int], out_w: list[int], flips: list[bool], out: torch.Tensor,
                scale: torch.Tensor, bias: torch.Tensor, channels_last: bool, tasks: int,
-               pool: Callable[[], Executor]) -> Callable[[], None]:
+               pool: Callable[[], Executor], fork: bool = True) -> Callable[[], None]:
     """Start ``_tail_images`` over a batch (``crops`` into rows ``[0, len(crops))`` of ``out``) in ``tasks`` parallel
     tasks; the returned function waits for all of them, then raises the first error if any.
 
     One scripted call starts every task on torch's inter-op pool and none of them takes the GIL: with a Python thread
     pool each task took it to start, to convert its arguments and to report back, a dozen GIL handoffs per batch that
     queue behind each other, longer the more tasks (benchmarks/results/design_measurements_*.md). Without TorchScript,
-    ``pool()`` runs the same tasks.
+    or with ``fork=False`` (the tests and benchmarks compare the two), ``pool()`` runs the same tasks.
     """
-    fork = _forked_tail()
-    if fork is not None:
-        futures = fork(crops, out_h, out_w, flips, out, scale, bias, channels_last, tasks)
+    forked = _forked_tail() if fork else None
+    if forked is not None:
+        futures = forked(crops, out_h, out_w, flips, out, scale, bias, channels_last, tasks)
 
         def wait_forked() -> None:
             # Every task ends before an error is raised: the others still read the crops and write the batch.
@@ -311,7 +311,8 @@ def start_tail(crops: list[torch.Tensor], out_h: list[int], out_w: list[int], fl
                 raise errors[0]
 
         return wait_forked
-    submitted = [pool().submit(_tail_images, crops, out_h, out_w, flips, out, scale, bias, channels_last, i, tasks)
+    tail = tail_images()  # scripted where TorchScript works: it releases the GIL for the whole call
+    submitted = [pool().submit(tail, crops, out_h, out_w, flips, out, scale, bias, channels_last, i, tasks)
                  for i in range(tasks)]
 
     def wait_pooled() -> None:
