@@ -30,3 +30,21 @@ def test_gpu_check_smoke(tmp_path):
     with tarfile.open(out / "logs.tar.gz") as t:
         steps = ("gpu_tests", "train_throughput", "demo", "loader_throughput")
         assert {f"logs/{s}.log" for s in steps} <= set(t.getnames())
+
+
+def test_cpu_loader_probes_run(shards):
+    """The probes of the CPU loaders' serial costs keep working (their figures are in benchmarks/results/)."""
+    from mame_fast.input import dali_available
+
+    if not dali_available():
+        pytest.skip("NVIDIA DALI is not installed")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import cpu_loader_probes as probes
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    rows = probes.tail_dispatch([1, 2], batches=1, rounds=1)
+    assert len(rows) == 2 and all(r.count("|") == 7 for r in rows)
+    ips, own = probes._loader_run(str(shards), "full", 2, epochs=2)
+    assert ips > 0 and own > 0
+    assert probes._graph_run(str(shards), "full", 2, 4, iterations=5) > 0
