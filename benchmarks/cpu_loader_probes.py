@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import os
 import statistics
 import threading
 import time
@@ -32,6 +31,7 @@ from _common import write_results
 from loader_throughput import prepare
 
 from mame_fast.config import DataConfig
+from mame_fast.files import usable_cores
 from mame_fast.input.loader import keep_freed_memory, normalize_rows, start_tail
 
 
@@ -93,8 +93,8 @@ def tail_dispatch(task_counts: list[int], batches: int = 20, rounds: int = 9) ->
                 run(256, tasks, fork, pool)
                 spin[fork] = (spinner.count - c) / (time.perf_counter() - t) / alone
             spinner.stop()
-            busy = min(tasks, torch.get_num_interop_threads(), os.cpu_count() or 1)
-            fair = min(1.0, (os.cpu_count() or 1) / (busy + 1))
+            busy = min(tasks, torch.get_num_interop_threads(), usable_cores())
+            fair = min(1.0, usable_cores() / (busy + 1))
             cell = lambda xs: f"{statistics.median(xs):.2f} [{min(xs):.2f}, {max(xs):.2f}]"  # noqa: E731
             rows.append(f"| {tasks} | {cell(ms[True])} | {cell(ms[False])} | "
                         f"{spin[True]:.0%} | {spin[False]:.0%} | {fair:.0%} |")
@@ -143,7 +143,7 @@ def _graph_run(shards: str, res: str, threads: int, batch: int, iterations: int 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--per-class", type=int, default=40)
-    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--workers", type=int, default=usable_cores(), help="default: the CPUs this process may use")
     ap.add_argument("--many", type=int, default=16, help="the thread count of the many-core machine to probe for")
     args = ap.parse_args()
     _, shards = prepare(args.per_class, args.workers)

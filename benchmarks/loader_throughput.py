@@ -46,6 +46,7 @@ from mame_fast.data import metadata as md
 from mame_fast.data.sample import SampleSpec, write_sample
 from mame_fast.data.shard import ShardSettings, load_manifest, write_shards
 from mame_fast.files import mp_context as _mp_context
+from mame_fast.files import usable_cores
 from mame_fast.input import build_loader, dali_available
 from mame_fast.input.fallback import decode_crop
 from mame_fast.input.loader import MEAN, STD, keep_freed_memory, normalize_rows, resize_hwc, tail_one
@@ -262,7 +263,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--per-class", type=int, default=40)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--workers", type=int, default=usable_cores(), help="default: the CPUs this process may use")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--crop", type=int, default=224)
     ap.add_argument("--pixels", type=int, default=360_000)

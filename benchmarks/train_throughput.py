@@ -48,6 +48,7 @@ from loader_throughput import prepare
 
 from mame_fast.config import load
 from mame_fast.data import metadata as md
+from mame_fast.files import usable_cores
 from mame_fast.input import build_loader
 from mame_fast.input.loader import plan_config
 from mame_fast.input.plan import batch_shapes
@@ -260,7 +261,7 @@ def main() -> None:
     ap.add_argument("--per-class", type=int, default=100)
     ap.add_argument("--epochs", type=int, default=3, help="steady epochs timed, for each of real loader and in-memory")
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--workers", type=int, default=usable_cores(), help="default: the CPUs this process may use")
     ap.add_argument("--res", default="256,full")
     ap.add_argument("--crop", type=int, default=224)
     ap.add_argument("--pixels", type=int, default=360_000)
