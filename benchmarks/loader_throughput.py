@@ -340,6 +340,11 @@ def main() -> None:
                         f"{base / med:.2f}x | {shares} | {f'{summary(thread[name])[0]:.0%}' if name in thread else '-'} |")
         sections.append("\n".join(rows) + "\n" + split_note)
         print(sections[-1], flush=True)
+        # Saved after each resolution: a run stopped by a time limit (gpu_check.sh) keeps the tables it finished.
+        print("saved", save(args, sections))
+
+
+def save(args, sections: list[str]) -> Path:
     body = (
         f"{args.workers} workers/threads per contender, batch {args.batch_size}, {args.repeats} timed rounds after one "
         f"warm-up epoch (median [min, max] of seconds per epoch; a round is as many epochs in a row as last at least "
@@ -354,7 +359,7 @@ def main() -> None:
         f"CPU; near 100%, that one thread bounds the loader, whatever the cores.\n\n" + "\n".join(sections)
     )
     packages = ("torch", "torchvision", "nvidia-dali-cuda130", "pillow")
-    print("saved", write_results("loader_throughput", "Loader throughput", body, packages))
+    return write_results("loader_throughput", "Loader throughput", body, packages)
 
 
 if __name__ == "__main__":

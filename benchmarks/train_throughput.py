@@ -298,6 +298,7 @@ def main() -> None:
                      f"{threads} loader threads{'' if prime else ', not primed'}")
             sections.append(table(title, m))
             print(sections[-1], flush=True)
+            print("saved", save(args, sections))
     if args.reference and cuda:
         r = run_child("reference", args)
         if r:
@@ -306,11 +307,19 @@ def main() -> None:
                             f"bf16, autotuned, on {r['device']}\n\n{r['ips']:.0f} images/s, "
                             f"{r['ips'] * r['train_flops_per_image'] / 1e12:.1f} TFLOP/s of training work (3x forward FLOPs).\n")
             print(sections[-1], flush=True)
+            print("saved", save(args, sections))
+    if not sections:
+        print("saved", save(args, sections))
+
+
+def save(args, sections: list[str]):
+    """The results file with the sections so far: saved after each one, so that a run stopped by a time limit
+    (gpu_check.sh) keeps the tables it finished."""
     body = (f"{args.epochs} steady whole epochs with the real loader after the first, each followed by a pass over one "
             f"real epoch's batches cached on the device (in-memory); {args.workers} loader threads unless stated; SGD, bf16 "
             f"autocast on GPU / fp32 on CPU, channels-last; each configuration in a fresh process.\n\n" + "\n".join(sections))
-    print("saved", write_results("train_throughput", "Training throughput over whole epochs: real loader vs in-memory batches",
-                                 body, ("torch", "timm", "nvidia-dali-cuda130")))
+    return write_results("train_throughput", "Training throughput over whole epochs: real loader vs in-memory batches",
+                         body, ("torch", "timm", "nvidia-dali-cuda130"))
 
 
 if __name__ == "__main__":
