@@ -15,7 +15,6 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import os
-from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -285,13 +284,13 @@ def _forked_tail():
 
 def start_tail(crops: list[torch.Tensor], out_h: list[int], out_w: list[int], flips: list[bool], out: torch.Tensor,
                scale: torch.Tensor, bias: torch.Tensor, channels_last: bool, tasks: int,
-               pool: Callable[[], Executor], fork: bool = True) -> Callable[[], None]:
+               pool: Callable[[], concurrent.futures.Executor], fork: bool = True) -> Callable[[], None]:
     """Start ``_tail_images`` over a batch (``crops`` into rows ``[0, len(crops))`` of ``out``) in ``tasks`` parallel
     tasks; the returned function waits for all of them, then raises the first error if any.
 
     One scripted call starts every task on torch's inter-op pool and none of them takes the GIL: with a Python thread
-    pool each task took it to start, to convert its arguments and to report back, a dozen GIL handoffs per batch that
-    queue behind each other, longer the more tasks (benchmarks/results/design_measurements_*.md). Without TorchScript,
+    pool each task took it to start, to convert its arguments and to report back: two or three GIL handoffs per task,
+    queued behind each other, more the more tasks (benchmarks/results/design_measurements_*.md). Without TorchScript,
     or with ``fork=False`` (the tests and benchmarks compare the two), ``pool()`` runs the same tasks.
     """
     forked = _forked_tail() if fork else None
