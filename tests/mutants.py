@@ -78,11 +78,14 @@ MUTANTS = [
       "            if errors:\n                raise errors[0]", "            pass", "tests/test_loaders.py -k however"),
     M("the fallback flips what the plan flips", "mame_fast/input/fallback.py", "    return out.flip(1) if flip else out",
       "    return out", "tests/test_loaders.py -k flips"),
-    M("the fallback's padding is zero on a CPU (per image)", "mame_fast/input/fallback.py",
-      "            rows[k, :h, 3 * w :].zero_()", "            pass", "tests/test_loaders.py -k 'batches_shapes and pil'"),
-    # Not a mutant: the ring slot's zero_() in fallback.py. Padded batches have their padding zeroed again after
-    # normalization (normalize_batch, from the valid sizes), and unpadded ones have none, so leaving stale bytes in a
-    # slot changes no batch; the slot is zeroed so that it holds what the ring-less path hands over.
+    M("the fallback's padding is zero on a GPU (normalize_batch, run on the CPU)", "mame_fast/input/fallback.py",
+      "    return x if sizes is None else x * valid_mask(sizes, H, W, x.dtype)", "    return x",
+      "tests/test_loaders.py -k normalizes_on_a_cpu"),
+    M("the fallback's CPU tail reads only each sample's image from the ring", "mame_fast/input/fallback.py",
+      "crops = [slot[k, :h, :w] for k", "crops = [slot[k] for k", "tests/test_loaders.py -k normalizes_on_a_cpu"),
+    M("the fallback's workers copy the fillers into batches for a GPU", "mame_fast/input/fallback.py",
+      "            copy_fillers(out, p.real)\n            return out", "            return out",
+      "tests/test_loaders.py -k normalizes_on_a_cpu"),
     M("a fallback primed for other batches gives the ones asked for", "mame_fast/input/fallback.py",
       "batches = primed[2] if primed is not None and primed[:2] == (epoch, start_step) else",
       "batches = primed[2] if primed is not None else", "tests/test_loaders.py -k primed"),

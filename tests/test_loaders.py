@@ -459,3 +459,23 @@ def test_a_loader_pinned_to_one_cpu_takes_one_thread(shards):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[-1] == "1"
+
+
+def test_the_fallback_normalizes_on_a_cpu_as_on_a_gpu(shards):
+    """The fallback's workers hand uint8 batches. A GPU run normalizes them in one kernel (``normalize_batch``, run here
+    on the CPU); a CPU run takes them from a shared ring into the CPU tail's tasks. Both give the same batches, fillers
+    and zero padding included, and the bytes earlier batches left in the ring reach neither."""
+    from mame_fast.input.fallback import _PlannedBatches, normalize_batch
+
+    L = build_loader(cfg_for(shards, "full", "pil", threads=2), "val", False, seed=0)
+    L._loader()
+    L._ring.fill_(255)  # stale bytes everywhere in the ring, as after batches of other shapes
+    ringless = _PlannedBatches(L.split, L.plan)  # what the workers hand to a GPU run
+    kinds = set()
+    for i, b in enumerate(L.epoch(0)):
+        p = L.plan(0)[i]
+        want = normalize_batch(ringless[0, i], L.rows(0)["sizes"][i] if p.padded else None)
+        torch.testing.assert_close(b.images, want, atol=1e-5, rtol=0)
+        kinds |= {"padded"} if p.padded else set()
+        kinds |= {"fillers"} if p.real < len(p.index) else set()
+    assert kinds == {"padded", "fillers"}, kinds

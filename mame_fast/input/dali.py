@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ..config import DataConfig
-from .loader import MEAN, STD, Batch, Loader, LoaderError, normalize_rows, start_tail
+from .loader import MEAN, STD, Batch, Loader, LoaderError
 from .plan import BatchPlan, EpochPlans
 from .reader import Split
 
@@ -146,7 +146,6 @@ class DaliLoader(Loader):
         self.pipe = None
         self._next: tuple[int, int] | None = None  # (epoch, step) of the batch the pipeline delivers next
         self._ahead = False  # prime() has already scheduled the run whose outputs come next
-        self._pool = None  # the CPU tail's threads where TorchScript is unavailable (loader.start_tail)
 
     def _build(self):
         from nvidia.dali import fn, pipeline_def, types
@@ -247,15 +246,6 @@ class DaliLoader(Loader):
             # pipeline's outputs, and a restore is about to drop the pipeline.
             self._settle(pending)
 
-    @staticmethod
-    def _settle(pending: tuple[BatchPlan, Callable[[], torch.Tensor]] | None) -> None:
-        """Wait for a batch's CPU tail to end, whatever its outcome (it is being abandoned)."""
-        if pending is not None:
-            try:  # noqa: SIM105  (no module globals here: this also runs when an abandoned generator is finalized at exit)
-                pending[1]()
-            except Exception:  # it is being abandoned: its outcome does not matter
-                pass
-
     def _decode_error(self, plans: list[BatchPlan], i: int, e: Exception) -> LoaderError:
         """The failing batch is this one or one being prefetched: name what PIL cannot decode among them."""
         window = np.concatenate([q.samples for q in plans[i : i + self.cfg.prefetch + 1]])
@@ -280,34 +270,17 @@ class DaliLoader(Loader):
         for p in self.plan(epoch):
             yield p, pipe.run()[0]
 
-    def _tail_pool(self):
-        from concurrent.futures import ThreadPoolExecutor
-
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.threads)  # torch kernels release the GIL
-        return self._pool
-
-    def cpu_tail(self, crops, p: BatchPlan) -> Callable[[], torch.Tensor]:
-        """Start resizing, flipping, normalizing and padding the decoded crops into one (n, 3, H, W) float32
-        batch in ``threads`` parallel tasks (``loader.start_tail``); the returned function waits for it and gives the batch.
-
-        Each task writes its samples straight into the requested memory format of an uninitialized
-        batch (zeroing only padding): allocating with zeros and converting the layout afterwards took
-        longer than the resizing itself.
-        """
-        n, H, W = len(p.index), p.height, p.width
-        out = torch.empty((n, H, W, 3) if self.cfg.channels_last else (n, 3, H, W), dtype=torch.float32)
-        scale, bias = normalize_rows(W)
+    def cpu_tail(self, crops, p: BatchPlan, flip: bool = True) -> Callable[[], torch.Tensor]:
+        """``Loader.cpu_tail`` over the pipeline's decoded crops (a DALI TensorListCPU)."""
         # Views of DALI's output buffers, no copy (a copy cost as much as the resize). The pipeline runs DALI's dynamic
         # executor, where an output stays valid while it is referenced (``crops`` here), however many runs later.
         images = [torch.from_numpy(np.asarray(crops[k])) for k in range(p.real)]
         keep = [crops]  # the views above do not keep DALI's output alive: this does, until the tail is done
-        sizes = (p.out_h[: p.real].tolist(), p.out_w[: p.real].tolist(), p.flip[: p.real].astype(bool).tolist())
-        wait = start_tail(images, *sizes, out, scale, bias, self.cfg.channels_last, min(self.threads, p.real), self._tail_pool)
+        batch = super().cpu_tail(images, p, flip)
 
         def result() -> torch.Tensor:
-            wait()
+            out = batch()
             del keep[:]  # DALI's outputs were read: they may go now
-            return out.permute(0, 3, 1, 2) if self.cfg.channels_last else out
+            return out
 
         return result

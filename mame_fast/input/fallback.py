@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import io
 import math
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -100,10 +100,9 @@ class _PlannedBatches(torch.utils.data.Dataset):
         shape = (len(p.index), p.height, p.width, 3)
         if self.ring is None:
             out = torch.zeros(shape, dtype=torch.uint8)
-        else:
+        else:  # not zeroed, and no fillers: the training process reads only each sample's own image, top-left
             slot = key[1] % len(self.ring)
             out = ring_slot(self.ring, slot, *shape[:3])
-            out.zero_()  # the padding of what the slot held before
         for k, i in enumerate(p.samples):
             try:
                 a = decode_planned(self.split.jpeg(int(i)), p.x[k], p.y[k], p.cw[k], p.ch[k], p.out_w[k], p.out_h[k],
@@ -113,8 +112,10 @@ class _PlannedBatches(torch.utils.data.Dataset):
                 return (f"{tar}: sample {self.split.keys[i]} cannot be decoded ({e}). "
                         f"Check the shards with `mame-fast shard {self.split.folder} --verify`.")
             out[k, : a.shape[0], : a.shape[1]] = a
-        copy_fillers(out, p.real)
-        return out if self.ring is None else (slot, *shape[:3])
+        if self.ring is None:
+            copy_fillers(out, p.real)
+            return out
+        return slot, *shape[:3]
 
 
 def ring_slot(ring: torch.Tensor, slot: int, n: int, h: int, w: int) -> torch.Tensor:
@@ -137,35 +138,25 @@ class _Steps(torch.utils.data.Sampler):
 
 
 def normalize_batch(raw: torch.Tensor, sizes: torch.Tensor | None) -> torch.Tensor:
-    """A uint8 NHWC batch as normalized float32 (n, 3, H, W) channels-last, padding exactly 0 (as in DALI's output).
-    One multiply-add over whole NHWC rows (see normalize_rows): ~3x faster than broadcasting over an NCHW view."""
+    """A uint8 NHWC batch on a GPU as normalized float32 (n, 3, H, W) channels-last, padding exactly 0 (as in DALI's
+    output): one multiply-add kernel over whole NHWC rows (see normalize_rows), and a mask where the batch is padded.
+    Per-image ops would be launches, and a launch counts where the step is host-bound. (A CPU run takes
+    ``Loader.cpu_tail`` instead; the tests check the two agree.)"""
     n, H, W, _ = raw.shape
     scale, bias = _normalize_rows_on(W, raw.device)
-    cpu = raw.device.type == "cpu"
-    if cpu:
-        # Converted first, then one in-place multiply-add: the mixed uint8/float32 kernel took 1.6x as long on a CPU.
-        rows = torch.empty((n, H, W * 3), dtype=torch.float32).copy_(raw.view(n, H, W * 3))
-        torch.addcmul(bias, rows, scale, out=rows)
-    else:  # one kernel, not two: a launch counts where the step is host-bound
-        rows = torch.addcmul(bias, raw.view(n, H, W * 3), scale)
-    x = rows.view(n, H, W, 3).permute(0, 3, 1, 2)
-    if sizes is None:
-        return x
-    if cpu:
-        # Each image's padding zeroed in place: multiplying by a broadcast (n, 1, H, W) mask across the channels-last
-        # layout took 7x as long as the normalization itself. On a GPU, per-image ops would be launches: the mask.
-        for k, (h, w) in enumerate(sizes.tolist()):
-            rows[k, h:].zero_()
-            rows[k, :h, 3 * w :].zero_()
-        return x
-    return x * valid_mask(sizes, H, W, x.dtype)
+    x = torch.addcmul(bias, raw.view(n, H, W * 3), scale).view(n, H, W, 3).permute(0, 3, 1, 2)
+    return x if sizes is None else x * valid_mask(sizes, H, W, x.dtype)
 
 
 class PilLoader(Loader):
     """Decoding in DataLoader worker processes (no GIL to share), kept across epochs. The workers hand uint8 and the
-    normalization runs on the training device, on a CPU run too: float32 batches are four times the bytes to write
-    into, read from and free in shared memory, and normalizing in the workers made the loader half as fast at full
-    resolution on 2 cores (145 vs 300 img/s; 1,600 vs 2,000 at 256), where its workers are the bottleneck."""
+    normalization runs in the training process: float32 batches are four times the bytes to write into, read from and
+    free in shared memory, and normalizing in the workers made the loader half as fast at full resolution on 2 cores
+    (145 vs 300 img/s; 1,600 vs 2,000 at 256), where its workers are the bottleneck. On a GPU it is one kernel
+    (``normalize_batch``); on a CPU the DALI loader's CPU tail does it (``Loader.cpu_tail``) on torch's inter-op threads,
+    started for one batch before the previous one is handed over: on the one thread every batch goes through, it took
+    a quarter of that thread's time at 256 and at full resolution, which would have capped the loader at about 12,000
+    and 1,600 img/s however many the cores (benchmarks/results/design_measurements_*.md)."""
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
@@ -173,6 +164,7 @@ class PilLoader(Loader):
         self._dl = None
         self._ring: torch.Tensor | None = None
         self._primed: tuple[int, int, Iterator] | None = None  # (epoch, start step, batches) that prime() started
+        self._tail: tuple[int, Callable[[], torch.Tensor]] | None = None  # the CPU tail reading a ring slot, if any
 
     def _loader(self) -> torch.utils.data.DataLoader:
         if self._dl is None:
@@ -189,16 +181,22 @@ class PilLoader(Loader):
         takes each batch off the training thread already, and the copy to the device needs pinned memory).
 
         A slot is rewritten only by the batch ``slots`` steps later. DataLoader sends a new task only when it hands over a
-        batch, and at most ``workers * prefetch`` are outstanding, so while the training thread normalizes step i, no
-        task beyond step ``i + workers * prefetch`` exists: one slot more than that is enough. A new epoch starts only
-        after every worker has finished what it was given (DataLoader waits for each to acknowledge the restart)."""
+        batch, and at most ``workers * prefetch`` are outstanding. ``epoch`` takes batch i + 1 (which sends the task for
+        step ``i + 1 + workers * prefetch``) while batch i's tail may still read slot i, and hands over batch i, whose
+        tail has ended, only after that: with two slots more than the tasks outstanding, the slot being rewritten is
+        never one a tail still reads. A new epoch starts only after every worker has finished what it was given
+        (DataLoader waits for each to acknowledge the restart), and after the last tail has ended (``epoch``'s end)."""
         if self.device.type != "cpu":
             return None
         largest = max(n * h * w * 3 for n, h, w in self.shapes())
-        return torch.empty((self.threads * self.cfg.prefetch + 1, largest), dtype=torch.uint8).share_memory_()
+        return torch.empty((self.threads * self.cfg.prefetch + 2, largest), dtype=torch.uint8).share_memory_()
 
     def _batches(self, epoch: int, start_step: int) -> Iterator:
-        """The workers' iterator over the epoch's batches from a step: starting it sends them their first requests."""
+        """The workers' iterator over the epoch's batches from a step: starting it sends them their first requests, which
+        may rewrite any ring slot: a tail still reading one (from an epoch left early, its generator not yet closed)
+        ends first."""
+        self._settle(self._tail)
+        self._tail = None
         self._steps.epoch, self._steps.start, self._steps.stop = epoch, start_step, self.steps(epoch)
         return iter(self._loader())
 
@@ -213,14 +211,34 @@ class PilLoader(Loader):
         plans = self.plan(epoch)
         primed, self._primed = self._primed, None
         batches = primed[2] if primed is not None and primed[:2] == (epoch, start_step) else self._batches(epoch, start_step)
-        for i, raw in enumerate(batches, start=start_step):
-            if isinstance(raw, str):
-                raise LoaderError(raw)
-            if isinstance(raw, (tuple, list)):  # its place in the ring (DataLoader makes the tuple a list); normalize_batch
-                # reads it into a new batch before the next step is asked for, so the slot is free by then
-                raw = ring_slot(self._ring, *raw)
-            raw = normalize_batch(raw.to(self.device, non_blocking=True), rows["sizes"][i] if plans[i].padded else None)
-            yield self._finish(raw, epoch, i)
+        pending = None  # CPU run: (step, batch in the making) whose tail is still running on a ring slot
+        try:
+            for i, raw in enumerate(batches, start=start_step):
+                if isinstance(raw, str):
+                    raise LoaderError(raw)
+                if isinstance(raw, (tuple, list)):  # its place in the ring (DataLoader makes the tuple a list)
+                    slot, p = ring_slot(self._ring, *raw), plans[i]
+                    sizes = zip(p.out_h[: p.real].tolist(), p.out_w[: p.real].tolist())
+                    crops = [slot[k, :h, :w] for k, (h, w) in enumerate(sizes)]  # each sample's image, top-left
+                    # Queued before the previous batch is awaited, as in the DALI loader: the tail keeps working while
+                    # this thread waits for the workers and hands batches over. Already flipped: not flipped again.
+                    prev, pending = pending, (i, self.cpu_tail(crops, p, flip=False))
+                    self._tail = pending  # for _batches: the workers must not rewrite the slot before it ends
+                    if prev is not None:
+                        yield self._finish(prev[1](), epoch, prev[0])
+                    continue
+                raw = normalize_batch(raw.to(self.device, non_blocking=True), rows["sizes"][i] if plans[i].padded else None)
+                yield self._finish(raw, epoch, i)
+            if pending is not None:
+                last, pending = pending, None
+                batch = last[1]()
+                if self._tail is last:
+                    self._tail = None
+                yield self._finish(batch, epoch, last[0])
+        finally:
+            self._settle(pending)  # left early: the tail still reads a ring slot that the workers are about to reuse
+            if self._tail is pending:
+                self._tail = None  # nothing reads the ring: the batch it made may be freed
 
 
 @functools.lru_cache(maxsize=128)

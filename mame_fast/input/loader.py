@@ -23,7 +23,7 @@ import torch
 
 from ..config import DataConfig
 from ..files import usable_cores
-from .plan import EpochPlans, PlanConfig, batch_shapes, make_buckets, square_bucket
+from .plan import BatchPlan, EpochPlans, PlanConfig, batch_shapes, make_buckets, square_bucket
 from .reader import Split
 
 # Normalization constants in 0-255 units (generic photographic statistics, no pretrained weights involved).
@@ -105,6 +105,7 @@ class Loader:
         # the pipeline's destructor waits forever for threads the fork did not copy.
         self.plan = EpochPlans(split.height, split.width, self.plan_cfg, seed, rank, world)
         self._rows: tuple[int | None, dict[str, torch.Tensor]] = (None, {})
+        self._pool: concurrent.futures.Executor | None = None  # the CPU tail's threads without TorchScript (start_tail)
         if device.type == "cpu":
             keep_freed_memory()  # batches are assembled in this process's memory on the CPU path
 
@@ -144,6 +145,42 @@ class Loader:
             pin = (lambda t: t.pin_memory()) if cuda else (lambda t: t)
             self._rows = (epoch, {k: pin(torch.from_numpy(v)).to(self.device, non_blocking=True) for k, v in host.items()})
         return self._rows[1]
+
+    def cpu_tail(self, images: list[torch.Tensor], p: BatchPlan, flip: bool = True) -> Callable[[], torch.Tensor]:
+        """Start resizing (to the plan's output sizes), flipping (as planned, if ``flip``), normalizing and padding a batch's
+        decoded uint8 HWC images into one (n, 3, H, W) float32 batch in ``threads`` parallel tasks (``start_tail``); the
+        returned function waits for it and gives the batch. Both loaders' CPU path ends here.
+
+        Each task writes its samples straight into the requested memory format of an uninitialized batch (zeroing only
+        padding): allocating with zeros and converting the layout afterwards took longer than the resizing itself."""
+        cl = self.cfg.channels_last
+        out = torch.empty((len(p.index), p.height, p.width, 3) if cl else (len(p.index), 3, p.height, p.width),
+                          dtype=torch.float32)
+        scale, bias = normalize_rows(p.width)
+        flips = p.flip[: p.real].astype(bool).tolist() if flip else [False] * p.real
+        wait = start_tail(images, p.out_h[: p.real].tolist(), p.out_w[: p.real].tolist(), flips, out, scale, bias, cl,
+                          min(self.threads, p.real), self._tail_pool)
+
+        def result() -> torch.Tensor:
+            wait()
+            return out.permute(0, 3, 1, 2) if cl else out
+
+        return result
+
+    def _tail_pool(self) -> concurrent.futures.Executor:
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(self.threads)  # torch kernels release the GIL
+        return self._pool
+
+    @staticmethod
+    def _settle(pending: tuple[int, Callable[[], torch.Tensor]] | None) -> None:
+        """Wait for a batch's CPU tail (``(step, cpu_tail(...))``) to end, whatever its outcome: it is being abandoned, and
+        it still reads memory that is about to be dropped or reused."""
+        if pending is not None:
+            try:  # noqa: SIM105  (no module globals here: this also runs when an abandoned generator is finalized at exit)
+                pending[1]()
+            except Exception:  # it is being abandoned: its outcome does not matter
+                pass
 
     def _finish(self, images: torch.Tensor, epoch: int, step: int) -> Batch:
         """Common tail on the device: labels and sizes, colour jitter, dtype, memory format."""
