@@ -155,13 +155,15 @@ def test_restore_then_continue_gives_the_same_batches(shards, loader):
 @pytest.mark.parametrize("loader", LOADERS)
 def test_one_loader_over_epochs_equals_fresh_loaders(shards, loader):
     """Used as the trainer uses it (epochs in a row, one left early and resumed, one skipped), a loader
-    gives the batches a new loader gives for each (epoch, step). The DALI loader keeps its pipeline, which
-    has already prefetched from the next epoch, only where that is what is asked for. Batches are kept
+    gives the batches a new loader gives for each (epoch, step). The DALI loader keeps its pipeline, and the fallback its
+    workers' iterator, which have already prefetched from the next epoch, only where that is what is asked for. Batches are kept
     without copies: none may be overwritten by later ones (DALI's output buffers are reused)."""
     cfg = cfg_for(shards, "full", loader)
     L = build_loader(cfg, "train", True, seed=3)
     got = {(0, i): b for i, b in enumerate(L.epoch(0))}
     pipe = getattr(L, "pipe", None)
+    if loader == "pil":  # its workers went on into the next epoch, as DALI's pipeline does
+        assert L._items[0] == (1, 0)
     for i, b in enumerate(L.epoch(1)):
         got[1, i] = b
         if i == 1:
@@ -402,7 +404,7 @@ def test_colour_jitter_reaches_training_batches_only(shards, loader):
 @pytest.mark.parametrize("channels_last", [True, False])
 @pytest.mark.parametrize("tasks", [1, 2, 5])
 def test_the_cpu_tail_gives_one_batch_however_its_tasks_run(forked, channels_last, tasks):
-    """The DALI CPU tail's tasks (forked on torch's inter-op pool, or on a Python pool without TorchScript) write each
+    """The CPU tail's tasks (both loaders'; forked on torch's inter-op pool, or on a Python pool without TorchScript) write each
     crop resized, flipped, normalized and zero-padded into its row, and into the filler rows that copy it; a task's
     error is raised by the wait."""
     from concurrent.futures import ThreadPoolExecutor
@@ -479,3 +481,23 @@ def test_the_fallback_normalizes_on_a_cpu_as_on_a_gpu(shards):
         kinds |= {"padded"} if p.padded else set()
         kinds |= {"fillers"} if p.real < len(p.index) else set()
     assert kinds == {"padded", "fillers"}, kinds
+
+
+def test_the_fallbacks_workers_are_asked_for_each_step_once_in_order(shards):
+    """The fallback's item sampler: from (epoch, step) on, every later step of that epoch once, in order; a training
+    loader's then every step of the following epochs (its workers go on into the next epoch), an evaluation loader's
+    nothing more. The sequence number, which picks the ring slot, counts up by one across epochs."""
+    import itertools
+
+    from mame_fast.input.fallback import _Steps
+
+    L = build_loader(cfg_for(shards, "full", "pil"), "train", True, seed=0)
+    for run_on in (True, False):
+        steps = _Steps(L.plan, run_on)
+        steps.epoch, steps.start = 2, 1
+        got = list(itertools.islice(steps, L.steps(2) - 1 + L.steps(3) + L.steps(4) + 1))
+        want = [(2, s) for s in range(1, L.steps(2))]
+        if run_on:
+            want += [(3, s) for s in range(L.steps(3))] + [(4, s) for s in range(L.steps(4))] + [(5, 0)]
+        assert [(e, s) for e, s, _ in got] == want
+        assert [q for _, _, q in got] == list(range(len(got)))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import io
+import itertools
 import math
 from typing import Callable, Iterator
 
@@ -81,10 +82,11 @@ def _decode_planned_pil(data: bytes | memoryview, x: float, y: float, cw: float,
 
 
 class _PlannedBatches(torch.utils.data.Dataset):
-    """Item (epoch, step): that planned batch, decoded in a worker. The workers compute the plan themselves (a pure
-    function of seed and epoch), so one set of persistent workers serves every epoch.
+    """Item (epoch, step, seq): that planned batch, decoded in a worker; ``seq`` counts the items since the DataLoader
+    iterator started. The workers compute the plan themselves (a pure function of seed and epoch), so one set of
+    persistent workers serves every epoch.
 
-    With a ``ring`` (``_ring_slots``), a worker writes the batch into slot ``step % slots`` of that shared memory, mapped
+    With a ``ring`` (``_ring_slots``), a worker writes the batch into slot ``seq % slots`` of that shared memory, mapped
     once by every process, and hands back only where it is. Otherwise each batch travels as a new shared-memory tensor,
     which the training process maps and faults in page by page: at full resolution that was three quarters of its CPU
     time per image (2.6 of 3.5 ms, in the kernel), on the one thread that every batch goes through."""
@@ -92,7 +94,7 @@ class _PlannedBatches(torch.utils.data.Dataset):
     def __init__(self, split: Split, plans: EpochPlans, ring: torch.Tensor | None = None):
         self.split, self.plans, self.ring = split, plans, ring
 
-    def __getitem__(self, key: tuple[int, int]) -> torch.Tensor | tuple[int, int, int, int] | str:
+    def __getitem__(self, key: tuple[int, int, int]) -> torch.Tensor | tuple[int, int, int, int] | str:
         """The planned batch as uint8 NHWC (or its place in the ring: slot, rows, height, width), or the sentence saying
         which sample cannot be decoded: returned, not raised, because DataLoader re-raises a worker's exception wrapped
         in the worker's traceback text."""
@@ -101,7 +103,7 @@ class _PlannedBatches(torch.utils.data.Dataset):
         if self.ring is None:
             out = torch.zeros(shape, dtype=torch.uint8)
         else:  # not zeroed, and no fillers: the training process reads only each sample's own image, top-left
-            slot = key[1] % len(self.ring)
+            slot = key[2] % len(self.ring)
             out = ring_slot(self.ring, slot, *shape[:3])
         for k, i in enumerate(p.samples):
             try:
@@ -125,16 +127,24 @@ def ring_slot(ring: torch.Tensor, slot: int, n: int, h: int, w: int) -> torch.Te
 
 
 class _Steps(torch.utils.data.Sampler):
-    """The (epoch, step) items of the epoch the loader asks for next."""
+    """The (epoch, step, seq) items from a step of an epoch on. With ``run_on`` (a training loader) they run on into the
+    following epochs without end, as the DALI loader's feed does: the workers keep decoding into the next epoch while
+    the trainer finishes one (its last steps, validation), instead of idling until it asks for the next. Otherwise
+    they stop at the epoch's end: an evaluation loader is asked for the same epoch twice (EMA) or skips some
+    (``eval_every``), and what it decoded ahead would take cores from training for batches nobody asks for."""
 
-    def __init__(self):
-        self.epoch, self.start, self.stop = 0, 0, 0
+    def __init__(self, plans: EpochPlans, run_on: bool):
+        self.plans, self.run_on, self.epoch, self.start = plans, run_on, 0, 0
 
-    def __iter__(self):
-        return iter([(self.epoch, s) for s in range(self.start, self.stop)])
-
-    def __len__(self) -> int:
-        return self.stop - self.start
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
+        epoch, step = self.epoch, self.start
+        for seq in itertools.count():
+            while step >= len(self.plans(epoch)):
+                if not self.run_on:
+                    return
+                epoch, step = epoch + 1, 0
+            yield epoch, step, seq
+            step += 1
 
 
 def normalize_batch(raw: torch.Tensor, sizes: torch.Tensor | None) -> torch.Tensor:
@@ -160,10 +170,11 @@ class PilLoader(Loader):
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
-        self._steps = _Steps()
+        self._steps = _Steps(self.plan, run_on=self.train)
         self._dl = None
         self._ring: torch.Tensor | None = None
-        self._primed: tuple[int, int, Iterator] | None = None  # (epoch, start step, batches) that prime() started
+        # The workers' iterator and the (epoch, step) it gives next; None where that is not known (an epoch left early)
+        self._items: tuple[tuple[int, int], Iterator] | None = None
         self._tail: tuple[int, Callable[[], torch.Tensor]] | None = None  # the CPU tail reading a ring slot, if any
 
     def _loader(self) -> torch.utils.data.DataLoader:
@@ -180,40 +191,49 @@ class PilLoader(Loader):
         """Shared memory for the batches in flight, on a CPU run with workers (on a GPU the DataLoader's pinning thread
         takes each batch off the training thread already, and the copy to the device needs pinned memory).
 
-        A slot is rewritten only by the batch ``slots`` steps later. DataLoader sends a new task only when it hands over a
-        batch, and at most ``workers * prefetch`` are outstanding. ``epoch`` takes batch i + 1 (which sends the task for
-        step ``i + 1 + workers * prefetch``) while batch i's tail may still read slot i, and hands over batch i, whose
-        tail has ended, only after that: with two slots more than the tasks outstanding, the slot being rewritten is
-        never one a tail still reads. A new epoch starts only after every worker has finished what it was given
-        (DataLoader waits for each to acknowledge the restart), and after the last tail has ended (``epoch``'s end)."""
+        Item ``seq`` of the workers' iterator goes to slot ``seq % slots``, rewritten only by the item ``slots`` later.
+        DataLoader sends a new task only when it hands over an item, and at most ``workers * prefetch`` are outstanding.
+        ``epoch`` takes item i + 1 (which sends the task for item ``i + 1 + workers * prefetch``) while item i's tail may
+        still read its slot, and hands over item i's batch, whose tail has ended, only after that: with two slots more
+        than the tasks outstanding, the slot being rewritten is never one a tail still reads. A restarted iterator
+        starts only after every worker has finished what it was given (DataLoader waits for each to acknowledge the
+        restart) and after the last tail has ended (``_items_at``)."""
         if self.device.type != "cpu":
             return None
         largest = max(n * h * w * 3 for n, h, w in self.shapes())
         return torch.empty((self.threads * self.cfg.prefetch + 2, largest), dtype=torch.uint8).share_memory_()
 
-    def _batches(self, epoch: int, start_step: int) -> Iterator:
-        """The workers' iterator over the epoch's batches from a step: starting it sends them their first requests, which
-        may rewrite any ring slot: a tail still reading one (from an epoch left early, its generator not yet closed)
-        ends first."""
+    def _items_at(self, epoch: int, start_step: int) -> Iterator:
+        """The workers' iterator, kept while it gives next what is asked for (the next epoch after a finished one, or what
+        prime() started); otherwise (a restore, an epoch left early) restarted at the step, which sends the workers their
+        first requests.
+
+        A tail still reading a ring slot (from an epoch left early whose generator is not yet closed) ends first: a restart
+        may rewrite any slot, and the slot order that keeps one from being rewritten while read holds within one epoch's
+        generator (``_ring_slots``)."""
         self._settle(self._tail)
         self._tail = None
-        self._steps.epoch, self._steps.start, self._steps.stop = epoch, start_step, self.steps(epoch)
-        return iter(self._loader())
+        if self._items is None or self._items[0] != (epoch, start_step):
+            self._steps.epoch, self._steps.start = epoch, start_step
+            self._items = ((epoch, start_step), iter(self._loader()))
+        return self._items[1]
 
     def prime(self, epoch: int, start_step: int = 0) -> None:
         """Start the workers (the first time) and their first batches now, so that it overlaps with what the trainer does
         before step 0."""
-        if self._primed is None or self._primed[:2] != (epoch, start_step):
-            self._primed = (epoch, start_step, self._batches(epoch, start_step))
+        self._items_at(epoch, start_step)
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         rows = self.rows(epoch)  # labels and sizes of the whole epoch to the device, before the first batch
         plans = self.plan(epoch)
-        primed, self._primed = self._primed, None
-        batches = primed[2] if primed is not None and primed[:2] == (epoch, start_step) else self._batches(epoch, start_step)
+        items = self._items_at(epoch, start_step)
+        self._items = None  # unknown until the epoch's last item is taken
         pending = None  # CPU run: (step, batch in the making) whose tail is still running on a ring slot
         try:
-            for i, raw in enumerate(batches, start=start_step):
+            for i in range(start_step, len(plans)):
+                raw = next(items)
+                if i + 1 == len(plans) and self.train:
+                    self._items = ((epoch + 1, 0), items)  # what the workers are already decoding
                 if isinstance(raw, str):
                     raise LoaderError(raw)
                 if isinstance(raw, (tuple, list)):  # its place in the ring (DataLoader makes the tuple a list)
@@ -223,7 +243,7 @@ class PilLoader(Loader):
                     # Queued before the previous batch is awaited, as in the DALI loader: the tail keeps working while
                     # this thread waits for the workers and hands batches over. Already flipped: not flipped again.
                     prev, pending = pending, (i, self.cpu_tail(crops, p, flip=False))
-                    self._tail = pending  # for _batches: the workers must not rewrite the slot before it ends
+                    self._tail = pending  # for _items_at: the workers must not rewrite the slot before it ends
                     if prev is not None:
                         yield self._finish(prev[1](), epoch, prev[0])
                     continue
