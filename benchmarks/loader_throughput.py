@@ -213,11 +213,29 @@ def breakdown(cfg: DataConfig, epoch: int) -> tuple[float, float, float, float, 
     return decode, tail, time.process_time() - t, decode_wall, tail_wall
 
 
+def cpu_with_children() -> float:
+    """CPU seconds of this process (all its threads) and of its child processes, the DataLoader workers: those reaped
+    (``RUSAGE_CHILDREN``) and those still running (read from /proc, Linux; elsewhere they count once reaped). The
+    difference over a round, divided by its wall time, is how many cores the loader kept busy."""
+    import resource
+
+    total = time.process_time() + sum(getattr(resource.getrusage(resource.RUSAGE_CHILDREN), f) for f in ("ru_utime", "ru_stime"))
+    me, tick = os.getpid(), os.sysconf("SC_CLK_TCK")
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after the command name: state, ppid, ... utime, stime
+        except (OSError, IndexError):
+            continue  # a process that ended meanwhile
+        if int(fields[1]) == me:
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
 def run_contender(name: str, cfg: DataConfig, root: Path, args) -> tuple[list[float], list[float], list[float], tuple | None]:
     """Epoch times of one contender (one loader over all rounds; round 0, one epoch with the start-up, not counted; each
-    timed round as many epochs in a row as last ``--min-seconds``), the share of each round the consuming thread was on
-    a CPU (near 1: that thread, the one every batch goes through, bounds the loader); for DALI CPU also the cores it
-    kept busy and its breakdown."""
+    timed round as many epochs in a row as last ``--min-seconds``), the cores it kept busy (its process and workers), the
+    share of each round the consuming thread was on a CPU (near 1: that thread, the one every batch goes through,
+    bounds the loader); for DALI CPU also its breakdown."""
     torch.set_num_threads(1)  # the main thread only consumes batches; the cores belong to the loader
     # A spawned process inherits "spawn" as its start method: DataLoader workers would re-import torch each
     # epoch. They start as in a user's run (fork on Linux).
@@ -237,7 +255,7 @@ def run_contender(name: str, cfg: DataConfig, root: Path, args) -> tuple[list[fl
     times, busy, thread = [], [], []
     k, e = 1, 0  # epochs per round, the next epoch
     for rep in range(args.repeats + 1):
-        cpu, own, t = time.process_time(), time.thread_time(), time.perf_counter()
+        cpu, own, t = cpu_with_children(), time.thread_time(), time.perf_counter()
         for _ in range(k):
             got = sum(len(y) for y in epoch(e))
             assert got == n, (name, got, n)
@@ -247,7 +265,7 @@ def run_contender(name: str, cfg: DataConfig, root: Path, args) -> tuple[list[fl
         dt = time.perf_counter() - t
         if rep:
             times.append(dt / k)
-            busy.append((time.process_time() - cpu) / dt)  # DALI's threads are in this process
+            busy.append((cpu_with_children() - cpu) / dt)
             thread.append((time.thread_time() - own) / dt)
         else:
             k = rounds_for(dt, args.min_seconds)
@@ -286,6 +304,7 @@ def main() -> None:
         limits = ["decode limit (PIL)", "decode limit (torchvision.io)", "augment limit"]
         times: dict[str, list[float]] = {}
         thread: dict[str, list[float]] = {}
+        cores: dict[str, list[float]] = {}
         busy: list[float] = []
         split_note = ""
         # Each loader runs in a process of its own, as in a training run. In one process, the forks of the
@@ -294,9 +313,9 @@ def main() -> None:
         spawn = multiprocessing.get_context("spawn")
         for name in contenders:
             with ProcessPoolExecutor(1, mp_context=spawn) as ex:
-                times[name], b, thread[name], parts = ex.submit(run_contender, name, cfg, root, args).result()
+                times[name], cores[name], thread[name], parts = ex.submit(run_contender, name, cfg, root, args).result()
             if name == "DALI CPU":
-                busy, (dec, tail, rs, dec_wall, tail_wall) = b, parts
+                busy, (dec, tail, rs, dec_wall, tail_wall) = cores[name], parts
         plans = build_loader(DataConfig(**{**cfg.__dict__, "loader": "pil"}), "train", True, 0).plan
         limit_core, runs = [], [1, 1, 1]  # and runs per timed round of each limit
         for rep in range(args.repeats + 1):  # round 0: warm-up, not counted
@@ -330,14 +349,16 @@ def main() -> None:
             f"({'256x256 data_256/' if res == '256' else 'data/ originals, longest side 1000'}), "
             f"output {f'{args.crop}x{args.crop} crops' if res == '256' else f'~{args.pixels} px per image, bucketed'}\n",
             "| contender | epoch s (median [min, max]) | images/s | source Mpx/s | vs ImageFolder | vs decode limit (PIL) "
-            "| vs decode limit (torchvision.io) | vs augment limit | consuming thread on a CPU |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| vs decode limit (torchvision.io) | vs augment limit | consuming thread on a CPU "
+            f"| cores busy (of {args.workers}) |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for name, ts in times.items():
             med, lo, hi = summary(ts)
             shares = " | ".join(f"{r / med:.0%}" for r in ref.values())
             rows.append(f"| {name} | {med:.2f} [{lo:.2f}, {hi:.2f}] | {n / med:.0f} | {src_mpx / med:.1f} | "
-                        f"{base / med:.2f}x | {shares} | {f'{summary(thread[name])[0]:.0%}' if name in thread else '-'} |")
+                        f"{base / med:.2f}x | {shares} | {f'{summary(thread[name])[0]:.0%}' if name in thread else '-'} | "
+                        f"{f'{summary(cores[name])[0]:.1f}' if name in cores else '-'} |")
         sections.append("\n".join(rows) + "\n" + split_note)
         print(sections[-1], flush=True)
         # Saved after each resolution: a run stopped by a time limit (gpu_check.sh) keeps the tables it finished.
@@ -356,7 +377,9 @@ def save(args, sections: list[str]) -> Path:
         f"CPU loader's per-image work, a whole-image decode (torchvision.io), the planned crop and the loader's own "
         f"tail function (resize, flip, normalize to float32 into a batch, pad), with nothing around it. 'Consuming thread on "
         f"a CPU': the share of the wall time the thread that takes the batches (the training thread in a run) spent on a "
-        f"CPU; near 100%, that one thread bounds the loader, whatever the cores.\n\n" + "\n".join(sections)
+        f"CPU; near 100%, that one thread bounds the loader, whatever the cores. 'Cores busy': the CPU time of the "
+        f"loader's process and of its worker processes over the wall time; well under the cores it was given, the loader "
+        f"waits on something serial.\n\n" + "\n".join(sections)
     )
     packages = ("torch", "torchvision", "nvidia-dali-cuda130", "pillow")
     return write_results("loader_throughput", "Loader throughput", body, packages)

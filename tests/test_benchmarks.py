@@ -25,6 +25,9 @@ def test_gpu_check_smoke(tmp_path):
         assert f"- {step}: ok in" in report, report[:2000]
     assert report.count("real loader / in-memory batches: **") == 2  # 256 and full
     assert "| PIL fallback |" in report and "| augment limit |" in report and "demo finished in" in report
+    # Cores busy counts the fallback's worker processes (2 of them here), not only the training process's threads.
+    fallback_rows = [line.split("|") for line in report.splitlines() if line.startswith("| PIL fallback |")]
+    assert fallback_rows and all(float(row[-2]) >= 1.0 for row in fallback_rows), fallback_rows
     assert sorted(p.name for p in (out / "results").iterdir()) == sorted(
         p.name for p in (out / "results").glob("*_throughput_*.md")) and len(list((out / "results").iterdir())) == 2
     with tarfile.open(out / "logs.tar.gz") as t:
