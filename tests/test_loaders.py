@@ -180,9 +180,13 @@ def test_one_loader_over_epochs_equals_fresh_loaders(shards, loader):
 
 
 def _loaders_to_prime(shards: Path) -> list[tuple[str, object]]:
-    """Each loader as the trainer builds it, and DALI with the GPU path's graph (run on the CPU) too."""
+    """Each loader as the trainer builds it, and each with its GPU path (run on the CPU) too."""
+    from mame_fast.input.fallback import PilLoader
+
     cfg = cfg_for(shards, "full", LOADERS[0])
     out = [(kind, lambda kind=kind: build_loader(cfg_for(shards, "full", kind), "train", True, seed=3)) for kind in LOADERS]
+    out.append(("pil-gpu-path", lambda: PilLoader(open_split(shards, "train"), cfg_for(shards, "full", "pil"), True, 3, 0, 1,
+                                                  torch.device("cpu"), torch.float32, tail_on_cpu=False)))
     if "dali" in LOADERS:
         from mame_fast.input.dali import DaliLoader
 
@@ -464,20 +468,23 @@ def test_a_loader_pinned_to_one_cpu_takes_one_thread(shards):
 
 
 def test_the_fallback_normalizes_on_a_cpu_as_on_a_gpu(shards):
-    """The fallback's workers hand uint8 batches. A GPU run normalizes them in one kernel (``normalize_batch``, run here
-    on the CPU); a CPU run takes them from a shared ring into the CPU tail's tasks. Both give the same batches, fillers
-    and zero padding included, and the bytes earlier batches left in the ring reach neither."""
-    from mame_fast.input.fallback import _PlannedBatches, normalize_batch
+    """The fallback's workers write uint8 batches into a shared ring. A CPU run takes each sample's image from its slot
+    into the CPU tail's tasks; a GPU run copies the whole slot out (into pinned memory there) and normalizes it on the
+    device in one kernel (``normalize_batch``), run here on the CPU through the same code. Both give the same batches,
+    fillers and zero padding included, and the bytes earlier batches left in the ring reach neither."""
+    from mame_fast.input.fallback import PilLoader
 
-    L = build_loader(cfg_for(shards, "full", "pil", threads=2), "val", False, seed=0)
-    L._loader()
-    L._ring.fill_(255)  # stale bytes everywhere in the ring, as after batches of other shapes
-    ringless = _PlannedBatches(L.split, L.plan)  # what the workers hand to a GPU run
+    cfg = cfg_for(shards, "full", "pil", threads=2)
+    split = open_split(shards, "val")
+    loaders = [PilLoader(split, cfg, False, 0, 0, 1, torch.device("cpu"), torch.float32, tail_on_cpu=t) for t in (True, False)]
+    for L in loaders:
+        L._loader()
+        L._ring.fill_(255)  # stale bytes everywhere in the ring, as after batches of other shapes
     kinds = set()
-    for i, b in enumerate(L.epoch(0)):
-        p = L.plan(0)[i]
-        want = normalize_batch(ringless[0, i], L.rows(0)["sizes"][i] if p.padded else None)
-        torch.testing.assert_close(b.images, want, atol=1e-5, rtol=0)
+    for i, (a, b) in enumerate(zip(*(L.epoch(0) for L in loaders), strict=True)):
+        p = loaders[0].plan(0)[i]
+        assert torch.equal(a.index, b.index) and a.images.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(a.images, b.images, atol=1e-5, rtol=0)
         kinds |= {"padded"} if p.padded else set()
         kinds |= {"fillers"} if p.real < len(p.index) else set()
     assert kinds == {"padded", "fillers"}, kinds

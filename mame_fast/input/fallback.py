@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .loader import Batch, Loader, LoaderError, copy_fillers, normalize_rows, resize_hwc, valid_mask
+from .loader import Batch, Loader, LoaderError, copy_fillers, normalize_rows, resize_hwc, start_copy, valid_mask
 from .plan import EpochPlans
 from .reader import Split
 
@@ -86,25 +86,26 @@ class _PlannedBatches(torch.utils.data.Dataset):
     iterator started. The workers compute the plan themselves (a pure function of seed and epoch), so one set of
     persistent workers serves every epoch.
 
-    With a ``ring`` (``_ring_slots``), a worker writes the batch into slot ``seq % slots`` of that shared memory, mapped
-    once by every process, and hands back only where it is. Otherwise each batch travels as a new shared-memory tensor,
-    which the training process maps and faults in page by page: at full resolution that was three quarters of its CPU
-    time per image (2.6 of 3.5 ms, in the kernel), on the one thread that every batch goes through."""
+    A worker writes the batch into slot ``seq % slots`` of the ``ring`` (``_ring_slots``), shared memory mapped once by
+    every process, and hands back only where it is. A new shared-memory tensor per batch would be mapped, faulted in
+    page by page and unmapped by the training process: at full resolution that was three quarters of its CPU time per
+    image (2.6 of 3.5 ms, in the kernel) on a CPU run, and some 0.4 ms per image on the one thread that pins the batches
+    for a GPU (benchmarks/results/design_measurements_*.md).
 
-    def __init__(self, split: Split, plans: EpochPlans, ring: torch.Tensor | None = None):
-        self.split, self.plans, self.ring = split, plans, ring
+    The slot is not zeroed: the training process reads each sample's image only (top-left), or masks the padding. The
+    filler rows are written only with ``fillers`` (the GPU path, which normalizes whole batches); the CPU tail writes
+    them itself."""
 
-    def __getitem__(self, key: tuple[int, int, int]) -> torch.Tensor | tuple[int, int, int, int] | str:
-        """The planned batch as uint8 NHWC (or its place in the ring: slot, rows, height, width), or the sentence saying
-        which sample cannot be decoded: returned, not raised, because DataLoader re-raises a worker's exception wrapped
-        in the worker's traceback text."""
+    def __init__(self, split: Split, plans: EpochPlans, ring: torch.Tensor, fillers: bool):
+        self.split, self.plans, self.ring, self.fillers = split, plans, ring, fillers
+
+    def __getitem__(self, key: tuple[int, int, int]) -> tuple[int, int, int, int] | str:
+        """The planned batch's place in the ring (slot, rows, height, width), or the sentence saying which sample cannot
+        be decoded: returned, not raised, because DataLoader re-raises a worker's exception wrapped in the worker's
+        traceback text."""
         p = self.plans(key[0])[key[1]]
-        shape = (len(p.index), p.height, p.width, 3)
-        if self.ring is None:
-            out = torch.zeros(shape, dtype=torch.uint8)
-        else:  # not zeroed, and no fillers: the training process reads only each sample's own image, top-left
-            slot = key[2] % len(self.ring)
-            out = ring_slot(self.ring, slot, *shape[:3])
+        slot = key[2] % len(self.ring)
+        out = ring_slot(self.ring, slot, len(p.index), p.height, p.width)
         for k, i in enumerate(p.samples):
             try:
                 a = decode_planned(self.split.jpeg(int(i)), p.x[k], p.y[k], p.cw[k], p.ch[k], p.out_w[k], p.out_h[k],
@@ -114,10 +115,9 @@ class _PlannedBatches(torch.utils.data.Dataset):
                 return (f"{tar}: sample {self.split.keys[i]} cannot be decoded ({e}). "
                         f"Check the shards with `mame-fast shard {self.split.folder} --verify`.")
             out[k, : a.shape[0], : a.shape[1]] = a
-        if self.ring is None:
+        if self.fillers:
             copy_fillers(out, p.real)
-            return out
-        return slot, *shape[:3]
+        return slot, len(p.index), p.height, p.width
 
 
 def ring_slot(ring: torch.Tensor, slot: int, n: int, h: int, w: int) -> torch.Tensor:
@@ -151,7 +151,7 @@ def normalize_batch(raw: torch.Tensor, sizes: torch.Tensor | None) -> torch.Tens
     """A uint8 NHWC batch on a GPU as normalized float32 (n, 3, H, W) channels-last, padding exactly 0 (as in DALI's
     output): one multiply-add kernel over whole NHWC rows (see normalize_rows), and a mask where the batch is padded.
     Per-image ops would be launches, and a launch counts where the step is host-bound. (A CPU run takes
-    ``Loader.cpu_tail`` instead; the tests check the two agree.)"""
+    ``Loader.cpu_tail`` instead; the tests run both on a CPU and check they agree.)"""
     n, H, W, _ = raw.shape
     scale, bias = _normalize_rows_on(W, raw.device)
     x = torch.addcmul(bias, raw.view(n, H, W * 3), scale).view(n, H, W, 3).permute(0, 3, 1, 2)
@@ -168,28 +168,31 @@ class PilLoader(Loader):
     a quarter of that thread's time at 256 and at full resolution, which would have capped the loader at about 12,000
     and 1,600 img/s however many the cores (benchmarks/results/design_measurements_*.md)."""
 
-    def __init__(self, *a, **kw):
+    def __init__(self, *a, tail_on_cpu: bool | None = None, **kw):
         super().__init__(*a, **kw)
+        # Normalize in the CPU tail (a CPU run) or on the device (a GPU run): asked for on a CPU, the second is how the
+        # tests run the GPU path's code on machines without a GPU (as DaliLoader's dali_tail).
+        self.tail_on_cpu = self.device.type == "cpu" if tail_on_cpu is None else tail_on_cpu
         self._steps = _Steps(self.plan, run_on=self.train)
         self._dl = None
         self._ring: torch.Tensor | None = None
         # The workers' iterator and the (epoch, step) it gives next; None where that is not known (an epoch left early)
         self._items: tuple[tuple[int, int], Iterator] | None = None
-        self._tail: tuple[int, Callable[[], torch.Tensor]] | None = None  # the CPU tail reading a ring slot, if any
+        self._tail: tuple[int, Callable[[], torch.Tensor]] | None = None  # a task still reading a ring slot, if any
 
     def _loader(self) -> torch.utils.data.DataLoader:
         if self._dl is None:
             _torchvision_decodes()  # imported once here, before the workers fork
             self._ring = self._ring_slots()
             self._dl = torch.utils.data.DataLoader(
-                _PlannedBatches(self.split, self.plan, self._ring), batch_size=None,
+                _PlannedBatches(self.split, self.plan, self._ring, fillers=not self.tail_on_cpu), batch_size=None,
                 sampler=self._steps, num_workers=self.threads, persistent_workers=self.threads > 0,
-                pin_memory=self.device.type == "cuda", prefetch_factor=self.cfg.prefetch if self.threads else None)
+                prefetch_factor=self.cfg.prefetch if self.threads else None)
         return self._dl
 
-    def _ring_slots(self) -> torch.Tensor | None:
-        """Shared memory for the batches in flight, on a CPU run with workers (on a GPU the DataLoader's pinning thread
-        takes each batch off the training thread already, and the copy to the device needs pinned memory).
+    def _ring_slots(self) -> torch.Tensor:
+        """Shared memory for the batches in flight (``_PlannedBatches``), read by the CPU tail on a CPU run and copied into
+        pinned memory for a GPU (``_on_device``; DataLoader's own pinning thread would fault in a new batch each time).
 
         Item ``seq`` of the workers' iterator goes to slot ``seq % slots``, rewritten only by the item ``slots`` later.
         DataLoader sends a new task only when it hands over an item, and at most ``workers * prefetch`` are outstanding.
@@ -197,9 +200,7 @@ class PilLoader(Loader):
         still read its slot, and hands over item i's batch, whose tail has ended, only after that: with two slots more
         than the tasks outstanding, the slot being rewritten is never one a tail still reads. A restarted iterator
         starts only after every worker has finished what it was given (DataLoader waits for each to acknowledge the
-        restart) and after the last tail has ended (``_items_at``)."""
-        if self.device.type != "cpu":
-            return None
+        restart) and after the last tail has ended (``_items_at``). (The GPU path's copy out of the slot is such a tail.)"""
         largest = max(n * h * w * 3 for n, h, w in self.shapes())
         return torch.empty((self.threads * self.cfg.prefetch + 2, largest), dtype=torch.uint8).share_memory_()
 
@@ -228,7 +229,7 @@ class PilLoader(Loader):
         plans = self.plan(epoch)
         items = self._items_at(epoch, start_step)
         self._items = None  # unknown until the epoch's last item is taken
-        pending = None  # CPU run: (step, batch in the making) whose tail is still running on a ring slot
+        pending = None  # (step, batch in the making) whose tail or copy still reads a ring slot
         try:
             for i in range(start_step, len(plans)):
                 raw = next(items)
@@ -236,19 +237,19 @@ class PilLoader(Loader):
                     self._items = ((epoch + 1, 0), items)  # what the workers are already decoding
                 if isinstance(raw, str):
                     raise LoaderError(raw)
-                if isinstance(raw, (tuple, list)):  # its place in the ring (DataLoader makes the tuple a list)
-                    slot, p = ring_slot(self._ring, *raw), plans[i]
+                slot, p = ring_slot(self._ring, *raw), plans[i]  # its place in the ring (DataLoader makes the tuple a list)
+                if self.tail_on_cpu:
                     sizes = zip(p.out_h[: p.real].tolist(), p.out_w[: p.real].tolist())
                     crops = [slot[k, :h, :w] for k, (h, w) in enumerate(sizes)]  # each sample's image, top-left
-                    # Queued before the previous batch is awaited, as in the DALI loader: the tail keeps working while
-                    # this thread waits for the workers and hands batches over. Already flipped: not flipped again.
-                    prev, pending = pending, (i, self.cpu_tail(crops, p, flip=False))
-                    self._tail = pending  # for _items_at: the workers must not rewrite the slot before it ends
-                    if prev is not None:
-                        yield self._finish(prev[1](), epoch, prev[0])
-                    continue
-                raw = normalize_batch(raw.to(self.device, non_blocking=True), rows["sizes"][i] if plans[i].padded else None)
-                yield self._finish(raw, epoch, i)
+                    batch = self.cpu_tail(crops, p, flip=False)  # already flipped: not flipped again
+                else:
+                    batch = self._on_device(slot, rows["sizes"][i] if p.padded else None)
+                # Started before the previous batch is awaited, as in the DALI loader: the work goes on while this thread
+                # waits for the workers and hands batches over.
+                prev, pending = pending, (i, batch)
+                self._tail = pending  # for _items_at: the workers must not rewrite the slot before it is read
+                if prev is not None:
+                    yield self._finish(prev[1](), epoch, prev[0])
             if pending is not None:
                 last, pending = pending, None
                 batch = last[1]()
@@ -256,9 +257,23 @@ class PilLoader(Loader):
                     self._tail = None
                 yield self._finish(batch, epoch, last[0])
         finally:
-            self._settle(pending)  # left early: the tail still reads a ring slot that the workers are about to reuse
+            self._settle(pending)  # left early: its tail or copy still reads a ring slot that the workers will reuse
             if self._tail is pending:
                 self._tail = None  # nothing reads the ring: the batch it made may be freed
+
+    def _on_device(self, slot: torch.Tensor, sizes: torch.Tensor | None) -> Callable[[], torch.Tensor]:
+        """A ring slot's batch on the device: copied off this thread into a new host batch (pinned on a GPU, so that the
+        copy to the device runs asynchronously; the pinned block is reused only once that copy is done), then sent to
+        the device and normalized there in one kernel (``normalize_batch``). The returned function waits for the copy
+        and gives the batch."""
+        host = torch.empty(slot.shape, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+        copied = start_copy(slot, host, self._tail_pool)
+
+        def result() -> torch.Tensor:
+            copied()
+            return normalize_batch(host.to(self.device, non_blocking=True), sizes)
+
+        return result
 
 
 @functools.lru_cache(maxsize=128)

@@ -359,6 +359,28 @@ def start_tail(crops: list[torch.Tensor], out_h: list[int], out_w: list[int], fl
     return wait_pooled
 
 
+def _copy_into(src: torch.Tensor, dst: torch.Tensor) -> None:
+    dst.copy_(src)
+
+
+def _fork_copy(src: torch.Tensor, dst: torch.Tensor) -> torch.jit.Future[None]:
+    return torch.jit.fork(_copy_into, src, dst)
+
+
+@functools.lru_cache(maxsize=1)
+def _forked_copy():
+    return _script(_fork_copy)
+
+
+def start_copy(src: torch.Tensor, dst: torch.Tensor, pool: Callable[[], concurrent.futures.Executor]) -> Callable[[], None]:
+    """Start copying ``src`` into ``dst`` off this thread, as one task on torch's inter-op pool (forked as the CPU tail's
+    tasks are; ``pool()`` runs it without TorchScript); the returned function waits for it."""
+    forked = _forked_copy()
+    if forked is not None:
+        return forked(src, dst).wait
+    return pool().submit(dst.copy_, src).result
+
+
 def tail_one(crop: torch.Tensor, oh: int, ow: int, flip: bool, out: torch.Tensor, affine: tuple[torch.Tensor, torch.Tensor],
              channels_last: bool) -> None:
     """One decoded uint8 HWC crop resized to (oh, ow), flipped, normalized and written top-left into ``out``
