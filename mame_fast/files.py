@@ -53,3 +53,14 @@ def usable_cores() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:
         return os.cpu_count() or 1
+
+
+def shared_memory_free(path: str = "/dev/shm") -> int | None:
+    """Bytes free in POSIX shared memory, where torch's shared tensors live on Linux (``shm_open``); None where there is
+    no such mount (macOS). A container's default is often 64 MB: a shared tensor larger than what is free is created
+    without complaint, and the process dies of SIGBUS when it writes the page past the limit."""
+    try:
+        s = os.statvfs(path)
+    except OSError:
+        return None
+    return s.f_bavail * s.f_frsize

@@ -508,3 +508,16 @@ def test_the_fallbacks_workers_are_asked_for_each_step_once_in_order(shards):
             want += [(3, s) for s in range(L.steps(3))] + [(4, s) for s in range(L.steps(4))] + [(5, 0)]
         assert [(e, s) for e, s, _ in got] == want
         assert [q for _, _, q in got] == list(range(len(got)))
+
+
+def test_a_fallback_ring_larger_than_shared_memory_is_refused(shards):
+    """The fallback's ring is allocated whole before the workers start: one larger than /dev/shm's free space is refused
+    with the sizes and what to lower, instead of a SIGBUS when a worker writes past the limit mid-epoch."""
+    from mame_fast.files import shared_memory_free
+
+    if shared_memory_free() is None:
+        pytest.skip("no /dev/shm on this OS")
+    L = build_loader(cfg_for(shards, "full", "pil", prefetch=10**9), "train", True, seed=0)
+    with pytest.raises(LoaderError, match=r"shared memory .*data\.prefetch=1000000000.*/dev/shm has") as e:
+        L.prime(0)
+    assert str(shards) in str(e.value)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..files import shared_memory_free
 from .loader import Batch, Loader, LoaderError, copy_fillers, normalize_rows, resize_hwc, start_copy, valid_mask
 from .plan import EpochPlans
 from .reader import Split
@@ -202,7 +203,15 @@ class PilLoader(Loader):
         starts only after every worker has finished what it was given (DataLoader waits for each to acknowledge the
         restart) and after the last tail has ended (``_items_at``). (The GPU path's copy out of the slot is such a tail.)"""
         largest = max(n * h * w * 3 for n, h, w in self.shapes())
-        return torch.empty((self.threads * self.cfg.prefetch + 2, largest), dtype=torch.uint8).share_memory_()
+        slots = self.threads * self.cfg.prefetch + 2
+        free = shared_memory_free()
+        if free is not None and slots * largest > free:  # refused here, not a SIGBUS in the middle of an epoch
+            raise LoaderError(
+                f"{self.split.folder}: the fallback loader needs {slots * largest / 1e9:.2f} GB of shared memory for its "
+                f"{slots} batches in flight ({self.threads} workers x data.prefetch={self.cfg.prefetch}, + 2) and /dev/shm "
+                f"has {free / 1e9:.2f} GB free. Lower data.prefetch or data.threads (or data.batch_size), or give the "
+                f"machine more shared memory (docker run --shm-size).")
+        return torch.empty((slots, largest), dtype=torch.uint8).share_memory_()
 
     def _items_at(self, epoch: int, start_step: int) -> Iterator:
         """The workers' iterator, kept while it gives next what is asked for (the next epoch after a finished one, or what
