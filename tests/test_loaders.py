@@ -438,6 +438,20 @@ def test_the_cpu_tail_gives_one_batch_however_its_tasks_run(forked, channels_las
             wait()
 
 
+@pytest.mark.parametrize("forked", [True, False])
+def test_a_copy_started_off_the_thread_is_whole_when_awaited(forked):
+    """The fallback's GPU path copies each ring slot off the training thread (forked, or on a Python pool)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mame_fast.input.loader import start_copy
+
+    src = torch.randint(0, 256, (4, 30, 20, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    dst = torch.zeros_like(src)
+    with ThreadPoolExecutor(1) as pool:
+        start_copy(src, dst, lambda: pool, fork=forked)()
+    assert torch.equal(dst, src)
+
+
 def test_a_rank_takes_the_cores_it_may_use():
     """data.threads=0: the CPUs of the rank's affinity mask, shared with the node's other ranks only when they share it."""
     from mame_fast.input.loader import rank_cores

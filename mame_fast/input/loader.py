@@ -174,8 +174,8 @@ class Loader:
 
     @staticmethod
     def _settle(pending: tuple[int, Callable[[], torch.Tensor]] | None) -> None:
-        """Wait for a batch's CPU tail (``(step, cpu_tail(...))``) to end, whatever its outcome: it is being abandoned, and
-        it still reads memory that is about to be dropped or reused."""
+        """Wait for a batch's CPU tail or copy (``(step, function that waits for it)``) to end, whatever its outcome: it is
+        being abandoned, and it still reads memory that is about to be dropped or reused."""
         if pending is not None:
             try:  # noqa: SIM105  (no module globals here: this also runs when an abandoned generator is finalized at exit)
                 pending[1]()
@@ -372,10 +372,11 @@ def _forked_copy():
     return _script(_fork_copy)
 
 
-def start_copy(src: torch.Tensor, dst: torch.Tensor, pool: Callable[[], concurrent.futures.Executor]) -> Callable[[], None]:
+def start_copy(src: torch.Tensor, dst: torch.Tensor, pool: Callable[[], concurrent.futures.Executor],
+               fork: bool = True) -> Callable[[], None]:
     """Start copying ``src`` into ``dst`` off this thread, as one task on torch's inter-op pool (forked as the CPU tail's
-    tasks are; ``pool()`` runs it without TorchScript); the returned function waits for it."""
-    forked = _forked_copy()
+    tasks are; ``pool()`` runs it without TorchScript, or with ``fork=False``); the returned function waits for it."""
+    forked = _forked_copy() if fork else None
     if forked is not None:
         return forked(src, dst).wait
     return pool().submit(dst.copy_, src).result
