@@ -305,7 +305,6 @@ def main() -> None:
         times: dict[str, list[float]] = {}
         thread: dict[str, list[float]] = {}
         cores: dict[str, list[float]] = {}
-        busy: list[float] = []
         split_note = ""
         # Each loader runs in a process of its own, as in a training run. In one process, the forks of the
         # other contenders (DataLoader workers, the limits' pools) leave every page of the heap copy-on-write,
@@ -315,7 +314,7 @@ def main() -> None:
             with ProcessPoolExecutor(1, mp_context=spawn) as ex:
                 times[name], cores[name], thread[name], parts = ex.submit(run_contender, name, cfg, root, args).result()
             if name == "DALI CPU":
-                busy, (dec, tail, rs, dec_wall, tail_wall) = cores[name], parts
+                dec, tail, rs, dec_wall, tail_wall = parts
         plans = build_loader(DataConfig(**{**cfg.__dict__, "loader": "pil"}), "train", True, 0).plan
         limit_core, runs = [], [1, 1, 1]  # and runs per timed round of each limit
         for rep in range(args.repeats + 1):  # round 0: warm-up, not counted
@@ -329,7 +328,7 @@ def main() -> None:
             else:
                 runs = [rounds_for(max(ps), args.min_seconds) for ps in parts.values()]
         ref = {k: summary(times[k])[0] for k in limits}
-        if busy:
+        if "DALI CPU" in cores:
             ms = lambda core_s: 1e3 * core_s / n  # noqa: E731  core-milliseconds per image
             lim_pil, lim_tv, lim_aug = (ms(summary([c[j] for c in limit_core])[0]) for j in range(3))
             split_note = (
@@ -340,9 +339,9 @@ def main() -> None:
                 f"{lim_tv:.2f} (torchvision.io) and {lim_aug:.2f} for the augment limit's whole per-image work. With both "
                 f"parts perfectly overlapped on {args.workers} cores this design reaches at most "
                 f"**{lim_pil / (ms(dec) + ms(tail)):.0%}** of the PIL decode limit; during the timed epochs the loader kept "
-                f"{summary(busy)[0]:.2f} of {args.workers} cores busy. Each part alone, batch by batch on all threads: the "
-                f"graph {n / dec_wall:.0f} img/s ({dec / dec_wall:.1f} cores busy), the tail {n / tail_wall:.0f} img/s "
-                f"({tail / tail_wall:.1f} cores busy).\n")
+                f"{summary(cores['DALI CPU'])[0]:.2f} of {args.workers} cores busy. Each part alone, batch by batch on all "
+                f"threads: the graph {n / dec_wall:.0f} img/s ({dec / dec_wall:.1f} cores busy), the tail "
+                f"{n / tail_wall:.0f} img/s ({tail / tail_wall:.1f} cores busy).\n")
         base = summary(times["ImageFolder + PIL"])[0]
         rows = [
             f"### --res {res}: {n} training images, source {src_mpx / n:.2f} Mpx mean "
