@@ -266,9 +266,10 @@ def main() -> None:
     ap.add_argument("--crop", type=int, default=224)
     ap.add_argument("--pixels", type=int, default=360_000)
     ap.add_argument("--variants", default=None,
-                    help="comma-separated res:cudnn:decode[:tN][:bN][:noprime], e.g. 256:on:gpu:b128,full:off:cpu:t8 (tN: N "
-                         "loader threads instead of --workers; bN: batches of N instead of --batch-size; noprime: the loader "
-                         "starts at the first epoch, not before the warm-up). Default: on and off, decode auto; on a CPU: off")
+                    help="comma-separated res:cudnn:decode[:tN][:bN][:noprime][:pil], e.g. 256:on:gpu:b128,full:off:cpu:t8 "
+                         "(tN: N loader threads instead of --workers; bN: batches of N instead of --batch-size; noprime: the "
+                         "loader starts at the first epoch, not before the warm-up; pil: the PIL fallback, as on a machine "
+                         "without DALI). Default: on and off, decode auto; on a CPU: off")
     ap.add_argument("--reference", action="store_true", help="also time timm's resnet50 (GPU)")
     ap.add_argument("--reference-batch", type=int, default=128)
     ap.add_argument("--reference-steps", type=int, default=30)
@@ -290,7 +291,7 @@ def main() -> None:
         extra = [f"data.crop={args.crop}"] if res == "256" else [f"data.pixels={args.pixels}"]
         sets = [f"model={args.model}", f"data.res={res}", f"data.shards={shards[res]}", f"data.batch_size={batch}",
                 f"data.threads={threads}", "optim.name=sgd", f"cudnn_benchmark={mode == 'on'}",
-                f"data.decode={decode}"] + extra
+                f"data.decode={decode}"] + extra + (["data.loader=pil"] if "pil" in opts else [])
         m = run_child("measure", args, sets, prime)
         if m:
             where = f", JPEG decode {decode}" if cuda else ""
