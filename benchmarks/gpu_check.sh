@@ -2,13 +2,13 @@
 # The whole GPU story in one prepared script (issue 10), tables under $OUT:
 #   1. pytest -m gpu: DALI GPU batches = the CPU path's, a bf16 full-resolution run completes, autocast in use,
 #      no host sync in the loader or the step;
-#   2. training throughput over whole epochs, real loader vs in-memory batches, at 256 and full (cuDNN
-#      autotuning on and off), first-epoch overhead, GPU busy, and timm's resnet50 as a reference;
+#   2. training throughput over whole epochs, real loader vs in-memory batches, at 256 (batches of 64 and of 128) and
+#      full (DALI GPU and the PIL fallback), first-epoch overhead, GPU busy, and timm's resnet50 as a reference;
 #   3. the demo end to end;
 #   4. the loader table at 256 and full (DALI GPU, DALI CPU, fallback, ImageFolder, decode/augment limits).
 # Most valuable first: a step that runs out of time leaves the earlier ones' tables in place.
 #
-#   OUT=/path bash benchmarks/gpu_check.sh            # a GPU machine: about 7-8 minutes on 16 cores (H100, in parts)
+#   OUT=/path bash benchmarks/gpu_check.sh            # a GPU machine: about 7 minutes on 16 cores (H100, in parts)
 #   SMOKE=1 OUT=/tmp/x bash benchmarks/gpu_check.sh   # any machine: a tiny sample, GPU rows skipped (the test suite)
 #
 # A rerun of some steps (after a fix, on a machine with little time left) sets STEPS, and may narrow them:
@@ -16,9 +16,11 @@
 #   GPU_CHECK_LIMITS="60 170 1 95"   (seconds for gpu_tests, train_throughput, demo, loader_throughput)
 #   LOADER_PER_CLASS=100             (the default: the loader table on train_throughput's sample, generated once)
 #
-# Still to measure (README, "What is still open"), one call after the DALI carry, about 5-6 minutes on 16 cores:
-#   STEPS="train_throughput loader_throughput" REFERENCE=0 TRAIN_VARIANTS=256:off:auto,256:off:auto:b128,256:on:auto,full:off:auto
-#   GPU_CHECK_LIMITS="1 200 1 290"
+# Still to measure (README, "What is still open"): at 256, whether fewer loader threads let the host-bound step run
+# nearer its in-memory speed, each thread count alternating with 16 in one process (+N), for DALI GPU and the fallback;
+# one call after the DALI carry, about 3 minutes on 16 cores:
+#   STEPS=train_throughput REFERENCE=0 TRAIN_VARIANTS=256:off:auto:+12:+8:+4,256:off:auto:pil:+12:+8:+4,256:off:auto:b128:+8
+#   GPU_CHECK_LIMITS="1 250 1 1"
 #
 # On the lent GPU machines DALI travels in three parts: ../shared/gpu/README.md. Writes $OUT/gpu_check.md, the
 # benchmarks' result files under $OUT/results/ and $OUT/logs.tar.gz (every step's full log).
@@ -47,14 +49,15 @@ if [ "$SMOKE" = 1 ]; then
 else
   # Sized to a 16-core GPU machine: 2,900 images, epochs of a few seconds at full speed, three timed in a row.
   TRAIN_ARGS=(--model small --per-class 100 --batch-size 64 --epochs 3 --workers "$NPROC"
-              --variants "${TRAIN_VARIANTS:-256:off:auto,256:off:auto:b128,256:on:auto,full:off:auto}")
+              --variants "${TRAIN_VARIANTS:-256:off:auto,256:off:auto:b128,full:off:auto,full:off:auto:pil}")
   [ "${REFERENCE:-1}" = 1 ] && TRAIN_ARGS+=(--reference)
   # The loader step needed more than 170 s per resolution on the H200 with --per-class 100 --repeats 2 (run 1); on the
   # H100 with --repeats 1, 117 s at full and 67 s at 256, before timed rounds lasted at least 2 s (--min-seconds).
   LOADER_ARGS=(--per-class "${LOADER_PER_CLASS:-100}" --repeats 1 --workers "$NPROC")
   DEMO_ARGS=(--workers "$NPROC")
-  # Seconds per step, in the order below, summing under the device tool's 600 s per call (H100: 63, 188 with six
-  # variants, 39, and 184 for the two loader tables). Each benchmark saves its tables as it goes.
+  # Seconds per step, in the order below, summing under the device tool's 600 s per call (H100, 2026-11-26: 63-69, 151
+  # with five variants and the sample's generation, 38-39, and 180 for the two loader tables). Each benchmark saves its
+  # tables as it goes.
   LIMITS=(${GPU_CHECK_LIMITS:-100 200 60 230})
 fi
 
@@ -92,7 +95,8 @@ step() {
 }
 
 STEPS=${STEPS:-gpu_tests train_throughput demo loader_throughput}
-[ "$SMOKE" = 1 ] && [ -n "${TRAIN_VARIANTS:-}" ] && TRAIN_ARGS+=(--variants "$TRAIN_VARIANTS")
+# The smoke run also keeps the fallback's variant (pil) and the in-process thread comparison (+N) working.
+[ "$SMOKE" = 1 ] && TRAIN_ARGS+=(--variants "${TRAIN_VARIANTS:-256:off:auto:+1,full:off:auto:pil}")
 [ -n "${LOADER_RES:-}" ] && LOADER_ARGS+=(--res "$LOADER_RES")
 wanted() { [[ " $STEPS " == *" $1 "* ]]; }
 wanted gpu_tests && step gpu_tests "${LIMITS[0]}" "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py -k "${GPU_TESTS_K:-}"

@@ -311,12 +311,16 @@ def main() -> None:
         # and the next DALI epoch paid a page fault per page it wrote: -10% at 256.
         spawn = multiprocessing.get_context("spawn")
         for name in contenders:
+            t0 = time.perf_counter()
             with ProcessPoolExecutor(1, mp_context=spawn) as ex:
                 times[name], cores[name], thread[name], parts = ex.submit(run_contender, name, cfg, root, args).result()
+            # What the step's time limit in gpu_check.sh goes on (process start, warm-up epoch, timed rounds).
+            print(f"{res} {name}: {time.perf_counter() - t0:.1f} s in all", flush=True)
             if name == "DALI CPU":
                 dec, tail, rs, dec_wall, tail_wall = parts
         plans = build_loader(DataConfig(**{**cfg.__dict__, "loader": "pil"}), "train", True, 0).plan
         limit_core, runs = [], [1, 1, 1]  # and runs per timed round of each limit
+        t0 = time.perf_counter()
         for rep in range(args.repeats + 1):  # round 0: warm-up, not counted
             parts = {limits[0]: decode_limit(files, args.workers, "pil", runs[0]),
                      limits[1]: decode_limit(files, args.workers, "torchvision", runs[1]),
@@ -327,6 +331,7 @@ def main() -> None:
                 limit_core.append([sum(ps) for ps in parts.values()])
             else:
                 runs = [rounds_for(max(ps), args.min_seconds) for ps in parts.values()]
+        print(f"{res} limits: {time.perf_counter() - t0:.1f} s in all", flush=True)
         ref = {k: summary(times[k])[0] for k in limits}
         if "DALI CPU" in cores:
             ms = lambda core_s: 1e3 * core_s / n  # noqa: E731  core-milliseconds per image

@@ -40,6 +40,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -91,8 +92,11 @@ class GpuBusy:
         return float(np.mean(inside)) if len(inside) > 1 else None
 
 
-def measure(cfg, epochs: int, prime: bool = True) -> dict:
-    """One configuration: start-up, per-shape first-use cost, first epoch, steady real-loader epochs, in-memory epochs."""
+def measure(cfg, epochs: int, prime: bool = True, also: tuple[int, ...] = ()) -> dict:
+    """One configuration: start-up, per-shape first-use cost, first epoch, steady real-loader epochs, in-memory epochs.
+
+    ``also``: thread counts of more loaders of the same kind in this process, whose steady epochs (each followed by its
+    own in-memory pass) alternate with the first loader's: thread counts compared within one state of the machine."""
     t_build = time.perf_counter()
     rt = setup_runtime(cfg.precision, cfg.cudnn_benchmark)
     loader = build_loader(cfg.data, "train", True, cfg.seed, device=rt.device, dtype=rt.dtype)
@@ -131,7 +135,12 @@ def measure(cfg, epochs: int, prime: bool = True) -> dict:
     cached = list(loader.epoch(1))  # one real epoch's batches, kept on the device
     # Real-loader epochs and in-memory passes alternate, so that each pair sees the same state of the machine: at 256
     # the step is host-bound, and its speed drifts between and within processes by more than the loader costs.
+    others = {t: build_loader(replace(cfg.data, threads=t), "train", True, cfg.seed, device=rt.device, dtype=rt.dtype)
+              for t in also}
+    for other in others.values():
+        other.prime(2)
     real, waits, mem, spans = [], [], [], {"real": [], "memory": []}
+    alt = {t: {"real_s": [], "memory_s": [], "waits": []} for t in others}
     with GpuBusy() as busy:
         for e in range(2, epochs + 2):
             t0 = time.perf_counter()
@@ -142,6 +151,11 @@ def measure(cfg, epochs: int, prime: bool = True) -> dict:
             spans["memory"].append((t1, time.perf_counter()))
             real.append(dt)
             waits.append(w)
+            for t, other in others.items():
+                dt, w, _, _ = run_epoch(other.epoch(e))
+                alt[t]["real_s"].append(dt)
+                alt[t]["waits"].append(w)
+                alt[t]["memory_s"].append(run_epoch(cached)[0])
     flops = {s: count_flops(model, s[1], s[2]) for s in shapes}  # forward, per image, on the device
     img_flops = float(np.mean([flops[(b.images.shape[0], b.images.shape[2], b.images.shape[3])] for b in cached]))
     return {
@@ -151,7 +165,9 @@ def measure(cfg, epochs: int, prime: bool = True) -> dict:
         "wait_ms_per_step": 1e3 * float(np.median(waits)) / steps, "step_ms": 1e3 * float(np.median(real)) / steps,
         "wait_share": float(np.median(waits) / np.median(real)), "gpu_busy": busy.mean_in(spans["real"]),
         "gpu_busy_memory": busy.mean_in(spans["memory"]),
-        "train_flops_per_image": 3 * img_flops,
+        "train_flops_per_image": 3 * img_flops, "threads": cfg.data.threads,
+        "also": {str(t): {"real_s": a["real_s"], "memory_s": a["memory_s"],
+                          "wait_share": float(np.median(a["waits"]) / np.median(a["real_s"]))} for t, a in alt.items()},
     }
 
 
@@ -196,13 +212,15 @@ def child(args) -> None:
         out = reference(args.reference_batch, args.reference_steps)
     else:
         cfg = load(None, json.loads(args.sets))
-        out = measure(cfg, args.epochs, prime=not args.no_prime)
+        out = measure(cfg, args.epochs, prime=not args.no_prime, also=tuple(json.loads(args.also)))
         out["real_shapes"] = real_shape_count(cfg)
     print("RESULT " + json.dumps(out), flush=True)
 
 
-def run_child(what: str, args, sets: list[str] | None = None, prime: bool = True) -> dict | None:
+def run_child(what: str, args, sets: list[str] | None = None, prime: bool = True, also: list[int] | None = None
+              ) -> dict | None:
     cmd = [sys.executable, __file__, "--child", what, "--epochs", str(args.epochs), "--sets", json.dumps(sets or []),
+           "--also", json.dumps(also or []),
            "--reference-batch", str(args.reference_batch), "--reference-steps", str(args.reference_steps)]
     cmd += [] if prime else ["--no-prime"]
     p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
@@ -211,6 +229,15 @@ def run_child(what: str, args, sets: list[str] | None = None, prime: bool = True
         print(f"{what} {sets} failed (rc {p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}", flush=True)
         return None
     return json.loads(lines[-1][7:])
+
+
+def pairs_of(m: dict) -> list[float]:
+    """In-memory time / real-loader time of each adjacent (real epoch, in-memory pass) pair."""
+    return [t_mem / t_real for t_real, t_mem in zip(m["real_s"], m["memory_s"])]
+
+
+def ratio_of(m: dict) -> float:
+    return summary(pairs_of(m))[0]
 
 
 def table(title: str, m: dict) -> str:
@@ -224,8 +251,7 @@ def table(title: str, m: dict) -> str:
     real_epoch = REAL_TRAIN / summary(real)[0]
     real_overhead = per_shape * m["real_shapes"] + max(0.0, fill)
     once = m["startup_s"] + m["process_first_s"]
-    pairs = [t_mem / t_real for t_real, t_mem in zip(m["real_s"], m["memory_s"])]  # in-memory / real time, adjacent pairs
-    ratio = summary(pairs)[0]
+    pairs, ratio = pairs_of(m), ratio_of(m)
     pct = lambda v: "n/a" if v is None else f"{v:.0f}%"  # noqa: E731
     tflops = summary(real)[0] * m["train_flops_per_image"] / 1e12
     return "\n".join([
@@ -234,11 +260,17 @@ def table(title: str, m: dict) -> str:
         f"| in-memory batches | {summary(mem)[0]:.0f} [{summary(mem)[1]:.0f}, {summary(mem)[2]:.0f}] | "
         f"{pct(m['gpu_busy_memory'])} |",
         f"| real loader | {summary(real)[0]:.0f} [{summary(real)[1]:.0f}, {summary(real)[2]:.0f}] | {pct(m['gpu_busy'])} |",
+        *[f"| real loader, {t} threads (same process, alternating) | {summary([n / x for x in a['real_s']])[0]:.0f} "
+          f"[{summary([n / x for x in a['real_s']])[1]:.0f}, {summary([n / x for x in a['real_s']])[2]:.0f}] | |"
+          for t, a in m.get("also", {}).items()],
         "",
         f"- real loader / in-memory batches: **{ratio:.1%}** (median of {len(pairs)} adjacent pairs, "
         f"[{min(pairs):.1%}, {max(pairs):.1%}]); time inside the loader's next() {m['wait_share']:.1%} of the loop "
         f"({m['wait_ms_per_step']:.2f} ms per step of {m['step_ms']:.2f} ms); {tflops:.1f} TFLOP/s of training work "
         f"(3x forward FLOPs).",
+        *[f"- with {t} threads instead of {m['threads']}: real loader / its adjacent in-memory pass **{ratio_of(a):.1%}** "
+          f"(each pair [{min(pairs_of(a)):.1%}, {max(pairs_of(a)):.1%}]); time inside next() {a['wait_share']:.1%} of the loop."
+          for t, a in m.get("also", {}).items()],
         f"- once per process: start-up (CUDA, loader and model built) {m['startup_s']:.2f} s; first use of CUDA, cuDNN "
         f"and their kernels {m['process_first_s']:.2f} s (a forward+backward pass on a throwaway shape)"
         + ("; the loader primed before it, as the trainer does." if m["primed"] else "; the loader not primed.")
@@ -266,16 +298,18 @@ def main() -> None:
     ap.add_argument("--crop", type=int, default=224)
     ap.add_argument("--pixels", type=int, default=360_000)
     ap.add_argument("--variants", default=None,
-                    help="comma-separated res:cudnn:decode[:tN][:bN][:noprime][:pil], e.g. 256:on:gpu:b128,full:off:cpu:t8 "
+                    help="comma-separated res:cudnn:decode[:tN][:bN][:noprime][:pil][:+N], e.g. 256:on:gpu:b128,full:off:cpu:t8 "
                          "(tN: N loader threads instead of --workers; bN: batches of N instead of --batch-size; noprime: the "
                          "loader starts at the first epoch, not before the warm-up; pil: the PIL fallback, as on a machine "
-                         "without DALI). Default: on and off, decode auto; on a CPU: off")
+                         "without DALI; +N: also a loader of N threads in the same process, its epochs alternating with "
+                         "the first's). Default: on and off, decode auto; on a CPU: off")
     ap.add_argument("--reference", action="store_true", help="also time timm's resnet50 (GPU)")
     ap.add_argument("--reference-batch", type=int, default=128)
     ap.add_argument("--reference-steps", type=int, default=30)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--no-prime", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--sets", default="[]", help=argparse.SUPPRESS)
+    ap.add_argument("--also", default="[]", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         return child(args)
@@ -288,11 +322,12 @@ def main() -> None:
         threads = next((int(o[1:]) for o in opts if o.startswith("t")), args.workers)
         batch = next((int(o[1:]) for o in opts if o.startswith("b")), args.batch_size)
         prime = "noprime" not in opts
+        also = [int(o[1:]) for o in opts if o.startswith("+")]
         extra = [f"data.crop={args.crop}"] if res == "256" else [f"data.pixels={args.pixels}"]
         sets = [f"model={args.model}", f"data.res={res}", f"data.shards={shards[res]}", f"data.batch_size={batch}",
                 f"data.threads={threads}", "optim.name=sgd", f"cudnn_benchmark={mode == 'on'}",
                 f"data.decode={decode}"] + extra + (["data.loader=pil"] if "pil" in opts else [])
-        m = run_child("measure", args, sets, prime)
+        m = run_child("measure", args, sets, prime, also)
         if m:
             where = f", JPEG decode {decode}" if cuda else ""
             title = (f"--res {res}, model `{args.model}`, batch {batch}, cuDNN autotuning {mode}{where}, "

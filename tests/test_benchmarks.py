@@ -24,6 +24,7 @@ def test_gpu_check_smoke(tmp_path):
     for step in ("gpu_tests", "train_throughput", "demo", "loader_throughput"):
         assert f"- {step}: ok in" in report, report[:2000]
     assert report.count("real loader / in-memory batches: **") == 2  # 256 and full
+    assert "PilLoader on cpu" in report and "| real loader, 1 threads (same process, alternating) |" in report
     assert "| PIL fallback |" in report and "| augment limit |" in report and "demo finished in" in report
     # Cores busy counts the fallback's worker processes (2 of them here), not only the training process's threads.
     fallback_rows = [line.split("|") for line in report.splitlines() if line.startswith("| PIL fallback |")]
@@ -33,6 +34,23 @@ def test_gpu_check_smoke(tmp_path):
     with tarfile.open(out / "logs.tar.gz") as t:
         steps = ("gpu_tests", "train_throughput", "demo", "loader_throughput")
         assert {f"logs/{s}.log" for s in steps} <= set(t.getnames())
+
+
+@pytest.mark.slow
+def test_step_contention_runs(tmp_path):
+    """The probe of the step's speed with each loader alive (its H100 figures are in benchmarks/results/)."""
+    from mame_fast.input import dali_available
+
+    if not dali_available():
+        pytest.skip("NVIDIA DALI is not installed")
+    env = dict(os.environ, MAME_FAST_BENCH_WORK=str(tmp_path / "work"), MAME_FAST_RESULTS=str(tmp_path / "results"))
+    r = subprocess.run([sys.executable, "step_contention.py", "--model", "tiny", "--per-class", "3", "--batch-size", "8",
+                        "--steps", "2", "--passes", "1", "--workers", "2", "--crop", "64"],
+                       cwd=ROOT / "benchmarks", env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    (saved,) = (tmp_path / "results").glob("step_contention_*.md")
+    rows = [line.split("|") for line in saved.read_text().splitlines() if line.startswith("| ") and "stage" not in line]
+    assert len(rows) == 8 and all(float(row[2].split()[0]) > 0 for row in rows), rows
 
 
 def test_cpu_loader_probes_run(shards):
