@@ -17,10 +17,11 @@
 #   LOADER_PER_CLASS=100             (the default: the loader table on train_throughput's sample, generated once)
 #
 # Still to measure (README, "What is still open"): at 256, whether fewer loader threads let the host-bound step run
-# nearer its in-memory speed, each thread count alternating with 16 in one process (+N), for DALI GPU and the fallback;
-# one call after the DALI carry, about 3 minutes on 16 cores:
-#   STEPS=train_throughput REFERENCE=0 TRAIN_VARIANTS=256:off:auto:+12:+8:+4,256:off:auto:pil:+12:+8:+4,256:off:auto:b128:+8
-#   GPU_CHECK_LIMITS="1 250 1 1"
+# nearer its in-memory speed, each thread count alternating with 16 in one process (+N), for DALI GPU and the fallback,
+# and what torch.compile (config `compile`) makes of the host-bound step; one call after the DALI carry, about 4-5
+# minutes on 16 cores:
+#   STEPS=train_throughput REFERENCE=0 GPU_CHECK_LIMITS="1 330 1 1"
+#   TRAIN_VARIANTS=256:off:auto:+12:+8:+4,256:off:auto:pil:+12:+8:+4,256:off:auto:compile:+8,256:off:auto:b128:+8
 #
 # On the lent GPU machines DALI travels in three parts: ../shared/gpu/README.md. Writes $OUT/gpu_check.md, the
 # benchmarks' result files under $OUT/results/ and $OUT/logs.tar.gz (every step's full log).

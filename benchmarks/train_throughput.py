@@ -102,6 +102,7 @@ def measure(cfg, epochs: int, prime: bool = True, also: tuple[int, ...] = ()) ->
     loader = build_loader(cfg.data, "train", True, cfg.seed, device=rt.device, dtype=rt.dtype)
     spec = load_spec(cfg.model)
     model = build(spec).to(rt.device).to(memory_format=torch.channels_last)
+    net = torch.compile(model) if cfg.compile else model  # as the trainer does: compiled at its first step
     opt = make_optimizer(model, cfg, cfg.data.batch_size)
     sched = make_schedule(opt, cfg, loader.steps(0) * (2 * epochs + 2), cfg.data.batch_size)
     rng = np.random.default_rng(0)
@@ -126,7 +127,7 @@ def measure(cfg, epochs: int, prime: bool = True, also: tuple[int, ...] = ()) ->
             wait += time.perf_counter() - tw
             if b is None:
                 break
-            loss, _, _ = train_step(model, b, opt, sched, None, rt, cfg, rng)
+            loss, _, _ = train_step(net, b, opt, sched, None, rt, cfg, rng)
             n, steps = n + b.real, steps + 1
         loss.item()  # the loop syncs at log steps; here once per epoch
         return time.perf_counter() - t, wait, n, steps
@@ -298,11 +299,12 @@ def main() -> None:
     ap.add_argument("--crop", type=int, default=224)
     ap.add_argument("--pixels", type=int, default=360_000)
     ap.add_argument("--variants", default=None,
-                    help="comma-separated res:cudnn:decode[:tN][:bN][:noprime][:pil][:+N], e.g. 256:on:gpu:b128,full:off:cpu:t8 "
-                         "(tN: N loader threads instead of --workers; bN: batches of N instead of --batch-size; noprime: the "
-                         "loader starts at the first epoch, not before the warm-up; pil: the PIL fallback, as on a machine "
-                         "without DALI; +N: also a loader of N threads in the same process, its epochs alternating with "
-                         "the first's). Default: on and off, decode auto; on a CPU: off")
+                    help="comma-separated res:cudnn:decode[:tN][:bN][:noprime][:pil][:compile][:+N], e.g. "
+                         "256:on:gpu:b128,full:off:cpu:t8 (tN: N loader threads instead of --workers; bN: batches of N "
+                         "instead of --batch-size; noprime: the loader starts at the first epoch, not before the warm-up; "
+                         "pil: the PIL fallback, as on a machine without DALI; compile: torch.compile the model, "
+                         "compiled in the first epoch; +N: also a loader of N threads in the same process, its epochs "
+                         "alternating with the first's). Default: on and off, decode auto; on a CPU: off")
     ap.add_argument("--reference", action="store_true", help="also time timm's resnet50 (GPU)")
     ap.add_argument("--reference-batch", type=int, default=128)
     ap.add_argument("--reference-steps", type=int, default=30)
@@ -326,12 +328,13 @@ def main() -> None:
         extra = [f"data.crop={args.crop}"] if res == "256" else [f"data.pixels={args.pixels}"]
         sets = [f"model={args.model}", f"data.res={res}", f"data.shards={shards[res]}", f"data.batch_size={batch}",
                 f"data.threads={threads}", "optim.name=sgd", f"cudnn_benchmark={mode == 'on'}",
-                f"data.decode={decode}"] + extra + (["data.loader=pil"] if "pil" in opts else [])
+                f"data.decode={decode}"] + extra + (["data.loader=pil"] if "pil" in opts else []) + (
+                   ["compile=true"] if "compile" in opts else [])
         m = run_child("measure", args, sets, prime, also)
         if m:
             where = f", JPEG decode {decode}" if cuda else ""
             title = (f"--res {res}, model `{args.model}`, batch {batch}, cuDNN autotuning {mode}{where}, "
-                     f"{threads} loader threads{'' if prime else ', not primed'}")
+                     f"{threads} loader threads{'' if prime else ', not primed'}{', compiled' if 'compile' in opts else ''}")
             sections.append(table(title, m))
             print(sections[-1], flush=True)
             print("saved", save(args, sections))
