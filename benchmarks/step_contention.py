@@ -2,7 +2,10 @@
 
 On the H100 (2026-11-26, train_throughput.py, `small`, --res 256, batch 64) the step is host-bound, and the same
 in-memory passes ran at 3,462 img/s in the process holding a DALI GPU loader and at 5,259 in the one holding the
-PIL fallback. This separates what the process holds from what the loader delivers, in one process, in order:
+PIL fallback. This separates what the process holds from what the loader delivers, in one process, in order
+(on the H100 every stage ran within the step's own noise, 4,429-5,893 img/s: the difference was the processes'
+drift, and the real loader's shortfall comes from the loader working beside the step, not from its presence;
+benchmarks/results/step_contention_nvidia-h100_2026-11-26.md):
 
 1. the model alone, on synthetic batches of the epoch's shape (nothing of DALI imported);
 2. after ``import nvidia.dali``;
