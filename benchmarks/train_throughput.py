@@ -104,7 +104,7 @@ def measure(cfg, epochs: int, prime: bool = True, also: tuple[int, ...] = ()) ->
     model = build(spec).to(rt.device).to(memory_format=torch.channels_last)
     net = torch.compile(model) if cfg.compile else model  # as the trainer does: compiled at its first step
     opt = make_optimizer(model, cfg, cfg.data.batch_size)
-    sched = make_schedule(opt, cfg, loader.steps(0) * (2 * epochs + 2), cfg.data.batch_size)
+    sched = make_schedule(opt, cfg, loader.steps(0) * (2 * epochs + 2) * (1 + len(also)), cfg.data.batch_size)
     rng = np.random.default_rng(0)
     shapes = loader.shapes()
     rt.synchronize()
@@ -261,9 +261,8 @@ def table(title: str, m: dict) -> str:
         f"| in-memory batches | {summary(mem)[0]:.0f} [{summary(mem)[1]:.0f}, {summary(mem)[2]:.0f}] | "
         f"{pct(m['gpu_busy_memory'])} |",
         f"| real loader | {summary(real)[0]:.0f} [{summary(real)[1]:.0f}, {summary(real)[2]:.0f}] | {pct(m['gpu_busy'])} |",
-        *[f"| real loader, {t} threads (same process, alternating) | {summary([n / x for x in a['real_s']])[0]:.0f} "
-          f"[{summary([n / x for x in a['real_s']])[1]:.0f}, {summary([n / x for x in a['real_s']])[2]:.0f}] | |"
-          for t, a in m.get("also", {}).items()],
+        *[f"| real loader, {t} threads (same process, alternating) | {med:.0f} [{lo:.0f}, {hi:.0f}] | |"
+          for t, (med, lo, hi) in ((t, summary([n / x for x in a["real_s"]])) for t, a in m.get("also", {}).items())],
         "",
         f"- real loader / in-memory batches: **{ratio:.1%}** (median of {len(pairs)} adjacent pairs, "
         f"[{min(pairs):.1%}, {max(pairs):.1%}]); time inside the loader's next() {m['wait_share']:.1%} of the loop "
