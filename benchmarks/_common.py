@@ -49,6 +49,16 @@ def hardware_tag() -> str:
     return (g.replace(" ", "-").lower() if g else f"cpu{os.cpu_count()}")
 
 
+def proc_cpu(stat: Path) -> tuple[int, float] | None:
+    """(parent pid, CPU seconds user + system) from a /proc ``stat`` file of a process or a thread (Linux); None when
+    it ended meanwhile."""
+    try:
+        fields = stat.read_text().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces: state, ppid, ...
+    except (OSError, IndexError):
+        return None
+    return int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def summary(xs: list[float]) -> tuple[float, float, float]:
     """median, min, max"""
     return statistics.median(xs), min(xs), max(xs)

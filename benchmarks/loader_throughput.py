@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import WORK, summary, write_results
+from _common import WORK, proc_cpu, summary, write_results
 from PIL import Image
 
 from mame_fast.config import DataConfig
@@ -220,14 +220,11 @@ def cpu_with_children() -> float:
     import resource
 
     total = time.process_time() + sum(getattr(resource.getrusage(resource.RUSAGE_CHILDREN), f) for f in ("ru_utime", "ru_stime"))
-    me, tick = os.getpid(), os.sysconf("SC_CLK_TCK")
+    me = os.getpid()
     for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()  # after the command name: state, ppid, ... utime, stime
-        except (OSError, IndexError):
-            continue  # a process that ended meanwhile
-        if int(fields[1]) == me:
-            total += (int(fields[11]) + int(fields[12])) / tick
+        got = proc_cpu(stat)
+        if got is not None and got[0] == me:
+            total += got[1]
     return total
 
 

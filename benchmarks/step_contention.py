@@ -29,12 +29,14 @@ import os
 import threading
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from _common import summary, write_results
+from _common import proc_cpu, summary, write_results
 from loader_throughput import prepare
+from train_throughput import bench_sets
 
 from mame_fast.config import load
 from mame_fast.files import usable_cores
@@ -45,20 +47,18 @@ from mame_fast.train.runtime import setup_runtime
 from mame_fast.train.spec import load_spec
 from mame_fast.train.step import make_optimizer, make_schedule, train_step, warm_up
 
-TICK = os.sysconf("SC_CLK_TCK")
-
 
 def thread_cpu() -> dict[int, tuple[str, float]]:
     """CPU seconds (user + system) of each thread of this process, with its name."""
     out = {}
     for task in Path("/proc/self/task").iterdir():
+        got = proc_cpu(task / "stat")
         try:
-            stat = (task / "stat").read_text()
             name = (task / "comm").read_text().strip()
         except OSError:  # the thread ended meanwhile
             continue
-        fields = stat[stat.rindex(")") + 2 :].split()  # the name may hold spaces: fields after it
-        out[int(task.name)] = (name, (int(fields[11]) + int(fields[12])) / TICK)
+        if got is not None:
+            out[int(task.name)] = (name, got[1])
     return out
 
 
@@ -75,10 +75,7 @@ def main() -> None:
     ap.add_argument("--pixels", type=int, default=360_000)
     args = ap.parse_args()
     _, shards = prepare(args.per_class, args.workers)
-    extra = [f"data.crop={args.crop}"] if args.res == "256" else [f"data.pixels={args.pixels}"]
-    cfg = load(None, [f"model={args.model}", f"data.res={args.res}", f"data.shards={shards[args.res]}",
-                      f"data.batch_size={args.batch_size}", f"data.threads={args.workers}", "optim.name=sgd",
-                      "cudnn_benchmark=False"] + extra)
+    cfg = load(None, bench_sets(args, args.res, shards, args.batch_size, args.workers) + ["cudnn_benchmark=False"])
     rt = setup_runtime(cfg.precision, cfg.cudnn_benchmark)
     model = build(load_spec(cfg.model)).to(rt.device).to(memory_format=torch.channels_last)
     opt = make_optimizer(model, cfg, cfg.data.batch_size)
@@ -122,8 +119,7 @@ def main() -> None:
 
     passes("after import nvidia.dali", synthetic)
     for kind in ("dali", "pil"):
-        loader = build_loader(cfg.data.__class__(**{**cfg.data.__dict__, "loader": kind}), "train", True, 0,
-                              device=rt.device, dtype=rt.dtype)
+        loader = build_loader(replace(cfg.data, loader=kind), "train", True, 0, device=rt.device, dtype=rt.dtype)
         loader.prime(0)
         cached = list(loader.epoch(0))  # the next epoch is being prefetched from here on, as between training epochs
         rt.synchronize()

@@ -287,6 +287,14 @@ def table(title: str, m: dict) -> str:
     ])
 
 
+def bench_sets(args, res: str, shards: dict, batch: int, threads: int) -> list[str]:
+    """The config overrides every training benchmark starts from: the model, the sample's shards at ``res`` (crops of
+    ``--crop`` at 256, ``--pixels`` per image at full), the batch, the loader threads, SGD."""
+    extra = [f"data.crop={args.crop}"] if res == "256" else [f"data.pixels={args.pixels}"]
+    return [f"model={args.model}", f"data.res={res}", f"data.shards={shards[res]}", f"data.batch_size={batch}",
+            f"data.threads={threads}", "optim.name=sgd"] + extra
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="small")
@@ -324,11 +332,8 @@ def main() -> None:
         batch = next((int(o[1:]) for o in opts if o.startswith("b")), args.batch_size)
         prime = "noprime" not in opts
         also = [int(o[1:]) for o in opts if o.startswith("+")]
-        extra = [f"data.crop={args.crop}"] if res == "256" else [f"data.pixels={args.pixels}"]
-        sets = [f"model={args.model}", f"data.res={res}", f"data.shards={shards[res]}", f"data.batch_size={batch}",
-                f"data.threads={threads}", "optim.name=sgd", f"cudnn_benchmark={mode == 'on'}",
-                f"data.decode={decode}"] + extra + (["data.loader=pil"] if "pil" in opts else []) + (
-                   ["compile=true"] if "compile" in opts else [])
+        sets = bench_sets(args, res, shards, batch, threads) + [f"cudnn_benchmark={mode == 'on'}", f"data.decode={decode}"] + (
+            ["data.loader=pil"] if "pil" in opts else []) + (["compile=true"] if "compile" in opts else [])
         m = run_child("measure", args, sets, prime, also)
         if m:
             where = f", JPEG decode {decode}" if cuda else ""
