@@ -266,7 +266,7 @@ def run_contender(name: str, cfg: DataConfig, root: Path, args) -> tuple[list[fl
             thread.append((time.thread_time() - own) / dt)
         else:
             k = rounds_for(dt, args.min_seconds)
-    if name != "DALI CPU":
+    if name != "DALI CPU" or not args.breakdown:
         return times, busy, thread, None
     return times, busy, thread, breakdown(cfg, 1)
 
@@ -285,6 +285,8 @@ def main() -> None:
     ap.add_argument("--res", default="256,full", help="which resolutions to measure")
     ap.add_argument("--min-seconds", type=float, default=2.0,
                     help="each timed round runs as many epochs in a row as last this long (from the warm-up epoch's time)")
+    ap.add_argument("--no-breakdown", dest="breakdown", action="store_false",
+                    help="leave out DALI CPU's breakdown (its graph and its tail each run alone: three more epochs)")
     args = ap.parse_args()
     torch.set_num_threads(1)  # inherited by the limits' forked processes: one thread per process, one per core
     root, shards = prepare(args.per_class, args.workers)
@@ -313,7 +315,7 @@ def main() -> None:
                 times[name], cores[name], thread[name], parts = ex.submit(run_contender, name, cfg, root, args).result()
             # What the step's time limit in gpu_check.sh goes on (process start, warm-up epoch, timed rounds).
             print(f"{res} {name}: {time.perf_counter() - t0:.1f} s in all", flush=True)
-            if name == "DALI CPU":
+            if parts is not None:
                 dec, tail, rs, dec_wall, tail_wall = parts
         plans = build_loader(DataConfig(**{**cfg.__dict__, "loader": "pil"}), "train", True, 0).plan
         limit_core, runs = [], [1, 1, 1]  # and runs per timed round of each limit
@@ -330,7 +332,7 @@ def main() -> None:
                 runs = [rounds_for(max(ps), args.min_seconds) for ps in parts.values()]
         print(f"{res} limits: {time.perf_counter() - t0:.1f} s in all", flush=True)
         ref = {k: summary(times[k])[0] for k in limits}
-        if "DALI CPU" in cores:
+        if "DALI CPU" in cores and args.breakdown:
             ms = lambda core_s: 1e3 * core_s / n  # noqa: E731  core-milliseconds per image
             lim_pil, lim_tv, lim_aug = (ms(summary([c[j] for c in limit_core])[0]) for j in range(3))
             split_note = (

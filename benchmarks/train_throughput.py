@@ -53,6 +53,7 @@ from mame_fast.files import usable_cores
 from mame_fast.input import build_loader
 from mame_fast.input.loader import plan_config
 from mame_fast.input.plan import batch_shapes
+from mame_fast.train.loop import compiled
 from mame_fast.train.model import build, count_flops
 from mame_fast.train.runtime import setup_runtime
 from mame_fast.train.spec import load_spec
@@ -102,7 +103,7 @@ def measure(cfg, epochs: int, prime: bool = True, also: tuple[int, ...] = ()) ->
     loader = build_loader(cfg.data, "train", True, cfg.seed, device=rt.device, dtype=rt.dtype)
     spec = load_spec(cfg.model)
     model = build(spec).to(rt.device).to(memory_format=torch.channels_last)
-    net = torch.compile(model) if cfg.compile else model  # as the trainer does: compiled at its first step
+    net = compiled(model, cfg)  # as the trainer does: compiled at its first step
     opt = make_optimizer(model, cfg, cfg.data.batch_size)
     sched = make_schedule(opt, cfg, loader.steps(0) * (2 * epochs + 2) * (1 + len(also)), cfg.data.batch_size)
     rng = np.random.default_rng(0)
@@ -218,16 +219,23 @@ def child(args) -> None:
     print("RESULT " + json.dumps(out), flush=True)
 
 
+FAILED: list[str] = []  # the children that failed: the benchmark then exits non-zero, after saving what it measured
+
+
 def run_child(what: str, args, sets: list[str] | None = None, prime: bool = True, also: list[int] | None = None
               ) -> dict | None:
     cmd = [sys.executable, __file__, "--child", what, "--epochs", str(args.epochs), "--sets", json.dumps(sets or []),
            "--also", json.dumps(also or []),
            "--reference-batch", str(args.reference_batch), "--reference-steps", str(args.reference_steps)]
     cmd += [] if prime else ["--no-prime"]
+    t0 = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    # What gpu_check.sh's time limit goes on: the process's start, its warm-up and first epoch, the timed epochs.
+    print(f"{what} {' '.join(sets or [])}: {time.perf_counter() - t0:.1f} s in all", flush=True)
     lines = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
     if p.returncode or not lines:
         print(f"{what} {sets} failed (rc {p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}", flush=True)
+        FAILED.append(what)
         return None
     return json.loads(lines[-1][7:])
 
@@ -306,12 +314,13 @@ def main() -> None:
     ap.add_argument("--crop", type=int, default=224)
     ap.add_argument("--pixels", type=int, default=360_000)
     ap.add_argument("--variants", default=None,
-                    help="comma-separated res:cudnn:decode[:tN][:bN][:noprime][:pil][:compile][:+N], e.g. "
+                    help="comma-separated res:cudnn:decode[:tN][:bN][:noprime][:pil][:compile][:graphs][:+N], e.g. "
                          "256:on:gpu:b128,full:off:cpu:t8 (tN: N loader threads instead of --workers; bN: batches of N "
                          "instead of --batch-size; noprime: the loader starts at the first epoch, not before the warm-up; "
                          "pil: the PIL fallback, as on a machine without DALI; compile: torch.compile the model, "
-                         "compiled in the first epoch; +N: also a loader of N threads in the same process, its epochs "
-                         "alternating with the first's). Default: on and off, decode auto; on a CPU: off")
+                         "compiled in the first epoch; graphs: the same in mode reduce-overhead (CUDA graphs); +N: also a "
+                         "loader of N threads in the same process, its epochs alternating with the first's). Default: on "
+                         "and off, decode auto; on a CPU: off")
     ap.add_argument("--reference", action="store_true", help="also time timm's resnet50 (GPU)")
     ap.add_argument("--reference-batch", type=int, default=128)
     ap.add_argument("--reference-steps", type=int, default=30)
@@ -333,12 +342,14 @@ def main() -> None:
         prime = "noprime" not in opts
         also = [int(o[1:]) for o in opts if o.startswith("+")]
         sets = bench_sets(args, res, shards, batch, threads) + [f"cudnn_benchmark={mode == 'on'}", f"data.decode={decode}"] + (
-            ["data.loader=pil"] if "pil" in opts else []) + (["compile=true"] if "compile" in opts else [])
+            ["data.loader=pil"] if "pil" in opts else []) + (["compile=true"] if {"compile", "graphs"} & set(opts) else []) + (
+            ["compile_mode=reduce-overhead"] if "graphs" in opts else [])
         m = run_child("measure", args, sets, prime, also)
         if m:
             where = f", JPEG decode {decode}" if cuda else ""
             title = (f"--res {res}, model `{args.model}`, batch {batch}, cuDNN autotuning {mode}{where}, "
-                     f"{threads} loader threads{'' if prime else ', not primed'}{', compiled' if 'compile' in opts else ''}")
+                     f"{threads} loader threads{'' if prime else ', not primed'}{', compiled' if 'compile' in opts else ''}"
+                     f"{', compiled with CUDA graphs (reduce-overhead)' if 'graphs' in opts else ''}")
             sections.append(table(title, m))
             print(sections[-1], flush=True)
             print("saved", save(args, sections))
@@ -353,6 +364,8 @@ def main() -> None:
             print("saved", save(args, sections))
     if not sections:
         print("saved", save(args, sections))
+    if FAILED:
+        sys.exit(f"failed: {', '.join(FAILED)} (see above)")
 
 
 def save(args, sections: list[str]):

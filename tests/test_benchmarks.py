@@ -21,8 +21,9 @@ def test_gpu_check_smoke(tmp_path):
     r = subprocess.run(["bash", "benchmarks/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     report = (out / "gpu_check.md").read_text()
-    for step in ("gpu_tests", "train_throughput", "demo", "loader_throughput"):
+    for step in ("gpu_tests", "sample", "train_throughput", "demo", "loader_throughput"):
         assert f"- {step}: ok in" in report, report[:2000]
+    assert "- phase 1 (side by side): " in report and "- in all: " in report and " skipped in " in report
     assert report.count("real loader / in-memory batches: **") == 2  # 256 and full
     assert "PilLoader on cpu" in report and "| real loader, 1 threads (same process, alternating) |" in report
     assert "| PIL fallback |" in report and "| augment limit |" in report and "demo finished in" in report
@@ -32,7 +33,7 @@ def test_gpu_check_smoke(tmp_path):
     assert sorted(p.name for p in (out / "results").iterdir()) == sorted(
         p.name for p in (out / "results").glob("*_throughput_*.md")) and len(list((out / "results").iterdir())) == 2
     with tarfile.open(out / "logs.tar.gz") as t:
-        steps = ("gpu_tests", "train_throughput", "demo", "loader_throughput")
+        steps = ("gpu_tests", "sample", "train_throughput", "demo", "loader_throughput")
         assert {f"logs/{s}.log" for s in steps} <= set(t.getnames())
 
 

@@ -132,11 +132,16 @@ def build(cfg: TrainConfig, rt: Runtime) -> Session:
     net = model
     if rt.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
-    if cfg.compile:
-        net = torch.compile(net)
+    net = compiled(net, cfg)
     opt = make_optimizer(model, cfg, cfg.data.batch_size * rt.world)
     state = ckpt.TrainState(model, opt, rt.scaler, ema, EpochMeter(rt.device))
     return Session(cfg, rt, spec, train_loader, val_loader, classes, model, net, ema, opt, state)
+
+
+def compiled(net: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
+    """The module the training step runs: ``net`` itself, or torch.compile's wrapper in ``cfg.compile_mode``, which
+    compiles at the first step of each new shape."""
+    return torch.compile(net, mode=cfg.compile_mode) if cfg.compile else net
 
 
 def start(s: Session, name: str, resume: Path | None, meta: dict) -> RunDir:

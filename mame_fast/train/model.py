@@ -225,6 +225,7 @@ class Net(nn.Module):
         self.dropout = nn.Dropout(spec.dropout)
         self.fc = nn.Linear(feat, spec.num_classes)
         self._init()
+        self._out_of_place()
 
     def _init(self) -> None:
         for m in self.modules():
@@ -243,6 +244,17 @@ class Net(nn.Module):
                 bn = getattr(last, "bn", None)
                 if getattr(bn, "weight", None) is not None:
                     nn.init.zeros_(bn.weight)
+
+    # Activations that may run in place while training: their gradient reads their output, which autograd keeps anyway.
+    _IN_PLACE_OK = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.Hardtanh)
+
+    def _out_of_place(self) -> None:
+        """Every other activation runs out of place (timm builds them in place). An in-place SiLU, GELU or Mish has a
+        gradient that reads its input, so autograd first saves a copy of it: one more kernel and one more
+        activation-sized write per layer, for no memory saved (tests/test_model.py counts the copies)."""
+        for m in self.modules():
+            if getattr(m, "inplace", False) is True and not isinstance(m, self._IN_PLACE_OK):
+                m.inplace = False
 
     def features(self, x: torch.Tensor, sizes: torch.Tensor | None = None, taps: dict | None = None):
         mask = None if sizes is None else valid_mask(sizes, x.shape[2], x.shape[3], x.dtype)

@@ -1,0 +1,95 @@
+"""Operations per training step: the host's share of a step that is host-bound (`small` at 256 on a GPU).
+
+Where the GPU waits for the host (benchmarks/results/gpu_check_nvidia-h100_2026-11-26_run2.md: 46-67% busy at 256),
+every operation the forward and backward dispatch costs host time: Python, the dispatcher, a kernel launch. This counts
+them, per shipped model spec, for one forward and backward over a batch of 64 at 224x224 (``--res 256``) and over a
+padded batch of 64 at about 360 kpx (``--res full``, with its masks), on PyTorch's meta device: shapes only, no
+arithmetic, so it takes seconds on any machine and counts what any device would be asked to run. Views and detaches
+are left out (they launch nothing); autocast's weight casts too (the same in every column).
+
+Side by side: the model as built now, and the baseline with every activation in place, as timm builds them. An
+in-place SiLU (or GELU, Mish) has a gradient that reads its input, so autograd first saves a copy: an extra kernel
+and an activation-sized copy (``aten.clone``; bytes in bf16, read and written once each) per layer.
+
+    python benchmarks/step_ops.py [--batch-size 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+
+import torch
+from _common import write_results
+
+from mame_fast.train.model import build
+from mame_fast.train.spec import load_spec, shipped_specs
+
+VIEWS = {"aten.detach", "aten.view", "aten._unsafe_view", "aten.t", "aten.expand", "aten.slice", "aten.select",
+         "aten.as_strided", "aten.alias", "aten.unsqueeze", "aten.squeeze", "aten.permute", "aten.transpose"}
+
+
+class Count(torch.utils._python_dispatch.TorchDispatchMode):
+    """The operations dispatched inside, views left out, and the elements that ``aten.clone`` copied."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+        self.cloned = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = str(func.overloadpacket)
+        if name not in VIEWS:
+            self.ops[name] += 1
+        if name == "aten.clone":
+            self.cloned += out.numel()
+        return out
+
+
+def in_place_as_timm_builds(model: torch.nn.Module) -> torch.nn.Module:
+    """The baseline: every activation module in place again (timm's default; Dropout is not an activation)."""
+    for m in model.modules():
+        if hasattr(m, "inplace") and not isinstance(m, torch.nn.modules.dropout._DropoutNd):
+            m.inplace = True
+    return model
+
+
+def step_ops(model: torch.nn.Module, n: int, h: int, w: int, padded: bool) -> Count:
+    """One training forward and backward over an (n, 3, h, w) meta batch; padded: every image 3/4 of the bucket wide."""
+    x = torch.empty(n, 3, h, w, device="meta").contiguous(memory_format=torch.channels_last)
+    sizes = torch.tensor([[h, w * 3 // 4]] * n, device="meta") if padded else None
+    with Count() as c:
+        model(x, sizes).float().sum().backward()
+    return c
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch-size", type=int, default=64)
+    args = ap.parse_args()
+    n = args.batch_size
+    cases = [("256", 224, 224, False), ("full", 528, 688, True)]  # 688 x 528 = 363 kpx, the default bucket budget
+    rows = ["| spec | res | operations per step: now (timm's in-place) | activation copies: now (in-place) "
+            "| MB copied per step, bf16: now (in-place) |", "|---|---|---|---|---|"]
+    for name in shipped_specs():
+        for res, h, w, padded in cases:
+            counts = []
+            for baseline in (False, True):
+                model = build(load_spec(name)).to(memory_format=torch.channels_last).to("meta").train()
+                counts.append(step_ops(in_place_as_timm_builds(model) if baseline else model, n, h, w, padded))
+            now, base = counts
+            mb = [2 * 2 * c.cloned / 1e6 for c in counts]  # bf16, each copy written then read back in the backward
+            rows.append(f"| {name} | {res} | {sum(now.ops.values())} ({sum(base.ops.values())}) | "
+                        f"{now.ops['aten.clone']} ({base.ops['aten.clone']}) | {mb[0]:.0f} ({mb[1]:.0f}) |")
+            print(rows[-1], flush=True)
+    body = (f"One training forward and backward, batch {n}, channels-last, on the meta device (shapes only: the "
+            f"operations any device is asked to run). 256: 224x224; full: 528x688 padded (images 3/4 of the bucket "
+            f"wide: the masks' operations included). Views, detaches and autocast's casts left out.\n\n"
+            + "\n".join(rows) + "\n")
+    print("saved", write_results("step_ops", "Operations per training step: now against timm's in-place activations",
+                                 body, ("torch", "timm")))
+
+
+if __name__ == "__main__":
+    main()
