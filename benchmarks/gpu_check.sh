@@ -18,12 +18,14 @@
 #   GPU_CHECK_LIMITS="60 170 1 95"   (seconds for gpu_tests, train_throughput and the sample, demo, loader_throughput)
 #   LOADER_PER_CLASS=100             (the default: the loader table on train_throughput's sample, generated once)
 #
-# Still to measure (README, "What is still open"), at 256, where the step is host-bound: whether CUDA graphs
-# (compile_mode=reduce-overhead) or torch.compile take enough host work out of the step; and whether fewer loader
-# threads let it run nearer its in-memory speed, each thread count alternating with 16 in one process (+N), for DALI
-# GPU and the fallback. One call after the DALI carry, about 5-6 minutes on 16 cores (each variant prints its time):
-#   STEPS=train_throughput REFERENCE=0 GPU_CHECK_LIMITS="1 400 1 1"
-#   TRAIN_VARIANTS=256:off:auto:graphs:+8,256:off:auto:+12:+8:+4,256:off:auto:compile:+8,256:off:auto:pil:+12:+8:+4
+# Still to measure (README, "What is still open"). After the DALI carry, in this order on one warm machine:
+#   1. the whole script as it is (the 6-minute goal, every table, no crash);
+#   2. at 256, where the step is host-bound: whether CUDA graphs (compile_mode=reduce-overhead) or torch.compile take
+#      enough host work out of the step, and whether fewer loader threads let it run nearer its in-memory speed, each
+#      thread count alternating with 16 in one process (+N). Each variant prints its time; about 3-4 minutes:
+#        STEPS=train_throughput REFERENCE=0 GPU_CHECK_LIMITS="1 300 1 1"
+#        TRAIN_VARIANTS=256:off:auto:graphs:+8,256:off:auto:+12:+8:+4,256:off:auto:compile
+#      then, with time left, the fallback's thread counts: TRAIN_VARIANTS=256:off:auto:pil:+12:+8:+4
 #
 # On the lent GPU machines DALI travels in three parts: ../shared/gpu/README.md. Writes $OUT/gpu_check.md, the
 # benchmarks' result files under $OUT/results/ and $OUT/logs.tar.gz (every step's full log).

@@ -177,6 +177,11 @@ class TrainConfig(_Checked):
     optim: OptimConfig = field(default_factory=OptimConfig)
     """Optimizer, schedule and regularization."""
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.compile_mode != "default" and not self.compile:  # else the run would be eager, and look compiled
+            raise ConfigError(f"compile_mode: {self.compile_mode!r} has no effect without compile=true; set compile=true too")
+
 
 def _fields(cls) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls)}

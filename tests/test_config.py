@@ -28,6 +28,11 @@ def test_unknown_config_keys_are_errors(tmp_path):
     with pytest.raises(ConfigError, match=r"stages\[0\]: unknown config key 'dpth'"):
         load_spec(spec)
     assert load(None, ["optim.lr=0.5", "data.res=full"]).optim.lr == 0.5
+    with pytest.raises(ConfigError, match=r"compile_mode: 'reduce-overhead' has no effect without compile=true"):
+        load(None, ["compile_mode=reduce-overhead"])
+    with pytest.raises(ConfigError, match=r"compile_mode: 'fast' is not one of 'default', 'reduce-overhead'"):
+        load(None, ["compile=true", "compile_mode=fast"])
+    assert load(None, ["compile=true", "compile_mode=reduce-overhead"]).compile_mode == "reduce-overhead"
 
 
 
