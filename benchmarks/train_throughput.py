@@ -160,7 +160,12 @@ def measure(cfg, epochs: int, prime: bool = True, also: tuple[int, ...] = ()) ->
                 alt[t]["memory_s"].append(run_epoch(cached)[0])
     flops = {s: count_flops(model, s[1], s[2]) for s in shapes}  # forward, per image, on the device
     img_flops = float(np.mean([flops[(b.images.shape[0], b.images.shape[2], b.images.shape[3])] for b in cached]))
+    from torch._dynamo.utils import counters  # compiled variants: did CUDA graphs run, or were they skipped (and why:
+    # inductor logs each reason as a warning, in this benchmark's log)
+    compile_info = {"mode": cfg.compile_mode, "graphs": counters["stats"]["unique_graphs"],
+                "cudagraph_skips": counters["inductor"]["cudagraph_skips"]} if cfg.compile else None
     return {
+        "compiled": compile_info,
         "device": str(rt.device), "loader": type(loader).__name__, "images": n, "steps": steps, "shapes": len(shapes),
         "startup_s": startup, "process_first_s": process_first, "first_use_s": first_use - again, "primed": prime,
         "first_epoch_s": first, "real_s": real, "memory_s": mem,
@@ -279,6 +284,8 @@ def table(title: str, m: dict) -> str:
         *[f"- with {t} threads instead of {m['threads']}: real loader / its adjacent in-memory pass **{ratio_of(a):.1%}** "
           f"(each pair [{min(pairs_of(a)):.1%}, {max(pairs_of(a)):.1%}]); time inside next() {a['wait_share']:.1%} of the loop."
           for t, a in m.get("also", {}).items()],
+        *([f"- compiled in mode {c['mode']}: {c['graphs']} graphs (forward graphs, one more per recompilation); CUDA graphs "
+           f"skipped in {c['cudagraph_skips']} compilations (inductor logs why)."] if (c := m.get("compiled")) else []),
         f"- once per process: start-up (CUDA, loader and model built) {m['startup_s']:.2f} s; first use of CUDA, cuDNN "
         f"and their kernels {m['process_first_s']:.2f} s (a forward+backward pass on a throwaway shape)"
         + ("; the loader primed before it, as the trainer does." if m["primed"] else "; the loader not primed.")
