@@ -216,25 +216,27 @@ def test_bf16_life_of_a_full_resolution_run(shards, tmp_path):
 
 @pytest.mark.slow
 def test_a_compiled_step_trains_as_the_eager_one(shards, tmp_path):
-    """compile=true in mode reduce-overhead (CUDA graphs on a GPU; on a CPU inductor's kernels alone), at full resolution:
-    padded batches, so the masks, through a residual block, squeeze-excite and the pools. The run completes, and its
+    """compile=true in mode reduce-overhead (CUDA graphs on a GPU; on a CPU inductor's kernels alone), in bf16, at full
+    resolution: padded batches, so the masks, through a residual block, squeeze-excite and the pools. The run completes, and its
     training loss, validation and weights follow the eager run's: compiling changes how the step runs, not what it
     computes. One bucket: a second shape doubles the cold compile (59 s here), for torch's own dynamic-shape path."""
     spec = tmp_path / "small.yaml"  # a residual stage with squeeze-excite and a pool: every masked path, quick to compile
     spec.write_text("stem_width: 8\nstages:\n  - {width: 16, depth: 1, stride: 2, se: 0.25}\n"
                     "  - {width: 24, depth: 1, stride: 2}\n")
-    extra = {"epochs": 1, "data.res": "full", "data.pixels": 3000, "data.buckets": 1, "hist_epochs": 0, "model": spec}
+    extra = {"epochs": 1, "data.res": "full", "data.pixels": 3000, "data.buckets": 1, "hist_epochs": 0, "model": spec,
+             "precision": "bf16"}
     eager = run(cfg_for(shards, tmp_path / "a", **extra), name="eager")
     fast = run(cfg_for(shards, tmp_path / "b", compile=True, compile_mode="reduce-overhead", **extra), name="compiled")
     (a,), (b,) = read_metrics(eager), read_metrics(fast)
     assert read_run_info(fast)["status"] == "finished"
-    # fp32 on a CPU: the two differ by reassociation only (measured: 1e-7 in the loss, 3e-6 in any weight).
+    # In bf16, the GPU's dtype path, inductor rounds to bf16 at other points than eager does (measured: 1e-6 in the
+    # losses, 2e-4 in any weight; in fp32, 1e-7 and 3e-6).
     assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
     assert b["val"]["loss"] == pytest.approx(a["val"]["loss"], rel=1e-4)
     wa, wb = ckpt.load(eager / "last.pt")["model"], ckpt.load(fast / "last.pt")["model"]
     assert wa.keys() == wb.keys()  # the compiled wrapper's names (_orig_mod.) stay out of the checkpoint
     for k in wa:
-        assert torch.allclose(wa[k].float(), wb[k].float(), rtol=1e-3, atol=1e-4), k
+        assert torch.allclose(wa[k].float(), wb[k].float(), rtol=1e-2, atol=1e-3), k
 
 
 def test_warm_up_leaves_the_run_untouched():
