@@ -140,7 +140,7 @@ def build(cfg: TrainConfig, rt: Runtime) -> Session:
 
 def compiled(net: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
     """The module the training step runs: ``net`` itself, or torch.compile's wrapper in ``cfg.compile_mode``, which
-    compiles at the first step of each new shape."""
+    compiles at its first step and again when a new batch shape needs it (with CUDA graphs: one graph per shape)."""
     return torch.compile(net, mode=cfg.compile_mode) if cfg.compile else net
 
 
