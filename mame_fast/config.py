@@ -148,8 +148,8 @@ class TrainConfig(_Checked):
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"] = "default"
     """torch.compile's mode when ``compile`` is on. 'reduce-overhead' replays the forward and backward as CUDA graphs,
     one per batch shape: their Python and kernel-launch work leaves the host, for a step that is host-bound (a small
-    model at 256 on a GPU, README "On a GPU"). Not yet timed on a GPU, nor tried under torchrun; without CUDA it
-    runs as 'default'."""
+    model at 256 on a GPU, README "On a GPU"). Not yet timed on a GPU; under torchrun, run on CPUs only (gloo, DDP).
+    Without CUDA it runs as 'default'."""
     cudnn_benchmark: bool = False
     """cuDNN autotuning on GPU: a kernel search for every new batch shape (see benchmarks/results for the measured trade)."""
     warmup: Literal["auto", "always", "never"] = "auto"
