@@ -304,7 +304,7 @@ def main() -> None:
         times: dict[str, list[float]] = {}
         thread: dict[str, list[float]] = {}
         cores: dict[str, list[float]] = {}
-        split_note = ""
+        split_note, dali_split = "", None  # DALI CPU's breakdown, when it was measured
         # Each loader runs in a process of its own, as in a training run. In one process, the forks of the
         # other contenders (DataLoader workers, the limits' pools) leave every page of the heap copy-on-write,
         # and the next DALI epoch paid a page fault per page it wrote: -10% at 256.
@@ -315,8 +315,8 @@ def main() -> None:
                 times[name], cores[name], thread[name], parts = ex.submit(run_contender, name, cfg, root, args).result()
             # What the step's time limit in gpu_check.sh goes on (process start, warm-up epoch, timed rounds).
             print(f"{res} {name}: {time.perf_counter() - t0:.1f} s in all", flush=True)
-            if parts is not None:
-                dec, tail, rs, dec_wall, tail_wall = parts
+            if parts is not None:  # only DALI CPU returns one
+                dali_split = parts
         plans = build_loader(DataConfig(**{**cfg.__dict__, "loader": "pil"}), "train", True, 0).plan
         limit_core, runs = [], [1, 1, 1]  # and runs per timed round of each limit
         t0 = time.perf_counter()
@@ -332,7 +332,8 @@ def main() -> None:
                 runs = [rounds_for(max(ps), args.min_seconds) for ps in parts.values()]
         print(f"{res} limits: {time.perf_counter() - t0:.1f} s in all", flush=True)
         ref = {k: summary(times[k])[0] for k in limits}
-        if "DALI CPU" in cores and args.breakdown:
+        if dali_split is not None:
+            dec, tail, rs, dec_wall, tail_wall = dali_split
             ms = lambda core_s: 1e3 * core_s / n  # noqa: E731  core-milliseconds per image
             lim_pil, lim_tv, lim_aug = (ms(summary([c[j] for c in limit_core])[0]) for j in range(3))
             split_note = (

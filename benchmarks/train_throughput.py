@@ -160,10 +160,12 @@ def measure(cfg, epochs: int, prime: bool = True, also: tuple[int, ...] = ()) ->
                 alt[t]["memory_s"].append(run_epoch(cached)[0])
     flops = {s: count_flops(model, s[1], s[2]) for s in shapes}  # forward, per image, on the device
     img_flops = float(np.mean([flops[(b.images.shape[0], b.images.shape[2], b.images.shape[3])] for b in cached]))
-    from torch._dynamo.utils import counters  # compiled variants: did CUDA graphs run, or were they skipped (and why:
-    # inductor logs each reason as a warning, in this benchmark's log)
+    # Compiled variants: did CUDA graphs run, or were they skipped (inductor logs why, in this benchmark's log)? Imported
+    # here: torch._dynamo is not otherwise loaded by an eager variant or the parent process.
+    from torch._dynamo.utils import counters
+
     compile_info = {"mode": cfg.compile_mode, "graphs": counters["stats"]["unique_graphs"],
-                "cudagraph_skips": counters["inductor"]["cudagraph_skips"]} if cfg.compile else None
+                    "cudagraph_skips": counters["inductor"]["cudagraph_skips"]} if cfg.compile else None
     return {
         "compiled": compile_info,
         "device": str(rt.device), "loader": type(loader).__name__, "images": n, "steps": steps, "shapes": len(shapes),
@@ -224,9 +226,6 @@ def child(args) -> None:
     print("RESULT " + json.dumps(out), flush=True)
 
 
-FAILED: list[str] = []  # the children that failed: the benchmark then exits non-zero, after saving what it measured
-
-
 def run_child(what: str, args, sets: list[str] | None = None, prime: bool = True, also: list[int] | None = None
               ) -> dict | None:
     cmd = [sys.executable, __file__, "--child", what, "--epochs", str(args.epochs), "--sets", json.dumps(sets or []),
@@ -240,7 +239,6 @@ def run_child(what: str, args, sets: list[str] | None = None, prime: bool = True
     lines = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
     if p.returncode or not lines:
         print(f"{what} {sets} failed (rc {p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}", flush=True)
-        FAILED.append(what)
         return None
     return json.loads(lines[-1][7:])
 
@@ -341,7 +339,7 @@ def main() -> None:
     _, shards = prepare(args.per_class, args.workers)
     cuda = torch.cuda.is_available()
     default = [f"{r}:{m}:auto" for r in args.res.split(",") for m in (("on", "off") if cuda else ("off",))]
-    sections = []
+    sections, failed = [], []  # a failed child: the benchmark exits non-zero, after saving what it measured
     for variant in args.variants.split(",") if args.variants else default:
         res, mode, decode, *opts = variant.split(":")
         threads = next((int(o[1:]) for o in opts if o.startswith("t")), args.workers)
@@ -360,6 +358,8 @@ def main() -> None:
             sections.append(table(title, m))
             print(sections[-1], flush=True)
             print("saved", save(args, sections))
+        else:
+            failed.append(variant)
     if args.reference and cuda:
         r = run_child("reference", args)
         if r:
@@ -369,10 +369,12 @@ def main() -> None:
                             f"{r['ips'] * r['train_flops_per_image'] / 1e12:.1f} TFLOP/s of training work (3x forward FLOPs).\n")
             print(sections[-1], flush=True)
             print("saved", save(args, sections))
+        else:
+            failed.append("reference")
     if not sections:
         print("saved", save(args, sections))
-    if FAILED:
-        sys.exit(f"failed: {', '.join(FAILED)} (see above)")
+    if failed:
+        sys.exit(f"failed: {', '.join(failed)} (see above)")
 
 
 def save(args, sections: list[str]):
