@@ -11,20 +11,34 @@ Side by side: the model as built now, and the baseline with every activation in 
 in-place SiLU (or GELU, Mish) has a gradient that reads its input, so autograd first saves a copy: an extra kernel
 and an activation-sized copy (``aten.clone``; bytes in bf16, read and written once each) per layer.
 
+Then the whole training step (``train_step``: targets, forward, backward, clipping, optimizer, schedule, EMA; and the
+epoch's running sums), on the CPU in fp32 over a small batch (the count does not depend on the pixels), for each
+optimizer: fused, as ``make_optimizer`` builds it now, and the EMA as ``step.Ema`` keeps it, against the defaults:
+PyTorch's on a GPU (foreach) and timm's ModelEmaV3. Host reads are the ``.item()``-like operations: each a sync when
+the tensor is on a GPU, host work when it is not.
+
     python benchmarks/step_ops.py [--batch-size 64]
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 from collections import Counter
 
+import numpy as np
 import torch
 from _common import write_results
+from timm.utils import ModelEmaV3
 
+from mame_fast.config import load
+from mame_fast.input import Batch
 from mame_fast.train.model import build
+from mame_fast.train.runtime import Runtime
 from mame_fast.train.spec import load_spec, shipped_specs
+from mame_fast.train.step import Ema, EpochMeter, make_optimizer, make_schedule, train_step
 
+READS = ("aten._local_scalar_dense", "aten.is_nonzero")
 VIEWS = {"aten.detach", "aten.view", "aten._unsafe_view", "aten.t", "aten.expand", "aten.slice", "aten.select",
          "aten.as_strided", "aten.alias", "aten.unsqueeze", "aten.squeeze", "aten.permute", "aten.transpose"}
 
@@ -64,6 +78,38 @@ def step_ops(model: torch.nn.Module, n: int, h: int, w: int, padded: bool) -> Co
     return c
 
 
+def as_a_gpu_defaults(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The baseline: the same optimizer over the same groups, as PyTorch runs it on a GPU by default (foreach)."""
+    groups = [{k: v for k, v in g.items() if k not in ("fused", "foreach")} for g in opt.param_groups]
+    return type(opt)(groups, foreach=True)
+
+
+def whole_step(spec: str, optim: str, baseline: bool) -> tuple[Count, Count, Count, float]:
+    """The operations of one steady training step (its third), of the optimizer's update and of the EMA's update alone,
+    and the EMA update's seconds (the same arithmetic either way: the difference is host work)."""
+    cfg = load(None, [f"model={spec}", f"optim.name={optim}", "optim.clip_grad=1.0", "optim.ema=0.9998"])
+    torch.manual_seed(0)
+    model = build(load_spec(spec)).to(memory_format=torch.channels_last)
+    opt = make_optimizer(model, cfg, 8)
+    opt = as_a_gpu_defaults(opt) if baseline else opt
+    ema = (ModelEmaV3 if baseline else Ema)(model, decay=cfg.optim.ema)
+    sched, meter, rng = make_schedule(opt, cfg, 10, 8), EpochMeter(torch.device("cpu")), np.random.default_rng(0)
+    rt = Runtime(0, 1, 0, torch.device("cpu"), None, torch.amp.GradScaler("cpu", enabled=False), True)
+    x = torch.randn(8, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    batch = Batch(x, torch.arange(8), torch.full((8, 2), 64, dtype=torch.int32), torch.arange(8), False, 8)
+    for _ in range(3):  # the first creates the optimizer's state and gathers the EMA's tensors
+        with Count() as step:
+            meter.add(*train_step(model, batch, opt, sched, ema, rt, cfg, rng), batch.real)
+    with Count() as update:
+        opt.step()
+    with Count() as averaging:
+        ema.update(model)
+    t = time.perf_counter()
+    for _ in range(50):
+        ema.update(model)
+    return step, update, averaging, (time.perf_counter() - t) / 50
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch-size", type=int, default=64)
@@ -83,11 +129,27 @@ def main() -> None:
             rows.append(f"| {name} | {res} | {sum(now.ops.values())} ({sum(base.ops.values())}) | "
                         f"{now.ops['aten.clone']} ({base.ops['aten.clone']}) | {mb[0]:.0f} ({mb[1]:.0f}) |")
             print(rows[-1], flush=True)
+    steps = ["| optimizer | operations per step: now (defaults) | of which the update | of which the EMA "
+             "| host reads per step | EMA update, ms on this CPU |", "|---|---|---|---|---|---|"]
+    for optim in ("sgd", "adamw"):
+        now, base = (whole_step("small", optim, b) for b in (False, True))
+        ops = [[sum(c.ops.values()) for c in r[:3]] for r in (now, base)]
+        reads = [sum(r[0].ops[k] for k in READS) for r in (now, base)]
+        steps.append(f"| {optim} | {ops[0][0]} ({ops[1][0]}) | {ops[0][1]} ({ops[1][1]}) | {ops[0][2]} ({ops[1][2]}) "
+                     f"| {reads[0]} ({reads[1]}) | {now[3] * 1e3:.2f} ({base[3] * 1e3:.2f}) |")
+        print(steps[-1], flush=True)
     body = (f"One training forward and backward, batch {n}, channels-last, on the meta device (shapes only: the "
             f"operations any device is asked to run). 256: 224x224; full: 528x688 padded (images 3/4 of the bucket "
             f"wide: the masks' operations included). Views, detaches and autocast's casts left out.\n\n"
-            + "\n".join(rows) + "\n")
-    print("saved", write_results("step_ops", "Operations per training step: now against timm's in-place activations",
+            + "\n".join(rows) + "\n\n"
+            "The whole training step of `small` (clipping and EMA on; fp32 on the CPU over 8 images of 64x64: the count "
+            "does not depend on the pixels; autocast would add its casts): the optimizer fused as `make_optimizer` builds "
+            "it and the EMA as `step.Ema` keeps it, against the defaults: PyTorch's on a GPU (foreach) and timm's "
+            "ModelEmaV3 (views and detaches are not counted: timm's EMA makes one per tensor of both models every step). "
+            "Host reads: `.item()`-like operations, each a sync when the tensor is on a GPU, host work when it is not. "
+            "EMA update time: the same arithmetic either way, so the difference is the host's.\n\n" + "\n".join(steps) + "\n")
+    print("saved", write_results("step_ops", "Operations per training step: now against timm's in-place activations and "
+                                 "PyTorch's default optimizers",
                                  body, ("torch", "timm")))
 
 

@@ -64,9 +64,9 @@ def test_full_resolution_run_completes_in_bf16(shards, tmp_path):
     assert "gpu-full" in md.read_text()
 
 
-def _one_step_setup(shards, loader="auto"):
+def _one_step_setup(shards, loader="auto", precision="auto"):
     cfg = load(None, [f"data.shards={shards}", "data.res=full", "data.pixels=20000", "data.batch_size=8", f"data.loader={loader}",
-                      "data.color_jitter=0.2", "optim.mixup=0.2", "optim.clip_grad=1.0"])
+                      "data.color_jitter=0.2", "optim.mixup=0.2", "optim.clip_grad=1.0", f"precision={precision}"])
     rt = setup_runtime(cfg.precision)
     loader = build_loader(cfg.data, "train", True, 0, device=rt.device, dtype=rt.dtype)
     model = build(load_spec(cfg.model)).to(rt.device).to(memory_format=torch.channels_last)
@@ -85,13 +85,14 @@ def test_bf16_autocast_is_in_use(shards):
     assert seen == [(torch.bfloat16, torch.bfloat16)]
 
 
-@pytest.mark.parametrize("loader_kind", ["dali", "pil"])
-def test_no_host_sync_in_the_loader_or_the_step(shards, loader_kind):
+@pytest.mark.parametrize("loader_kind,precision", [("dali", "auto"), ("pil", "auto"), ("pil", "fp16")])
+def test_no_host_sync_in_the_loader_or_the_step(shards, loader_kind, precision):
     """torch's sync debug mode turns any synchronizing call (.item(), a pageable copy, bincount, one_hot's
-    checks) into an error, over steady steps: the host keeps queueing work ahead of the GPU."""
+    checks) into an error, over steady steps: the host keeps queueing work ahead of the GPU. fp16: the grad
+    scaler's found-inf check too (it stays on the GPU with a fused optimizer)."""
     if loader_kind == "dali" and not dali_available():
         pytest.skip("NVIDIA DALI is not installed")
-    cfg, rt, loader, model, opt, sched = _one_step_setup(shards, loader_kind)
+    cfg, rt, loader, model, opt, sched = _one_step_setup(shards, loader_kind, precision)
     for b in loader.epoch(0):  # every shape once: lazy initialization, per-width constants
         train_step(model, b, opt, sched, None, rt, cfg, np.random.default_rng(0))
     it = iter(loader.epoch(1))

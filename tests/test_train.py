@@ -349,3 +349,89 @@ def test_resume_with_overrides_records_them(shards, tmp_path):
     assert info["resumes"][-1]["changes"] == {"epochs": [1, 2], "optim.lr": [0.01, 0.02]}
     assert load(d / "config.yaml").optim.lr == 0.02 and len(read_metrics(d)) == 2
     assert "`epochs` 1 -> 2, `optim.lr` 0.01 -> 0.02" in (d / "card.md").read_text()
+
+
+class _Dispatched(torch.utils._python_dispatch.TorchDispatchMode):
+    """The names of the operations dispatched inside."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_the_step_reads_nothing_back_and_updates_in_a_fixed_number_of_operations(name, precision):
+    """The whole training step (targets, mixup, autocast forward and backward, clipping, the grad scaler's unscale,
+    check and step, the optimizer, the schedule, EMA) asks no tensor for a host value: on a GPU that read is a sync
+    (a parameter's step count in AdamW's bias correction, the scaler's found-inf check for fp16). And the optimizer's
+    update takes as many operations for two stages as for one: a fixed count per step, not one or more per parameter.
+    fp16's scaler runs here on the CPU, through the same GradScaler code as on a GPU."""
+    import numpy as np
+
+    from mame_fast.input import Batch
+    from mame_fast.train.runtime import Runtime
+    from mame_fast.train.step import make_optimizer, make_schedule, train_step
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    scaler = torch.amp.GradScaler("cpu", enabled=precision == "fp16")
+    rt = Runtime(0, 1, 0, torch.device("cpu"), dtype, scaler, True)
+    cfg = load(None, [f"optim.name={name}", "optim.clip_grad=1.0", "optim.mixup=0.2", "optim.label_smoothing=0.1",
+                      "optim.ema=0.9"])
+    update_ops = []
+    for depth in (1, 2):
+        from timm.utils import ModelEmaV3
+
+        torch.manual_seed(0)
+        model = build(ModelSpec(stem_width=8, stages=tuple(StageSpec(16, 1, 2) for _ in range(depth))))
+        opt = make_optimizer(model, cfg, 8)
+        sched, ema, rng = make_schedule(opt, cfg, 10, 8), ModelEmaV3(model, decay=0.9), np.random.default_rng(0)
+        x = torch.randn(8, 3, 32, 32, dtype=dtype)
+        batch = Batch(x, torch.arange(8), torch.full((8, 2), 32, dtype=torch.int32), torch.arange(8), False, 8)
+        train_step(model, batch, opt, sched, ema, rt, cfg, rng)  # the first step creates the optimizer's state
+        with _Dispatched() as step:
+            loss, _, _ = train_step(model, batch, opt, sched, ema, rt, cfg, rng)
+        assert torch.isfinite(loss)
+        read = [op for op in step.ops if op in ("aten._local_scalar_dense", "aten.is_nonzero")]
+        assert not read, f"the step read {len(read)} values back to the host"
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        with _Dispatched() as update:
+            opt.step()
+        update_ops.append(len(update.ops))
+    assert update_ops[0] == update_ops[1] < 10, update_ops
+
+
+def test_the_ema_averages_as_timms_in_two_operations():
+    """``Ema`` (its tensor pairs gathered once) against timm's ModelEmaV3 over training steps of a BatchNorm model:
+    every parameter and buffer equal (floats averaged, BatchNorm's counters copied), also after a state was loaded
+    into both (a resume writes into the tensors the pairs hold); and, once its pairs are gathered, its update is two
+    operations at any depth."""
+    from timm.utils import ModelEmaV3
+
+    from mame_fast.train.step import Ema
+
+    for depth in (1, 2):
+        torch.manual_seed(0)
+        model = build(ModelSpec(stem_width=8, stages=tuple(StageSpec(16, 1, 2) for _ in range(depth))))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        ours, timms = Ema(model, decay=0.8), ModelEmaV3(model, decay=0.8)
+        for k in range(4):
+            model(torch.randn(4, 3, 32, 32)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+            if k == 2:  # as a resume does: another state loaded into both, after ours gathered its pairs
+                other = {n: v + 1 if v.is_floating_point() else v + 5 for n, v in timms.state_dict().items()}
+                ours.load_state_dict(other)
+                timms.load_state_dict(other)
+            with _Dispatched() as update:
+                ours.update(model)
+            timms.update(model)
+            assert k == 0 or len(update.ops) == 2, update.ops  # the first gathers the pairs
+            for (name, a), b in zip(ours.state_dict().items(), timms.state_dict().values(), strict=True):
+                assert torch.equal(a, b), (k, name)
+        assert int(ours.module.stem[0].bn.num_batches_tracked) == 4  # copied from the model: its 4 forwards

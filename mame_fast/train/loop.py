@@ -36,7 +36,7 @@ from .evaluate import evaluate
 from .model import build as build_model
 from .runtime import Runtime, setup_runtime
 from .spec import ModelSpec, load_spec, spec_dict, total_stride
-from .step import EpochMeter, make_optimizer, make_schedule, train_step, warm_up
+from .step import Ema, EpochMeter, make_optimizer, make_schedule, train_step, warm_up
 
 HEARTBEAT_S = 60  # how often a running run refreshes run.json's heartbeat (records.STALE_AFTER_S reads it)
 
@@ -126,9 +126,7 @@ def build(cfg: TrainConfig, rt: Runtime) -> Session:
         model = convert_sync_batchnorm(model)
     ema = None
     if cfg.optim.ema:
-        from timm.utils import ModelEmaV3
-
-        ema = ModelEmaV3(model, decay=cfg.optim.ema)
+        ema = Ema(model, decay=cfg.optim.ema)
     net = model
     if rt.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
