@@ -105,9 +105,10 @@ def make_optimizer(model, cfg: TrainConfig, global_batch: int):
     """SGD (Nesterov) or AdamW; the learning rate is per 256 images, scaled to the global batch. No weight decay on
     norms and biases (timm's 1-D parameter rule).
 
-    Fused: the whole update is one kernel per parameter group. PyTorch's default on a GPU (foreach) dispatches 9
-    multi-tensor operations per SGD step, and 163 per AdamW step, 142 of them a host-side ``.item()`` of a parameter's
-    step count for its bias correction: host time, in a step that is host-bound at 256 (benchmarks/step_ops.py).
+    Fused: the whole update is one kernel per parameter group (4 operations per step with SGD, 6 with AdamW).
+    PyTorch's default on a GPU (foreach) dispatches 11 per SGD step and 163 per AdamW step, 142 of them a host-side
+    ``.item()`` of a parameter's step count for its bias correction: host time, in a step that is host-bound at 256
+    (benchmarks/step_ops.py).
     The CPU has the same fused kernels, so CPU runs take the GPU's path. A run resumed from a checkpoint keeps the
     implementation it was saved with (torch restores it with the parameter groups)."""
     from timm.optim import param_groups_weight_decay
