@@ -1,8 +1,11 @@
-"""Shared by the tests: a training config for the tiny shards, small enough to run in seconds on 2 cores."""
+"""Shared by the tests: a training config for the tiny shards, small enough to run in seconds on 2 cores, and a record
+of the operations a block of code dispatches."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mame_fast.config import TrainConfig, load
 
@@ -14,3 +17,15 @@ def cfg_for(shards: Path, out: Path, **kw) -> TrainConfig:
     return load(None, sets)
 
 
+
+
+class Dispatched(TorchDispatchMode):
+    """The names of the operations dispatched inside (``aten.clone``, ``aten._local_scalar_dense``, ...), in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))

@@ -13,6 +13,8 @@ from mame_fast.config import ConfigError
 from mame_fast.train.model import build, stage_rows, summary_rows
 from mame_fast.train.spec import ModelSpec, StageSpec, load_spec, receptive_fields, shipped_specs, spec_dict, spec_from_dict
 
+from .helpers import Dispatched
+
 
 @pytest.mark.parametrize("name", shipped_specs())
 def test_family_builds_forward_backward(name):
@@ -70,23 +72,12 @@ def test_padding_does_not_change_a_samples_output(design):
 def test_training_makes_no_activation_copies(design):
     """No layer makes autograd save a copy of an activation (timm's in-place SiLU did, one per layer: 18 extra kernels
     and activation-sized writes per step in the `small` model), in fixed and padded batches; ReLU stays in place."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(str(func.overloadpacket))
-            return func(*args, **(kwargs or {}))
-
     kw = DESIGNS.get(design, dict(stages=(StageSpec(24, 2, 2, "residual"),), act="relu"))
     m = build(ModelSpec(stem_width=16, **{"act": "silu", **kw})).train()
-    with Ops() as ops:
+    with Dispatched() as d:
         m(torch.randn(2, 3, 64, 64)).sum().backward()
         m(torch.randn(2, 3, 64, 72), torch.tensor([[64, 40], [50, 72]])).sum().backward()
-    assert "aten.clone" not in ops.names and "aten.convolution" in ops.names
+    assert "aten.clone" not in d.ops and "aten.convolution" in d.ops
     relus = [a for a in m.modules() if isinstance(a, torch.nn.ReLU)]
     assert all(a.inplace for a in relus) and (design != "relu" or relus)
 

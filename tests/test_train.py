@@ -23,7 +23,7 @@ from mame_fast.train.loop import TrainingDiverged, run
 from mame_fast.train.model import build
 from mame_fast.train.spec import ModelSpec, StageSpec
 
-from .helpers import cfg_for
+from .helpers import Dispatched, cfg_for
 
 
 def test_training_reduces_the_loss(shards, tmp_path):
@@ -351,18 +351,6 @@ def test_resume_with_overrides_records_them(shards, tmp_path):
     assert "`epochs` 1 -> 2, `optim.lr` 0.01 -> 0.02" in (d / "card.md").read_text()
 
 
-class _Dispatched(torch.utils._python_dispatch.TorchDispatchMode):
-    """The names of the operations dispatched inside."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("name", ["sgd", "adamw"])
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_the_step_reads_nothing_back_and_updates_in_a_fixed_number_of_operations(name, precision):
@@ -375,7 +363,7 @@ def test_the_step_reads_nothing_back_and_updates_in_a_fixed_number_of_operations
 
     from mame_fast.input import Batch
     from mame_fast.train.runtime import Runtime
-    from mame_fast.train.step import make_optimizer, make_schedule, train_step
+    from mame_fast.train.step import Ema, make_optimizer, make_schedule, train_step
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     scaler = torch.amp.GradScaler("cpu", enabled=precision == "fp16")
@@ -384,23 +372,21 @@ def test_the_step_reads_nothing_back_and_updates_in_a_fixed_number_of_operations
                       "optim.ema=0.9"])
     update_ops = []
     for depth in (1, 2):
-        from timm.utils import ModelEmaV3
-
         torch.manual_seed(0)
         model = build(ModelSpec(stem_width=8, stages=tuple(StageSpec(16, 1, 2) for _ in range(depth))))
         opt = make_optimizer(model, cfg, 8)
-        sched, ema, rng = make_schedule(opt, cfg, 10, 8), ModelEmaV3(model, decay=0.9), np.random.default_rng(0)
+        sched, ema, rng = make_schedule(opt, cfg, 10, 8), Ema(model, decay=0.9), np.random.default_rng(0)
         x = torch.randn(8, 3, 32, 32, dtype=dtype)
         batch = Batch(x, torch.arange(8), torch.full((8, 2), 32, dtype=torch.int32), torch.arange(8), False, 8)
         train_step(model, batch, opt, sched, ema, rt, cfg, rng)  # the first step creates the optimizer's state
-        with _Dispatched() as step:
+        with Dispatched() as step:
             loss, _, _ = train_step(model, batch, opt, sched, ema, rt, cfg, rng)
         assert torch.isfinite(loss)
         read = [op for op in step.ops if op in ("aten._local_scalar_dense", "aten.is_nonzero")]
         assert not read, f"the step read {len(read)} values back to the host"
         for p in model.parameters():
             p.grad = torch.ones_like(p)
-        with _Dispatched() as update:
+        with Dispatched() as update:
             opt.step()
         update_ops.append(len(update.ops))
     assert update_ops[0] == update_ops[1] < 10, update_ops
@@ -428,7 +414,7 @@ def test_the_ema_averages_as_timms_in_two_operations():
                 other = {n: v + 1 if v.is_floating_point() else v + 5 for n, v in timms.state_dict().items()}
                 ours.load_state_dict(other)
                 timms.load_state_dict(other)
-            with _Dispatched() as update:
+            with Dispatched() as update:
                 ours.update(model)
             timms.update(model)
             assert k == 0 or len(update.ops) == 2, update.ops  # the first gathers the pairs
