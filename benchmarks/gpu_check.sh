@@ -22,7 +22,8 @@
 #   1. the whole script as it is (the 6-minute goal, every table, no crash);
 #   2. at 256, where the step is host-bound: whether CUDA graphs (compile_mode=reduce-overhead) or torch.compile take
 #      enough host work out of the step, and whether fewer loader threads let it run nearer its in-memory speed, each
-#      thread count alternating with 16 in one process (+N). Each variant prints its time; about 3-4 minutes:
+#      thread count alternating with 16 in one process (+N). Each variant prints its time, a compiled one inductor's
+#      reasons for any CUDA graph it skipped; about 3-4 minutes:
 #        STEPS=train_throughput REFERENCE=0 GPU_CHECK_LIMITS="1 300 1 1"
 #        TRAIN_VARIANTS=256:off:auto:graphs:+8,256:off:auto:+12:+8:+4,256:off:auto:compile
 #      then, with time left, the fallback's thread counts: TRAIN_VARIANTS=256:off:auto:pil:+12:+8:+4

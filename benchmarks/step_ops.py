@@ -15,8 +15,8 @@ Then the whole training step (``train_step``: targets, forward, backward, clippi
 epoch's running sums), on the CPU in fp32 over a small batch (the count does not depend on the pixels), for each
 optimizer: fused, as ``make_optimizer`` builds it now, and the EMA as ``step.Ema`` keeps it, against the defaults:
 PyTorch's on a GPU (foreach) and timm's ModelEmaV3. Host reads are the ``.item()``-like operations: each a sync when
-the tensor is on a GPU, host work when it is not. Last, the EMA update's host time, per shipped spec slimmed to 8
-channels everywhere (the same tensors and operations, next to no arithmetic).
+the tensor is on a GPU, host work when it is not. Last, the host time of the EMA update and of the gradient clipping,
+per shipped spec slimmed to 8 channels everywhere (the same tensors and operations, next to no arithmetic).
 
     python benchmarks/step_ops.py [--batch-size 64]
 """
@@ -108,21 +108,40 @@ def whole_step(spec: str, optim: str, baseline: bool) -> tuple[Count, Count, Cou
     return step, update, averaging
 
 
-def ema_host_us(spec: str, baseline: bool, updates: int = 200) -> float:
-    """Microseconds per EMA update of the spec slimmed to 8 channels everywhere: the same tensors and operations, next
-    to no arithmetic, so the time is the host's (median of 5 rounds, one torch thread)."""
+def slim(spec: str) -> torch.nn.Module:
+    """The spec slimmed to 8 channels everywhere: the same tensors and operations, next to no arithmetic."""
     s = load_spec(spec)
-    slim = replace(s, stem_width=8, stages=tuple(replace(t, width=8 * t.groups) for t in s.stages), fc=tuple(8 for _ in s.fc))
-    model = build(slim)
-    ema = (ModelEmaV3 if baseline else Ema)(model, decay=0.9998)
-    ema.update(model)
+    return build(replace(s, stem_width=8, stages=tuple(replace(t, width=8 * t.groups) for t in s.stages),
+                         fc=tuple(8 for _ in s.fc)))
+
+
+def host_us(fn, calls: int = 200) -> float:
+    """Microseconds per call of ``fn`` (median of 5 rounds)."""
+    fn()
     rounds = []
     for _ in range(5):
         t = time.perf_counter()
-        for _ in range(updates):
-            ema.update(model)
-        rounds.append((time.perf_counter() - t) / updates)
+        for _ in range(calls):
+            fn()
+        rounds.append((time.perf_counter() - t) / calls)
     return 1e6 * float(np.median(rounds))
+
+
+def ema_host_us(spec: str, baseline: bool) -> float:
+    """Microseconds per EMA update of the slimmed spec: the host's time."""
+    model = slim(spec)
+    ema = (ModelEmaV3 if baseline else Ema)(model, decay=0.9998)
+    return host_us(lambda: ema.update(model))
+
+
+def clip_host_us(spec: str, baseline: bool) -> float:
+    """Microseconds per gradient clipping of the slimmed spec, over the optimizer's parameters as ``train_step`` clips
+    (the list gathered from its groups each time), or over ``model.parameters()`` (a walk of every module)."""
+    model = slim(spec)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    opt = make_optimizer(model, load(None, [f"model={spec}"]), 8)
+    params = (lambda: model.parameters()) if baseline else (lambda: [p for g in opt.param_groups for p in g["params"]])
+    return host_us(lambda: torch.nn.utils.clip_grad_norm_(params(), 1e9, foreach=True))
 
 
 def main() -> None:
@@ -154,9 +173,11 @@ def main() -> None:
                      f"| {reads[0]} ({reads[1]}) |")
         print(steps[-1], flush=True)
     torch.set_num_threads(1)
-    emas = ["| spec | EMA update, host us: now (timm's ModelEmaV3) |", "|---|---|"]
+    emas = ["| spec | EMA update, host us: now (timm's ModelEmaV3) | clipping, host us: now (over model.parameters()) |",
+            "|---|---|---|"]
     for name in shipped_specs():
-        emas.append(f"| {name} | {ema_host_us(name, False):.0f} ({ema_host_us(name, True):.0f}) |")
+        emas.append(f"| {name} | {ema_host_us(name, False):.0f} ({ema_host_us(name, True):.0f}) "
+                    f"| {clip_host_us(name, False):.0f} ({clip_host_us(name, True):.0f}) |")
         print(emas[-1], flush=True)
     body = (f"One training forward and backward, batch {n}, channels-last, on the meta device (shapes only: the "
             f"operations any device is asked to run). 256: 224x224; full: 528x688 padded (images 3/4 of the bucket "
@@ -168,8 +189,9 @@ def main() -> None:
             "ModelEmaV3 (views and detaches are not counted: timm's EMA makes one per tensor of both models every step). "
             "Host reads: `.item()`-like operations, each a sync when the tensor is on a GPU, host work when it is not.\n\n"
             + "\n".join(steps) + "\n\n"
-            "The EMA update's host time: each spec slimmed to 8 channels everywhere (the same tensors and operations, next "
-            "to no arithmetic), one torch thread, median of 5 rounds of 200 updates.\n\n" + "\n".join(emas) + "\n")
+            "The EMA update's and the gradient clipping's host time: each spec slimmed to 8 channels everywhere (the same "
+            "tensors and operations, next to no arithmetic), one torch thread, median of 5 rounds of 200 calls.\n\n"
+            + "\n".join(emas) + "\n")
     print("saved", write_results("step_ops", "Operations per training step: now against timm's in-place activations and "
                                  "PyTorch's default optimizers",
                                  body, ("torch", "timm")))

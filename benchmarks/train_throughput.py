@@ -8,8 +8,9 @@ kernel choice or cache carries over from one to the next:
   throwaway shape, and reported on its own: it is paid once per process, whatever the data. Then a
   forward+backward pass over every batch shape, twice: the first minus the second is what new shapes cost
   (autotuning when on, heuristics, kernel loading and allocation when off). The first epoch minus a steady
-  epoch is what is left. Both are extrapolated to the real MAMe train split (20,300 images, its own shape
-  count from the real metadata).
+  epoch is what is left; its time inside the loader's ``next()`` and the host time of its first 3 steps, each
+  against a steady epoch's, say whether the loader or the step's first launches hold it. Both are extrapolated
+  to the real MAMe train split (20,300 images, its own shape count from the real metadata).
 - **steady state**: ``--epochs`` whole epochs with the real loader, which keeps its pipeline across epochs as
   in training, each followed by a whole pass over one real epoch's batches cached on the device (the model's
   speed with no loading cost: same shapes, same values). The ratio is the median over these adjacent pairs:
@@ -60,6 +61,7 @@ from mame_fast.train.spec import load_spec
 from mame_fast.train.step import make_optimizer, make_schedule, train_step, warm_up
 
 REAL_TRAIN = 20_300
+FIRST_STEPS = 3  # the first epoch's first steps, timed apart (run_epoch)
 
 
 class GpuBusy:
@@ -93,12 +95,30 @@ class GpuBusy:
         return float(np.mean(inside)) if len(inside) > 1 else None
 
 
+def keep_cudagraph_skips() -> list[str]:
+    """The messages inductor logs when it skips CUDA graphs (its "cudagraphs" log, on by default, which reaches the
+    "torch._inductor" logger): why a reduce-overhead variant ran without them, in its table rather than in a
+    child's discarded stderr."""
+    import logging
+
+    skipped: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "cudagraph" in (msg := record.getMessage()):
+                skipped.append(msg.strip())
+
+    logging.getLogger("torch._inductor").addHandler(Keep(logging.WARNING))
+    return skipped
+
+
 def measure(cfg, epochs: int, prime: bool = True, also: tuple[int, ...] = ()) -> dict:
     """One configuration: start-up, per-shape first-use cost, first epoch, steady real-loader epochs, in-memory epochs.
 
     ``also``: thread counts of more loaders of the same kind in this process, whose steady epochs (each followed by its
     own in-memory pass) alternate with the first loader's: thread counts compared within one state of the machine."""
     t_build = time.perf_counter()
+    skipped = keep_cudagraph_skips() if cfg.compile else []
     rt = setup_runtime(cfg.precision, cfg.cudnn_benchmark)
     loader = build_loader(cfg.data, "train", True, cfg.seed, device=rt.device, dtype=rt.dtype)
     spec = load_spec(cfg.model)
@@ -118,8 +138,10 @@ def measure(cfg, epochs: int, prime: bool = True, also: tuple[int, ...] = ()) ->
     # (autotuning when on, heuristics, kernel loading and allocation when off), the second only the compute.
     first_use, again = warm_up(model, shapes, [], rt), warm_up(model, shapes, [], rt)
 
-    def run_epoch(batches) -> tuple[float, float, int, int]:
-        """Seconds, seconds inside next(), images and steps of one pass over ``batches``."""
+    def run_epoch(batches, head: list | None = None) -> tuple[float, float, int, int]:
+        """Seconds, seconds inside next(), images and steps of one pass over ``batches``; ``head`` gets the host time
+        of its first FIRST_STEPS steps (the step is asynchronous: what the host waits for, e.g. kernels loaded at
+        their first launch, shows there; GPU work does not)."""
         t, wait, n, steps = time.perf_counter(), 0.0, 0, 0
         it = iter(batches)
         while True:
@@ -130,10 +152,13 @@ def measure(cfg, epochs: int, prime: bool = True, also: tuple[int, ...] = ()) ->
                 break
             loss, _, _ = train_step(net, b, opt, sched, None, rt, cfg, rng)
             n, steps = n + b.real, steps + 1
+            if head is not None and steps == FIRST_STEPS:
+                head.append(time.perf_counter() - t)
         loss.item()  # the loop syncs at log steps; here once per epoch
         return time.perf_counter() - t, wait, n, steps
 
-    first, _, n, _ = run_epoch(loader.epoch(0))
+    first_head, steady_head = [], []
+    first, first_wait, n, _ = run_epoch(loader.epoch(0), first_head)
     cached = list(loader.epoch(1))  # one real epoch's batches, kept on the device
     # Real-loader epochs and in-memory passes alternate, so that each pair sees the same state of the machine: at 256
     # the step is host-bound, and its speed drifts between and within processes by more than the loader costs.
@@ -146,7 +171,7 @@ def measure(cfg, epochs: int, prime: bool = True, also: tuple[int, ...] = ()) ->
     with GpuBusy() as busy:
         for e in range(2, epochs + 2):
             t0 = time.perf_counter()
-            dt, w, n, steps = run_epoch(loader.epoch(e))
+            dt, w, n, steps = run_epoch(loader.epoch(e), steady_head)
             t1 = time.perf_counter()
             mem.append(run_epoch(cached)[0])
             spans["real"].append((t0, t1))
@@ -165,12 +190,17 @@ def measure(cfg, epochs: int, prime: bool = True, also: tuple[int, ...] = ()) ->
     from torch._dynamo.utils import counters
 
     compile_info = {"mode": cfg.compile_mode, "graphs": counters["stats"]["unique_graphs"],
-                    "cudagraph_skips": counters["inductor"]["cudagraph_skips"]} if cfg.compile else None
+                    "cudagraph_skips": counters["inductor"]["cudagraph_skips"], "skip_reasons": sorted(set(skipped))
+                    } if cfg.compile else None
     return {
         "compiled": compile_info,
         "device": str(rt.device), "loader": type(loader).__name__, "images": n, "steps": steps, "shapes": len(shapes),
         "startup_s": startup, "process_first_s": process_first, "first_use_s": first_use - again, "primed": prime,
         "first_epoch_s": first, "real_s": real, "memory_s": mem,
+        # Where the first epoch's extra time goes: waiting for the loader, or the host in the first steps.
+        "first_wait_s": first_wait, "steady_wait_s": float(np.median(waits)),
+        "first_head_s": first_head[0] if first_head else None,
+        "steady_head_s": float(np.median(steady_head)) if steady_head else None,
         "wait_ms_per_step": 1e3 * float(np.median(waits)) / steps, "step_ms": 1e3 * float(np.median(real)) / steps,
         "wait_share": float(np.median(waits) / np.median(real)), "gpu_busy": busy.mean_in(spans["real"]),
         "gpu_busy_memory": busy.mean_in(spans["memory"]),
@@ -283,7 +313,10 @@ def table(title: str, m: dict) -> str:
           f"(each pair [{min(pairs_of(a)):.1%}, {max(pairs_of(a)):.1%}]); time inside next() {a['wait_share']:.1%} of the loop."
           for t, a in m.get("also", {}).items()],
         *([f"- compiled in mode {c['mode']}: {c['graphs']} graphs (forward graphs, one more per recompilation); CUDA graphs "
-           f"skipped in {c['cudagraph_skips']} compilations (inductor logs why)."] if (c := m.get("compiled")) else []),
+           f"skipped in {c['cudagraph_skips']} compilations"
+           + (f": {'; '.join(c['skip_reasons'])}." if c.get("skip_reasons") else
+              " (no reason logged: inductor logs one for GPU graphs only)." if c["cudagraph_skips"] else ".")]
+          if (c := m.get("compiled")) else []),
         f"- once per process: start-up (CUDA, loader and model built) {m['startup_s']:.2f} s; first use of CUDA, cuDNN "
         f"and their kernels {m['process_first_s']:.2f} s (a forward+backward pass on a throwaway shape)"
         + ("; the loader primed before it, as the trainer does." if m["primed"] else "; the loader not primed.")
@@ -291,7 +324,10 @@ def table(title: str, m: dict) -> str:
         + (f"{per_shape * 1e3:.0f} ms each ({m['first_use_s']:.2f} s for {m['shapes']}" if m["first_use_s"] >= 0 else
            f"below this machine's noise (the second pass took {-m['first_use_s']:.2f} s longer over {m['shapes']} shapes")
         + ", measured as a forward+backward pass over every shape minus a second such pass); the first epoch after that: "
-        f"{m['first_epoch_s']:.2f} s against {steady:.2f} s steady.",
+        f"{m['first_epoch_s']:.2f} s against {steady:.2f} s steady, of which {m['first_wait_s']:.2f} s inside the "
+        f"loader's next() ({m['steady_wait_s']:.2f} s steady)"
+        + (f" and {m['first_head_s']:.2f} s in its first {FIRST_STEPS} steps ({m['steady_head_s']:.2f} s steady)"
+           if m.get("first_head_s") is not None and m.get("steady_head_s") is not None else "") + ".",
         f"- On the real MAMe train split ({m['real_shapes']} shapes, an epoch of {real_epoch:.1f} s at this speed) the first "
         f"epoch costs {real_overhead:.2f} s more than the others: **{real_overhead / real_epoch:.1%}** of an epoch "
         f"(goal <= 10%); {real_overhead + once:.2f} s, {(real_overhead + once) / real_epoch:.1%}, with the once-per-process "

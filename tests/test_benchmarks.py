@@ -25,6 +25,7 @@ def test_gpu_check_smoke(tmp_path):
         assert f"- {step}: ok in" in report, report[:2000]
     assert "- phase 1 (side by side): " in report and "- in all: " in report and " skipped in " in report
     assert report.count("real loader / in-memory batches: **") == 2  # 256 and full
+    assert report.count(" steady) and ") == 2 and report.count(" in its first 3 steps (") == 2  # the first epoch's parts
     assert "PilLoader on cpu" in report and "| real loader, 1 threads (same process, alternating) |" in report
     assert "| PIL fallback |" in report and "| augment limit |" in report and "demo finished in" in report
     # Cores busy counts the fallback's worker processes (2 of them here), not only the training process's threads.

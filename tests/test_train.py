@@ -392,6 +392,32 @@ def test_the_step_reads_nothing_back_and_updates_in_a_fixed_number_of_operations
     assert update_ops[0] == update_ops[1] < 10, update_ops
 
 
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_the_step_clips_the_norm_of_every_gradient(name):
+    """The step's grad norm is that of every parameter's gradient, both weight-decay groups (weights; norms and
+    biases), and clipping scales them all: after a step, the gradients' total norm is the returned one when it is
+    under optim.clip_grad, and optim.clip_grad when it is over."""
+    import numpy as np
+
+    from mame_fast.input import Batch
+    from mame_fast.train.runtime import Runtime
+    from mame_fast.train.step import make_optimizer, make_schedule, train_step
+
+    rt = Runtime(0, 1, 0, torch.device("cpu"), None, torch.amp.GradScaler("cpu", enabled=False), True)
+    x, y = torch.randn(8, 3, 32, 32), torch.arange(8)
+    batch = Batch(x, y, torch.full((8, 2), 32, dtype=torch.int32), torch.arange(8), False, 8)
+    for clip in (1e6, 1e-3):
+        torch.manual_seed(0)
+        model = build(ModelSpec(stem_width=8, stages=(StageSpec(16, 1, 2), StageSpec(16, 1, 2))))
+        cfg = load(None, [f"optim.name={name}", f"optim.clip_grad={clip}", "optim.weight_decay=0.05"])
+        opt = make_optimizer(model, cfg, 8)
+        assert len(opt.param_groups) == 2 and all(g["params"] for g in opt.param_groups)
+        _, _, gnorm = train_step(model, batch, opt, make_schedule(opt, cfg, 10, 8), None, rt, cfg, np.random.default_rng(0))
+        after = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in model.parameters()]))
+        assert float(gnorm) > 1e-2
+        torch.testing.assert_close(after, torch.as_tensor(min(float(gnorm), clip)), rtol=1e-4, atol=0)
+
+
 def test_the_ema_averages_as_timms_in_two_operations():
     """``Ema`` (its tensor pairs gathered once) against timm's ModelEmaV3 over training steps of a BatchNorm model:
     every parameter and buffer equal (floats averaged, BatchNorm's counters copied), also after a state was loaded
