@@ -23,9 +23,10 @@
 #   2. at 256, where the step is host-bound: whether CUDA graphs (compile_mode=reduce-overhead) or torch.compile take
 #      enough host work out of the step, and whether fewer loader threads let it run nearer its in-memory speed, each
 #      thread count alternating with 16 in one process (+N). Each variant prints its time, a compiled one inductor's
-#      reasons for any CUDA graph it skipped; about 3-4 minutes:
+#      reasons for any CUDA graph it skipped. At batch 128, configs/256.yaml's, where the GPU was 70-75% busy (64: 46-47%),
+#      so that the result decides that config; about 3-4 minutes:
 #        STEPS=train_throughput REFERENCE=0 GPU_CHECK_LIMITS="1 300 1 1"
-#        TRAIN_VARIANTS=256:off:auto:graphs:+8,256:off:auto:+12:+8:+4,256:off:auto:compile
+#        TRAIN_VARIANTS=256:off:auto:b128:graphs:+8,256:off:auto:b128:+12:+8:+4,256:off:auto:b128:compile
 #      then, with time left, the fallback's thread counts: TRAIN_VARIANTS=256:off:auto:pil:+12:+8:+4
 #
 # On the lent GPU machines DALI travels in three parts: ../shared/gpu/README.md. Writes $OUT/gpu_check.md, the
