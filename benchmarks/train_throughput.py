@@ -54,7 +54,7 @@ from mame_fast.files import usable_cores
 from mame_fast.input import build_loader
 from mame_fast.input.loader import plan_config
 from mame_fast.input.plan import batch_shapes
-from mame_fast.train.loop import compiled
+from mame_fast.train.loop import CompileWatch, compiled
 from mame_fast.train.model import build, count_flops
 from mame_fast.train.runtime import setup_runtime
 from mame_fast.train.spec import load_spec
@@ -95,30 +95,13 @@ class GpuBusy:
         return float(np.mean(inside)) if len(inside) > 1 else None
 
 
-def keep_cudagraph_skips() -> list[str]:
-    """The messages inductor logs when it skips CUDA graphs (its "cudagraphs" log, on by default, which reaches the
-    "torch._inductor" logger): why a reduce-overhead variant ran without them, in its table rather than in a
-    child's discarded stderr."""
-    import logging
-
-    skipped: list[str] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            if "cudagraph" in (msg := record.getMessage()):
-                skipped.append(msg.strip())
-
-    logging.getLogger("torch._inductor").addHandler(Keep(logging.WARNING))
-    return skipped
-
-
 def measure(cfg, epochs: int, prime: bool = True, also: tuple[int, ...] = ()) -> dict:
     """One configuration: start-up, per-shape first-use cost, first epoch, steady real-loader epochs, in-memory epochs.
 
     ``also``: thread counts of more loaders of the same kind in this process, whose steady epochs (each followed by its
     own in-memory pass) alternate with the first loader's: thread counts compared within one state of the machine."""
     t_build = time.perf_counter()
-    skipped = keep_cudagraph_skips() if cfg.compile else []
+    watch = CompileWatch(cfg.compile_mode) if cfg.compile else None
     rt = setup_runtime(cfg.precision, cfg.cudnn_benchmark)
     loader = build_loader(cfg.data, "train", True, cfg.seed, device=rt.device, dtype=rt.dtype)
     spec = load_spec(cfg.model)
@@ -185,15 +168,8 @@ def measure(cfg, epochs: int, prime: bool = True, also: tuple[int, ...] = ()) ->
                 alt[t]["memory_s"].append(run_epoch(cached)[0])
     flops = {s: count_flops(model, s[1], s[2]) for s in shapes}  # forward, per image, on the device
     img_flops = float(np.mean([flops[(b.images.shape[0], b.images.shape[2], b.images.shape[3])] for b in cached]))
-    # Compiled variants: did CUDA graphs run, or were they skipped (inductor logs why, in this benchmark's log)? Imported
-    # here: torch._dynamo is not otherwise loaded by an eager variant or the parent process.
-    from torch._dynamo.utils import counters
-
-    compile_info = {"mode": cfg.compile_mode, "graphs": counters["stats"]["unique_graphs"],
-                    "cudagraph_skips": counters["inductor"]["cudagraph_skips"], "skip_reasons": sorted(set(skipped))
-                    } if cfg.compile else None
     return {
-        "compiled": compile_info,
+        "compiled": watch.summary() if watch else None,
         "device": str(rt.device), "loader": type(loader).__name__, "images": n, "steps": steps, "shapes": len(shapes),
         "startup_s": startup, "process_first_s": process_first, "first_use_s": first_use - again, "primed": prime,
         "first_epoch_s": first, "real_s": real, "memory_s": mem,
@@ -312,11 +288,7 @@ def table(title: str, m: dict) -> str:
         *[f"- with {t} threads instead of {m['threads']}: real loader / its adjacent in-memory pass **{ratio_of(a):.1%}** "
           f"(each pair [{min(pairs_of(a)):.1%}, {max(pairs_of(a)):.1%}]); time inside next() {a['wait_share']:.1%} of the loop."
           for t, a in m.get("also", {}).items()],
-        *([f"- compiled in mode {c['mode']}: {c['graphs']} graphs (forward graphs, one more per recompilation); CUDA graphs "
-           f"skipped in {c['cudagraph_skips']} compilations"
-           + (f": {'; '.join(c['skip_reasons'])}." if c.get("skip_reasons") else
-              " (no reason logged: inductor logs one for GPU graphs only)." if c["cudagraph_skips"] else ".")]
-          if (c := m.get("compiled")) else []),
+        *([f"- {CompileWatch.describe(c)}."] if (c := m.get("compiled")) else []),
         f"- once per process: start-up (CUDA, loader and model built) {m['startup_s']:.2f} s; first use of CUDA, cuDNN "
         f"and their kernels {m['process_first_s']:.2f} s (a forward+backward pass on a throwaway shape)"
         + ("; the loader primed before it, as the trainer does." if m["primed"] else "; the loader not primed.")

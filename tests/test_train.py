@@ -229,6 +229,11 @@ def test_a_compiled_step_trains_as_the_eager_one(shards, tmp_path):
     fast = run(cfg_for(shards, tmp_path / "b", compile=True, compile_mode="reduce-overhead", **extra), name="compiled")
     (a,), (b,) = read_metrics(eager), read_metrics(fast)
     assert read_run_info(fast)["status"] == "finished"
+    # run.json says what compiling did: here one graph set for the one shape, and no CUDA graphs (a CPU has none: inductor
+    # counts them as skipped, silently); an eager run records nothing of it.
+    c = read_run_info(fast)["compile"]
+    assert c["mode"] == "reduce-overhead" and c["graphs"] >= 1 and c["cudagraph_skips"] >= 1, c
+    assert c["cudagraph_skip_reasons"] == [] and "compile" not in read_run_info(eager)
     # In bf16, the GPU's dtype path, inductor rounds to bf16 at other points than eager does (measured: 1e-6 in the
     # losses, 2e-4 in any weight; in fp32, 1e-7 and 3e-6).
     assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)

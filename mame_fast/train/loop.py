@@ -11,8 +11,10 @@ only host sync, on whether to stop (a step limit, a signal, a non-finite loss) o
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
+import logging
 import math
 import signal
 import time
@@ -70,6 +72,7 @@ class Session:
     saved_at: float = field(default_factory=time.monotonic)
     beat_at: float = field(default_factory=time.monotonic)
     seen: list[list[int]] = field(default_factory=list)  # sample indices per epoch (record_samples)
+    compile_watch: CompileWatch | None = None  # with compile=true: what torch.compile did, for run.json
 
     @property
     def global_batch(self) -> int:
@@ -130,16 +133,72 @@ def build(cfg: TrainConfig, rt: Runtime) -> Session:
     net = model
     if rt.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
+    watch = CompileWatch(cfg.compile_mode) if cfg.compile else None
     net = compiled(net, cfg)
     opt = make_optimizer(model, cfg, cfg.data.batch_size * rt.world)
     state = ckpt.TrainState(model, opt, rt.scaler, ema, EpochMeter(rt.device))
-    return Session(cfg, rt, spec, train_loader, val_loader, classes, model, net, ema, opt, state)
+    return Session(cfg, rt, spec, train_loader, val_loader, classes, model, net, ema, opt, state, compile_watch=watch)
 
 
 def compiled(net: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
     """The module the training step runs: ``net`` itself, or torch.compile's wrapper in ``cfg.compile_mode``, which
     compiles at its first step and again when a new batch shape needs it (with CUDA graphs: one graph per shape)."""
     return torch.compile(net, mode=cfg.compile_mode) if cfg.compile else net
+
+
+@functools.lru_cache(maxsize=1)
+def _cudagraph_skips() -> list[str]:
+    """Every message in which inductor says it skips CUDA graphs, in this process. Its "cudagraphs" log is on by
+    default and reaches the "torch._inductor" logger; without this it would only be a line on stderr."""
+    skipped: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "cudagraph" in (msg := record.getMessage()):
+                skipped.append(msg.strip())
+
+    logging.getLogger("torch._inductor").addHandler(Keep(logging.WARNING))
+    return skipped
+
+
+class CompileWatch:
+    """What torch.compile did since the watch started: graphs compiled (one per batch shape, one more per
+    recompilation) and, in mode reduce-overhead, compilations that run without CUDA graphs, with inductor's reasons
+    (it gives them for GPU graphs; on a CPU there are none to skip and it counts them silently). A user who asked
+    for CUDA graphs can see in run.json whether they run. Counted from the start, so that runs sharing a process
+    (a sweep, the tests) each get their own figures."""
+
+    def __init__(self, mode: str):
+        from torch._dynamo.utils import counters  # loaded by torch.compile anyway
+
+        self.mode, self.counters, self.reasons = mode, counters, _cudagraph_skips()
+        self.start = (counters["stats"]["unique_graphs"], counters["inductor"]["cudagraph_skips"], len(self.reasons))
+        self.reported: dict | None = None
+
+    def summary(self) -> dict:
+        graphs, skips, reasons = self.start
+        return {"mode": self.mode, "graphs": self.counters["stats"]["unique_graphs"] - graphs,
+                "cudagraph_skips": self.counters["inductor"]["cudagraph_skips"] - skips,
+                "cudagraph_skip_reasons": sorted(set(self.reasons[reasons:]))}
+
+    @staticmethod
+    def describe(c: dict) -> str:
+        line = f"compiled in mode {c['mode']}: {c['graphs']} graph{'s' * (c['graphs'] != 1)}"
+        if c["mode"] in ("reduce-overhead", "max-autotune"):  # the modes that use CUDA graphs
+            line += f"; CUDA graphs skipped in {c['cudagraph_skips']} compilation{'s' * (c['cudagraph_skips'] != 1)}"
+            if c["cudagraph_skip_reasons"]:
+                line += ": " + "; ".join(c["cudagraph_skip_reasons"])
+            elif c["cudagraph_skips"]:
+                line += " (no reason logged: inductor gives one for GPU graphs only)"
+        return line
+
+    def report(self, run_dir: RunDir, progress: Progress) -> None:
+        """Into run.json and onto the console, when it changed since the last report (the first epoch compiles)."""
+        now = self.summary()
+        if now != self.reported:
+            self.reported = now
+            records.update_run_info(run_dir, {"compile": now})
+            progress.say(self.describe(now))
 
 
 def start(s: Session, name: str, resume: Path | None, meta: dict) -> RunDir:
@@ -204,6 +263,8 @@ def train(s: Session, run_dir: RunDir, console) -> Stop:
                     save_last(s, run_dir)
                     return stop
                 end_epoch(s, run_dir, progress, tb, hist_batch, last=stop is not Stop.FINISHED)
+                if s.compile_watch is not None and rt.master:
+                    s.compile_watch.report(run_dir, progress)
                 if stop is not Stop.FINISHED:
                     return stop
         if rt.master:
