@@ -244,6 +244,29 @@ def test_a_compiled_step_trains_as_the_eager_one(shards, tmp_path):
         assert torch.allclose(wa[k].float(), wb[k].float(), rtol=1e-2, atol=1e-3), k
 
 
+def test_the_compile_account_names_inductors_reasons_and_counts_from_its_start():
+    """What a GPU run's compile account holds when inductor skips CUDA graphs: inductor's own logging call (the one it
+    makes on a GPU) reaches the watch with its reason, other inductor warnings do not, and a watch started later (the
+    next run in the same process) counts from zero."""
+    import logging
+
+    from torch._inductor.cudagraph_utils import log_cudagraph_skip_and_bump_counter
+
+    from mame_fast.train.loop import CompileWatch
+
+    first = CompileWatch("reduce-overhead")
+    log_cudagraph_skip_and_bump_counter("skipping cudagraphs due to mutated inputs (2 instances)")
+    logging.getLogger("torch._inductor.graph").warning("CUDAGraph supports dynamic shapes by recording a new graph")
+    c = first.summary()
+    assert c["cudagraph_skips"] == 1
+    assert c["cudagraph_skip_reasons"] == ["skipping cudagraphs due to mutated inputs (2 instances)"]
+    assert CompileWatch.describe(c).endswith("CUDA graphs skipped in 1 compilation: skipping cudagraphs due to mutated "
+                                             "inputs (2 instances)")
+    later = CompileWatch("default")
+    assert later.summary() == {"mode": "default", "graphs": 0, "cudagraph_skips": 0, "cudagraph_skip_reasons": []}
+    assert CompileWatch.describe(later.summary()) == "compiled in mode default: 0 graphs"
+
+
 def test_warm_up_leaves_the_run_untouched():
     """The shape warm-up runs a copy of the model under a forked RNG: weights, BatchNorm statistics, gradients and
     the random stream of the run are as before (a model with dropout and drop-path, where the RNG matters)."""

@@ -154,8 +154,8 @@ def _cudagraph_skips() -> list[str]:
 
     class Keep(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
-            if "cudagraph" in (msg := record.getMessage()):
-                skipped.append(msg.strip())
+            if (msg := record.getMessage().strip()).startswith("skipping cudagraphs"):  # inductor's wording, e.g.
+                skipped.append(msg)  # "skipping cudagraphs due to mutated inputs (2 instances)"
 
     logging.getLogger("torch._inductor").addHandler(Keep(logging.WARNING))
     return skipped
