@@ -164,10 +164,9 @@ def _cudagraph_skips() -> list[str]:
 class CompileWatch:
     """What torch.compile did since the watch started: graphs compiled (one per batch shape, one more per
     recompilation) and, in the modes with CUDA graphs (reduce-overhead, max-autotune), compilations that run without
-    them, with inductor's reasons
-    (it gives them for GPU graphs; on a CPU there are none to skip and it counts them silently). A user who asked
-    for CUDA graphs can see in run.json whether they run. Counted from the start, so that runs sharing a process
-    (a sweep, the tests) each get their own figures."""
+    them, with inductor's reasons (it gives them for GPU graphs; on a CPU there are none to skip and it counts them
+    silently). A user who asked for CUDA graphs can see in run.json whether they run. Counted from the start, so
+    that runs sharing a process (a sweep, the tests) each get their own figures."""
 
     def __init__(self, mode: str):
         from torch._dynamo.utils import counters  # loaded by torch.compile anyway
