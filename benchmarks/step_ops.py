@@ -38,7 +38,7 @@ from mame_fast.input import Batch
 from mame_fast.train.model import build
 from mame_fast.train.runtime import Runtime
 from mame_fast.train.spec import load_spec, shipped_specs
-from mame_fast.train.step import Ema, EpochMeter, make_optimizer, make_schedule, train_step
+from mame_fast.train.step import Ema, EpochMeter, make_optimizer, make_schedule, train_step, trained_params
 
 READS = ("aten._local_scalar_dense", "aten.is_nonzero")
 VIEWS = {"aten.detach", "aten.view", "aten._unsafe_view", "aten.t", "aten.expand", "aten.slice", "aten.select",
@@ -140,7 +140,7 @@ def clip_host_us(spec: str, baseline: bool) -> float:
     model = slim(spec)
     model(torch.randn(2, 3, 32, 32)).sum().backward()
     opt = make_optimizer(model, load(None, [f"model={spec}"]), 8)
-    params = (lambda: model.parameters()) if baseline else (lambda: [p for g in opt.param_groups for p in g["params"]])
+    params = (lambda: model.parameters()) if baseline else (lambda: trained_params(opt))
     return host_us(lambda: torch.nn.utils.clip_grad_norm_(params(), 1e9, foreach=True))
 
 

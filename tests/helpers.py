@@ -17,8 +17,6 @@ def cfg_for(shards: Path, out: Path, **kw) -> TrainConfig:
     return load(None, sets)
 
 
-
-
 class Dispatched(TorchDispatchMode):
     """The names of the operations dispatched inside (``aten.clone``, ``aten._local_scalar_dense``, ...), in order."""
 

@@ -263,8 +263,6 @@ def train(s: Session, run_dir: RunDir, console) -> Stop:
                     save_last(s, run_dir)
                     return stop
                 end_epoch(s, run_dir, progress, tb, hist_batch, last=stop is not Stop.FINISHED)
-                if s.compile_watch is not None and rt.master:
-                    s.compile_watch.report(run_dir, progress)
                 if stop is not Stop.FINISHED:
                     return stop
         if rt.master:
@@ -342,6 +340,8 @@ def end_epoch(s: Session, run_dir: RunDir, progress: Progress, tb: TensorBoard, 
         records.append_metrics(run_dir.path, row)
         tb.epoch(row)
         progress.epoch_done(row)
+        if s.compile_watch is not None:
+            s.compile_watch.report(run_dir, progress)
 
 
 def keep_best(s: Session, run_dir: RunDir, row: dict) -> None:
