@@ -70,8 +70,8 @@ def train_step(model, batch, opt, sched, ema, rt: Runtime, cfg: TrainConfig, rng
 
 def trained_params(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
     """The parameters the optimizer updates (all the model's trainable ones), from its groups: what clipping goes over.
-    ``model.parameters()`` would walk every module in Python each step: clipping `small` takes 240 us of host time
-    this way instead of 419 on the 2-core VM (benchmarks/step_ops.py), in a step host-bound at 256."""
+    ``model.parameters()`` would walk every module in Python each step: clipping `small` takes 227-240 us of host time
+    this way instead of 390-419 on the 2-core VM (benchmarks/step_ops.py), in a step host-bound at 256."""
     return [p for g in opt.param_groups for p in g["params"]]
 
 
@@ -80,7 +80,7 @@ class Ema(ModelEmaV3):
     the pairs of tensors it updates gathered once. timm gathers them every step by walking both models'
     ``state_dict()`` (0.3 ms each for `small` on the 2-core VM: a detach per tensor) and copies each integer buffer
     (BatchNorm's counters) in an operation of its own; here the update is two multi-tensor operations, and its host
-    time for `small` 60 us instead of 815-858 us (benchmarks/step_ops.py).
+    time for `small` 60 us instead of 792-858 us (benchmarks/step_ops.py).
 
     The pairs stay valid because nothing replaces the models' tensors after the EMA is built: training and
     ``load_state_dict`` write into them in place. ``model`` may be the training module or its DDP or compiled wrapper
