@@ -3,15 +3,39 @@
 from __future__ import annotations
 
 import datetime as dt
+import multiprocessing
 import os
 import platform
 import statistics
+from concurrent.futures import ProcessPoolExecutor
 from importlib import metadata
 from pathlib import Path
 
 # Where results and generated samples go; gpu_check.sh's smoke run points them at a temporary folder.
 RESULTS = Path(os.environ.get("MAME_FAST_RESULTS") or Path(__file__).parent / "results")
 WORK = Path(os.environ.get("MAME_FAST_BENCH_WORK") or Path(__file__).parent / "_work")
+
+
+# What the server of fresh_process() imports once. Neither import calls the CUDA driver (the suite checks it against a
+# stand-in libcuda that logs every call), so its children start with CUDA untouched. DALI and mame-fast are left to
+# the child: cheap to import, and DALI's import is not worth the risk of a thread in the server.
+PRELOAD = ("torch", "timm")
+
+
+def fresh_process() -> ProcessPoolExecutor:
+    """A pool of one process for one measured configuration, so that no CUDA context, kernel choice, loader thread,
+    worker process or heap of an earlier configuration is in it. It is forked from multiprocessing's forkserver, which
+    imported ``PRELOAD`` once, rather than spawned: a spawned process imports torch and timm again, 3-4 CPU seconds on
+    each of the 13 configurations of gpu_check.sh, and a CPU run's rows are each that much longer."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(list(PRELOAD))
+    return ProcessPoolExecutor(1, mp_context=ctx, initializer=_start_processes_as_by_default)
+
+
+def _start_processes_as_by_default() -> None:
+    # A child of the forkserver would start its own processes (DataLoader workers) through the server too: each one
+    # importing the benchmark again and starting from the server's state, not its parent's. A user's run forks them.
+    multiprocessing.set_start_method(multiprocessing.get_all_start_methods()[0], force=True)
 
 
 def cpu_model() -> str:

@@ -19,15 +19,14 @@ Each probe runs side by side with its baseline in one run:
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import statistics
 import threading
 import time
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-from _common import write_results
+from _common import fresh_process, write_results
 from loader_throughput import prepare
 
 from mame_fast.config import DataConfig
@@ -147,7 +146,6 @@ def main() -> None:
     ap.add_argument("--many", type=int, default=16, help="the thread count of the many-core machine to probe for")
     args = ap.parse_args()
     _, shards = prepare(args.per_class, args.workers)
-    spawn = multiprocessing.get_context("spawn")
     sections = []
 
     counts = sorted({1, 2, 4, 8, args.workers, args.many})
@@ -162,7 +160,7 @@ def main() -> None:
     rows = []
     for res in ("256", "full"):
         for threads in sorted({args.workers, args.many}):
-            with ProcessPoolExecutor(1, mp_context=spawn) as ex:
+            with fresh_process() as ex:
                 ips, own = ex.submit(_loader_run, str(shards[res]), res, threads).result()
             rows.append(f"| {res} | {threads} | {ips:.0f} | {own:.0f} | {1e6 / own:,.0f} |")
     sections.append(
@@ -172,7 +170,7 @@ def main() -> None:
     print(sections[-1], flush=True)
 
     batches = (4, 8, 32)
-    with ProcessPoolExecutor(1, mp_context=spawn) as ex:
+    with fresh_process() as ex:
         ms = [ex.submit(_graph_run, str(shards["256"]), "256", args.workers, b).result() for b in batches]
     per_image, fixed = np.polyfit(batches, ms, 1)
     at_many = fixed + 32 * per_image * args.workers / args.many

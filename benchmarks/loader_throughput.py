@@ -30,15 +30,14 @@ from __future__ import annotations
 import argparse
 import io
 import math
-import multiprocessing
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
-from _common import WORK, proc_cpu, summary, write_results
+from _common import WORK, fresh_process, proc_cpu, summary, write_results
 from PIL import Image
 
 from mame_fast.config import DataConfig
@@ -234,9 +233,6 @@ def run_contender(name: str, cfg: DataConfig, root: Path, args) -> tuple[list[fl
     share of each round the consuming thread was on a CPU (near 1: that thread, the one every batch goes through,
     bounds the loader); for DALI CPU also its breakdown."""
     torch.set_num_threads(1)  # the main thread only consumes batches; the cores belong to the loader
-    # A spawned process inherits "spawn" as its start method: DataLoader workers would re-import torch each
-    # epoch. They start as in a user's run (fork on Linux).
-    multiprocessing.set_start_method(_mp_context().get_start_method(), force=True)
     n = load_manifest(Path(cfg.shards))["splits"]["train"]["count"]
     if name == "ImageFolder + PIL":
         folder = imagefolder_loader(root, cfg.res, args.crop, args.pixels, args.batch_size, args.workers)
@@ -308,10 +304,9 @@ def main() -> None:
         # Each loader runs in a process of its own, as in a training run. In one process, the forks of the
         # other contenders (DataLoader workers, the limits' pools) leave every page of the heap copy-on-write,
         # and the next DALI epoch paid a page fault per page it wrote: -10% at 256.
-        spawn = multiprocessing.get_context("spawn")
         for name in contenders:
             t0 = time.perf_counter()
-            with ProcessPoolExecutor(1, mp_context=spawn) as ex:
+            with fresh_process() as ex:
                 times[name], cores[name], thread[name], parts = ex.submit(run_contender, name, cfg, root, args).result()
             # What the step's time limit in gpu_check.sh goes on (process start, warm-up epoch, timed rounds).
             print(f"{res} {name}: {time.perf_counter() - t0:.1f} s in all", flush=True)

@@ -34,18 +34,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import os
 import shutil
 import subprocess
 import sys
 import threading
 import time
+import traceback
 from dataclasses import replace
 
 import numpy as np
 import torch
-from _common import summary, write_results
+from _common import fresh_process, summary, write_results
 from loader_throughput import prepare
 
 from mame_fast.config import load
@@ -221,32 +220,30 @@ def real_shape_count(cfg) -> int:
     return len(batch_shapes(h, w, plan_config(cfg.data, True)))
 
 
-def child(args) -> None:
-    """Run one configuration and print its result as one JSON line (called in a fresh process)."""
-    if args.child == "reference":
-        out = reference(args.reference_batch, args.reference_steps)
-    else:
-        cfg = load(None, json.loads(args.sets))
-        out = measure(cfg, args.epochs, prime=not args.no_prime, also=tuple(json.loads(args.also)))
-        out["real_shapes"] = real_shape_count(cfg)
-    print("RESULT " + json.dumps(out), flush=True)
+def child(what: str, epochs: int, sets: list[str], prime: bool, also: list[int], reference_batch: int,
+          reference_steps: int) -> dict:
+    """One configuration's measurements (run in a fresh process)."""
+    if what == "reference":
+        return reference(reference_batch, reference_steps)
+    cfg = load(None, sets)
+    out = measure(cfg, epochs, prime=prime, also=tuple(also))
+    out["real_shapes"] = real_shape_count(cfg)
+    return out
 
 
 def run_child(what: str, args, sets: list[str] | None = None, prime: bool = True, also: list[int] | None = None
               ) -> dict | None:
-    cmd = [sys.executable, __file__, "--child", what, "--epochs", str(args.epochs), "--sets", json.dumps(sets or []),
-           "--also", json.dumps(also or []),
-           "--reference-batch", str(args.reference_batch), "--reference-steps", str(args.reference_steps)]
-    cmd += [] if prime else ["--no-prime"]
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    try:
+        with fresh_process() as ex:
+            out = ex.submit(child, what, args.epochs, sets or [], prime, also or [], args.reference_batch,
+                            args.reference_steps).result()
+    except Exception:  # the child's exception with its own traceback, or BrokenProcessPool when it died
+        print(f"{what} {sets} failed:\n{traceback.format_exc()}", flush=True)
+        out = None
     # What gpu_check.sh's time limit goes on: the process's start, its warm-up and first epoch, the timed epochs.
     print(f"{what} {' '.join(sets or [])}: {time.perf_counter() - t0:.1f} s in all", flush=True)
-    lines = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
-    if p.returncode or not lines:
-        print(f"{what} {sets} failed (rc {p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}", flush=True)
-        return None
-    return json.loads(lines[-1][7:])
+    return out
 
 
 def pairs_of(m: dict) -> list[float]:
@@ -337,13 +334,7 @@ def main() -> None:
     ap.add_argument("--reference", action="store_true", help="also time timm's resnet50 (GPU)")
     ap.add_argument("--reference-batch", type=int, default=128)
     ap.add_argument("--reference-steps", type=int, default=30)
-    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--no-prime", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--sets", default="[]", help=argparse.SUPPRESS)
-    ap.add_argument("--also", default="[]", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.child:
-        return child(args)
     _, shards = prepare(args.per_class, args.workers)
     cuda = torch.cuda.is_available()
     default = [f"{r}:{m}:auto" for r in args.res.split(",") for m in (("on", "off") if cuda else ("off",))]

@@ -4,9 +4,11 @@ machine (a tiny sample, GPU rows skipped) and writes its report."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -71,3 +73,77 @@ def test_cpu_loader_probes_run(shards):
     ips, own = probes._loader_run(str(shards), "full", 2, epochs=2)
     assert ips > 0 and own > 0
     assert probes._graph_run(str(shards), "full", 2, 4, iterations=5) > 0
+
+
+def _state_of_a_fresh_process() -> dict:
+    import multiprocessing
+    import threading
+
+    import torch
+
+    return {"threads": len(os.listdir("/proc/self/task")), "python_threads": threading.active_count(),
+            "cuda_initialized": torch.cuda.is_initialized(), "start_method": multiprocessing.get_start_method(),
+            "parent": os.getppid()}
+
+
+def test_a_measured_configuration_starts_in_a_clean_process(monkeypatch):
+    """benchmarks' fresh_process(): one new process per configuration, forked from a server that imported torch, with
+    one thread, CUDA not initialized, and its own processes (DataLoader workers) started as in a user's run."""
+    import multiprocessing
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from _common import fresh_process
+
+    states = []
+    for _ in range(2):
+        with fresh_process() as ex:
+            states.append(ex.submit(_state_of_a_fresh_process).result())
+    for st in states:
+        assert st["threads"] == 1 and st["python_threads"] == 1 and not st["cuda_initialized"], st
+        assert st["start_method"] == multiprocessing.get_all_start_methods()[0], st
+        assert st["parent"] != os.getpid(), st  # a child of the server, not of this process
+    assert states[0]["parent"] == states[1]["parent"]  # one server for all
+
+
+_STAND_IN = """
+#include <stdio.h>
+#include <stdlib.h>
+static int note(const char *what) {
+    FILE *f = fopen(getenv("CUDA_CALLS"), "a");
+    if (f) { fprintf(f, "%s\\n", what); fclose(f); }
+    return 100;  /* CUDA_ERROR_NO_DEVICE */
+}
+int cuInit(unsigned flags) { return note("cuInit"); }
+int cuDriverGetVersion(int *v) { return note("cuDriverGetVersion"); }
+int cuDeviceGetCount(int *n) { return note("cuDeviceGetCount"); }
+int cuGetProcAddress(const char *s, void **p, int v, unsigned long long f) { *p = 0; return note(s); }
+int cuGetProcAddress_v2(const char *s, void **p, int v, unsigned long long f, void *st) { *p = 0; return note(s); }
+"""
+
+
+def test_the_fresh_process_server_leaves_the_cuda_driver_untouched(tmp_path):
+    """A process forked after any call into the CUDA driver cannot use CUDA. So fresh_process()'s server may import only
+    what never calls it: checked with a stand-in libcuda that logs every call, which torch's own CUDA check does reach."""
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler for the stand-in libcuda")
+    (tmp_path / "cuda.c").write_text(_STAND_IN)
+    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(tmp_path / "libcuda.so.1"), str(tmp_path / "cuda.c")], check=True)
+    calls = tmp_path / "calls"
+    code = textwrap.dedent(f"""
+        import importlib, os, sys
+        sys.path.insert(0, {str(ROOT / "benchmarks")!r})
+        from _common import PRELOAD
+        for m in PRELOAD:
+            importlib.import_module(m)
+        print("imports:", open(os.environ["CUDA_CALLS"]).read().split() if os.path.exists(os.environ["CUDA_CALLS"]) else [])
+        import torch
+        torch.cuda.is_available()
+        print("is_available:", open(os.environ["CUDA_CALLS"]).read().split() if os.path.exists(os.environ["CUDA_CALLS"]) else [])
+    """)
+    env = dict(os.environ, CUDA_CALLS=str(calls), LD_LIBRARY_PATH=f"{tmp_path}:{os.environ.get('LD_LIBRARY_PATH', '')}")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = dict(line.split(": ", 1) for line in r.stdout.splitlines() if ": " in line)
+    if lines["is_available"] == "[]":
+        pytest.skip("this torch does not reach the stand-in libcuda (a real driver found first, or a CPU-only build)")
+    assert lines["imports"] == "[]", lines

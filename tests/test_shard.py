@@ -417,3 +417,18 @@ def test_hugging_face_datasets_reads_the_shards(mame_root, shards):
         want = {sh.safe_key(r.file): meta.label(r) for r in meta.split(split)}
         got = {row["__key__"]: int(row["cls"]) for row in ds[split].remove_columns(["jpg"])}
         assert got == want and ds[split][0]["jpg"].size[0] > 0
+
+
+@pytest.mark.parametrize("size", [(433, 300), (1000, 700), (97, 67)])
+def test_the_shard_resize_is_pils_bicubic(size):
+    """Shards are downscaled by torch's antialiased uint8 bicubic kernel, standing in for PIL's BICUBIC at a fraction of
+    its time: the same pixels up to rounding (checked against bilinear, which differs 200 times more)."""
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:900, 0:1300]
+    smooth = np.stack([127 + 100 * np.sin(x / 37 + c) * np.cos(y / 23 - c) for c in range(3)], -1)
+    img = Image.fromarray(np.clip(smooth + rng.normal(0, 8, smooth.shape), 0, 255).astype(np.uint8))
+    got = np.asarray(sh._resize(img, *size), dtype=int)
+    assert got.shape == (size[1], size[0], 3)
+    diff = np.abs(got - np.asarray(img.resize(size, Image.Resampling.BICUBIC), dtype=int))
+    assert diff.mean() < 0.01 and diff.max() <= 2, (diff.mean(), diff.max())
+    assert np.abs(got - np.asarray(img.resize(size, Image.Resampling.BILINEAR), dtype=int)).mean() > 0.2
