@@ -4,6 +4,8 @@ and neither the loader nor the training step makes the host wait for the GPU."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -23,6 +25,7 @@ from mame_fast.train.testset import evaluate_test_set
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 CUDA = torch.device("cuda", 0)
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not installed")
@@ -124,3 +127,19 @@ def test_a_primed_gpu_loader_gives_the_same_batches(shards, decode):
     assert len(got) == len(want) == primed.steps(1) - 1
     for (i1, x1), (i2, x2) in zip(got, want):
         assert torch.equal(i1, i2) and (x1.float() - x2.float()).abs().max() < 1e-2
+
+
+def _sum_on(device: str) -> float:
+    return float(torch.ones(1024, device=device).sum())
+
+
+def test_a_benchmark_configuration_can_use_cuda_in_its_forked_process(monkeypatch):
+    """The benchmarks measure each configuration in a process forked from a server that imported torch and timm
+    (benchmarks/_common.fresh_process). CUDA works there only if the server never called the driver (the CPU suite
+    checks that with a stand-in libcuda); this is the same check on the real driver."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from _common import fresh_process
+
+    for _ in range(2):  # a second child of the same server too
+        with fresh_process() as ex:
+            assert ex.submit(_sum_on, "cuda").result() == 1024.0
