@@ -77,12 +77,14 @@ fi
   echo "- date: $(date -Iseconds), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet HEAD 2>/dev/null || echo ' + changes')"
   echo "- machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $NPROC cores ($(lscpu 2>/dev/null | grep -m1 -i 'thread(s) per core' | tr -s ' ' || echo 'threads per core unknown'))"
   echo "- GPU: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo none)"
-  echo "- $("$PY" -c 'import sys, torch; v = [f"python {sys.version.split()[0]}", f"torch {torch.__version__}"]
-try:
-    import nvidia.dali as d; v.append(f"DALI {d.__version__}")
-except ImportError:
-    v.append("no DALI")
-print(", ".join(v))' 2>&1)"
+  # Read, not imported: importing torch here would hold the whole script up by 2-3 s. torch/version.py is a plain
+  # file of constants (its build's CUDA included); DALI's version is in its package metadata.
+  echo "- $("$PY" -c 'import sys, importlib.util as u; from importlib import metadata as m
+v, t = {"__version__": "not installed"}, u.find_spec("torch")
+t and exec(open(t.submodule_search_locations[0] + "/version.py").read(), v)
+dali = sorted(d.version for d in m.distributions() if (d.metadata["Name"] or "").startswith("nvidia-dali"))
+print(", ".join([f"python {sys.version.split()[0]}", "torch " + v["__version__"], f"DALI {dali[0]}" if dali else
+                 "DALI, version unknown" if u.find_spec("nvidia") and u.find_spec("nvidia.dali") else "no DALI"]))' 2>&1)"
   echo
 } > "$REPORT"
 
