@@ -3,6 +3,7 @@ machine (a tiny sample, GPU rows skipped) and writes its report."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -130,20 +131,25 @@ def test_the_fresh_process_server_leaves_the_cuda_driver_untouched(tmp_path):
     subprocess.run(["cc", "-shared", "-fPIC", "-o", str(tmp_path / "libcuda.so.1"), str(tmp_path / "cuda.c")], check=True)
     calls = tmp_path / "calls"
     code = textwrap.dedent(f"""
-        import importlib, os, sys
+        import importlib, json, os, sys
         sys.path.insert(0, {str(ROOT / "benchmarks")!r})
         from _common import PRELOAD
+
+        def calls():
+            path = os.environ["CUDA_CALLS"]
+            return open(path).read().split() if os.path.exists(path) else []
+
         for m in PRELOAD:
             importlib.import_module(m)
-        print("imports:", open(os.environ["CUDA_CALLS"]).read().split() if os.path.exists(os.environ["CUDA_CALLS"]) else [])
+        after_imports = calls()
         import torch
         torch.cuda.is_available()
-        print("is_available:", open(os.environ["CUDA_CALLS"]).read().split() if os.path.exists(os.environ["CUDA_CALLS"]) else [])
+        print(json.dumps({{"imports": after_imports, "is_available": calls()}}))
     """)
     env = dict(os.environ, CUDA_CALLS=str(calls), LD_LIBRARY_PATH=f"{tmp_path}:{os.environ.get('LD_LIBRARY_PATH', '')}")
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
-    lines = dict(line.split(": ", 1) for line in r.stdout.splitlines() if ": " in line)
-    if lines["is_available"] == "[]":
+    seen = json.loads(r.stdout.splitlines()[-1])
+    if not seen["is_available"]:
         pytest.skip("this torch does not reach the stand-in libcuda (a real driver found first, or a CPU-only build)")
-    assert lines["imports"] == "[]", lines
+    assert seen["imports"] == [], seen
