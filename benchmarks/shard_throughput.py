@@ -5,7 +5,7 @@ at least 3x the source megapixels per second of the naive way (decode fully with
 same worker count; both resize with antialiased bicubic, so the outputs have the same quality).
 Where the speed comes from: libjpeg's DCT-domain scaling (`Image.draft`) decodes an 8 Mpx original
 at 1/2 scale (a 30 Mpx one at 1/4), so most of the IDCT and colour conversion never happens; then the
-remaining resize runs in torchvision's vectorized uint8 kernel instead of PIL's.
+remaining resize runs in torch's vectorized uint8 kernel (torchvision's resize calls the same) instead of PIL's.
 
     python benchmarks/shard_throughput.py [--images-per-class 2] [--side 4000] [--repeats 3]
 """
