@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The whole GPU story in one prepared script (issue 10), tables under $OUT:
 #   1. pytest -m gpu: DALI GPU batches = the CPU path's, a bf16 full-resolution run completes, autocast in use,
-#      no host sync in the loader or the step;
+#      no host sync in the loader or the step, the step captured as CUDA graphs trains as the eager one;
 #   2. the demo end to end;
-#   3. training throughput over whole epochs, real loader vs in-memory batches, at 256 (batches of 64 and of 128) and
-#      full (DALI GPU and the PIL fallback), first-epoch overhead, GPU busy, and timm's resnet50 as a reference;
+#   3. training throughput over whole epochs, real loader vs in-memory batches, at 256 (batches of 128, the eager step
+#      and the step captured as CUDA graphs) and full (DALI GPU and the PIL fallback), first-epoch overhead, GPU busy,
+#      and timm's resnet50 as a reference;
 #   4. the loader table at 256 and full (DALI GPU, DALI CPU, fallback, ImageFolder, decode/augment limits).
 # 1, 2 and the benchmarks' sample run side by side (they measure nothing); then 3 and 4, alone on the machine. A step
 # that runs out of time leaves the earlier ones' tables in place.
@@ -19,15 +20,16 @@
 #   LOADER_PER_CLASS=100             (the default: the loader table on train_throughput's sample, generated once)
 #
 # Still to measure (README, "What is still open"). After the DALI carry, in this order on one warm machine:
-#   1. the whole script as it is (the 6-minute goal, every table, no crash);
-#   2. at 256, where the step is host-bound: whether CUDA graphs (compile_mode=reduce-overhead) or torch.compile take
-#      enough host work out of the step, and whether fewer loader threads let it run nearer its in-memory speed, each
-#      thread count alternating with 16 in one process (+N). Each variant prints its time, a compiled one inductor's
-#      reasons for any CUDA graph it skipped. At batch 128, configs/256.yaml's, where the GPU was 70-75% busy (64: 46-47%),
-#      so that the result decides that config; about 3-4 minutes:
+#   1. the whole script as it is (the 6-minute goal, every table, no crash). At 256 it times the eager step and the
+#      step captured as CUDA graphs by hand (cuda_graphs=true, variant capture), both at batch 128 (configs/256.yaml's);
+#      the capture variant's table says how many shapes were captured and how long that took.
+#   2. at 256, where the step is host-bound, the other ways to take host work out of the step, and whether fewer loader
+#      threads let it run nearer its in-memory speed, each thread count alternating with 16 in one process (+N): CUDA
+#      graphs by torch.compile (compile_mode=reduce-overhead; a compiled variant prints inductor's reasons for any graph
+#      it skipped) and torch.compile alone, which both compile in the first epoch; about 3-4 minutes:
 #        STEPS=train_throughput REFERENCE=0 GPU_CHECK_LIMITS="1 300 1 1"
-#        TRAIN_VARIANTS=256:off:auto:b128:graphs:+8,256:off:auto:b128:+12:+8:+4,256:off:auto:b128:compile
-#      then, with time left, the fallback's thread counts: TRAIN_VARIANTS=256:off:auto:pil:+12:+8:+4
+#        TRAIN_VARIANTS=256:off:auto:b128:capture:+8:+4,256:off:auto:b128:graphs,256:off:auto:b128:compile
+#      then, with time left, the fallback's thread counts: TRAIN_VARIANTS=256:off:auto:b128:pil:capture:+12:+8:+4
 #
 # On the lent GPU machines DALI travels in three parts: ../shared/gpu/README.md. Writes $OUT/gpu_check.md, the
 # benchmarks' result files under $OUT/results/ and $OUT/logs.tar.gz (every step's full log).
@@ -56,7 +58,7 @@ if [ "$SMOKE" = 1 ]; then
 else
   # Sized to a 16-core GPU machine: 2,900 images, epochs of a few seconds at full speed, three timed in a row.
   TRAIN_ARGS=(--model small --per-class 100 --batch-size 64 --epochs 3 --workers "$NPROC"
-              --variants "${TRAIN_VARIANTS:-256:off:auto,256:off:auto:b128,full:off:auto,full:off:auto:pil}")
+              --variants "${TRAIN_VARIANTS:-256:off:auto:b128,256:off:auto:b128:capture,full:off:auto,full:off:auto:pil}")
   [ "${REFERENCE:-1}" = 1 ] && TRAIN_ARGS+=(--reference)
   # The loader step needed more than 170 s per resolution on the H200 with --per-class 100 --repeats 2 (run 1); on the
   # H100 with --repeats 1, 117 s at full and 67 s at 256, before timed rounds lasted at least 2 s (--min-seconds).
@@ -107,8 +109,9 @@ step() {
 }
 
 STEPS=${STEPS:-gpu_tests train_throughput demo loader_throughput}
-# The smoke run also keeps the fallback's variant (pil) and the in-process thread comparison (+N) working.
-[ "$SMOKE" = 1 ] && TRAIN_ARGS+=(--variants "${TRAIN_VARIANTS:-256:off:auto:+1,full:off:auto:pil}")
+# The smoke run also keeps the fallback's variant (pil), the in-process thread comparison (+N) and the step's CUDA graphs
+# (capture; run uncaptured without CUDA) working.
+[ "$SMOKE" = 1 ] && TRAIN_ARGS+=(--variants "${TRAIN_VARIANTS:-256:off:auto:capture:+1,full:off:auto:pil}")
 [ -n "${LOADER_RES:-}" ] && LOADER_ARGS+=(--res "$LOADER_RES")
 wanted() { [[ " $STEPS " == *" $1 "* ]]; }
 # Phase 1, side by side: what measures nothing (the GPU tests, the demo) and the benchmarks' sample (generated and

@@ -57,7 +57,7 @@ from mame_fast.train.loop import CompileWatch, compiled
 from mame_fast.train.model import build, count_flops
 from mame_fast.train.runtime import setup_runtime
 from mame_fast.train.spec import load_spec
-from mame_fast.train.step import make_optimizer, make_schedule, train_step, warm_up
+from mame_fast.train.step import StepGraphs, make_optimizer, make_schedule, train_step, warm_up
 
 REAL_TRAIN = 20_300
 FIRST_STEPS = 3  # the first epoch's first steps, timed apart (run_epoch)
@@ -107,6 +107,7 @@ def measure(cfg, epochs: int, prime: bool = True, also: tuple[int, ...] = ()) ->
     model = build(spec).to(rt.device).to(memory_format=torch.channels_last)
     net = compiled(model, cfg)  # as the trainer does: compiled at its first step
     opt = make_optimizer(model, cfg, cfg.data.batch_size)
+    graphs = StepGraphs(net, opt, rt, cfg.optim.clip_grad) if cfg.cuda_graphs else None  # captured in the first epoch
     sched = make_schedule(opt, cfg, loader.steps(0) * (2 * epochs + 2) * (1 + len(also)), cfg.data.batch_size)
     rng = np.random.default_rng(0)
     shapes = loader.shapes()
@@ -132,7 +133,7 @@ def measure(cfg, epochs: int, prime: bool = True, also: tuple[int, ...] = ()) ->
             wait += time.perf_counter() - tw
             if b is None:
                 break
-            loss, _, _ = train_step(net, b, opt, sched, None, rt, cfg, rng)
+            loss, _, _ = train_step(net, b, opt, sched, None, rt, cfg, rng, graphs)
             n, steps = n + b.real, steps + 1
             if head is not None and steps == FIRST_STEPS:
                 head.append(time.perf_counter() - t)
@@ -168,7 +169,7 @@ def measure(cfg, epochs: int, prime: bool = True, also: tuple[int, ...] = ()) ->
     flops = {s: count_flops(model, s[1], s[2]) for s in shapes}  # forward, per image, on the device
     img_flops = float(np.mean([flops[(b.images.shape[0], b.images.shape[2], b.images.shape[3])] for b in cached]))
     return {
-        "compiled": watch.summary() if watch else None,
+        "compiled": watch.summary() if watch else None, "graphs": graphs.summary() if graphs else None,
         "device": str(rt.device), "loader": type(loader).__name__, "images": n, "steps": steps, "shapes": len(shapes),
         "startup_s": startup, "process_first_s": process_first, "first_use_s": first_use - again, "primed": prime,
         "first_epoch_s": first, "real_s": real, "memory_s": mem,
@@ -286,6 +287,9 @@ def table(title: str, m: dict) -> str:
           f"(each pair [{min(pairs_of(a)):.1%}, {max(pairs_of(a)):.1%}]); time inside next() {a['wait_share']:.1%} of the loop."
           for t, a in m.get("also", {}).items()],
         *([f"- {CompileWatch.describe(c)}."] if (c := m.get("compiled")) else []),
+        *([f"- the step's CUDA graphs, captured by hand (`cuda_graphs=true`): {g['shapes']} shapes in {g['capture_s']:.2f} s, "
+           f"after {g['eager_steps']} eager steps, all in the first epoch"
+           + ("." if g["captured"] else " (no CUDA: run uncaptured).")] if (g := m.get("graphs")) else []),
         f"- once per process: start-up (CUDA, loader and model built) {m['startup_s']:.2f} s; first use of CUDA, cuDNN "
         f"and their kernels {m['process_first_s']:.2f} s (a forward+backward pass on a throwaway shape)"
         + ("; the loader primed before it, as the trainer does." if m["primed"] else "; the loader not primed.")
@@ -324,11 +328,12 @@ def main() -> None:
     ap.add_argument("--crop", type=int, default=224)
     ap.add_argument("--pixels", type=int, default=360_000)
     ap.add_argument("--variants", default=None,
-                    help="comma-separated res:cudnn:decode[:tN][:bN][:noprime][:pil][:compile][:graphs][:+N], e.g. "
+                    help="comma-separated res:cudnn:decode[:tN][:bN][:noprime][:pil][:compile][:graphs][:capture][:+N], e.g. "
                          "256:on:gpu:b128,full:off:cpu:t8 (tN: N loader threads instead of --workers; bN: batches of N "
                          "instead of --batch-size; noprime: the loader starts at the first epoch, not before the warm-up; "
                          "pil: the PIL fallback, as on a machine without DALI; compile: torch.compile the model, "
-                         "compiled in the first epoch; graphs: the same in mode reduce-overhead (CUDA graphs); +N: also a "
+                         "compiled in the first epoch; graphs: the same in mode reduce-overhead (CUDA graphs); capture: the "
+                         "eager step captured as CUDA graphs by hand (cuda_graphs=true); +N: also a "
                          "loader of N threads in the same process, its epochs alternating with the first's). Default: on "
                          "and off, decode auto; on a CPU: off")
     ap.add_argument("--reference", action="store_true", help="also time timm's resnet50 (GPU)")
@@ -347,13 +352,14 @@ def main() -> None:
         also = [int(o[1:]) for o in opts if o.startswith("+")]
         sets = bench_sets(args, res, shards, batch, threads) + [f"cudnn_benchmark={mode == 'on'}", f"data.decode={decode}"] + (
             ["data.loader=pil"] if "pil" in opts else []) + (["compile=true"] if {"compile", "graphs"} & set(opts) else []) + (
-            ["compile_mode=reduce-overhead"] if "graphs" in opts else [])
+            ["compile_mode=reduce-overhead"] if "graphs" in opts else []) + (["cuda_graphs=true"] if "capture" in opts else [])
         m = run_child("measure", args, sets, prime, also)
         if m:
             where = f", JPEG decode {decode}" if cuda else ""
             title = (f"--res {res}, model `{args.model}`, batch {batch}, cuDNN autotuning {mode}{where}, "
                      f"{threads} loader threads{'' if prime else ', not primed'}{', compiled' if 'compile' in opts else ''}"
-                     f"{', compiled with CUDA graphs (reduce-overhead)' if 'graphs' in opts else ''}")
+                     f"{', compiled with CUDA graphs (reduce-overhead)' if 'graphs' in opts else ''}"
+                     f"{', CUDA graphs captured by hand' if 'capture' in opts else ''}")
             sections.append(table(title, m))
             print(sections[-1], flush=True)
             print("saved", save(args, sections))

@@ -150,6 +150,11 @@ class TrainConfig(_Checked):
     one per batch shape: their Python and kernel-launch work leaves the host, for a step that is host-bound (a small
     model at 256 on a GPU, README "On a GPU"). Not yet timed on a GPU; under torchrun, run on CPUs only (gloo, DDP).
     Without CUDA it runs as 'default'."""
+    cuda_graphs: bool = False
+    """Capture the step's forward, backward and clipping by hand as one CUDA graph per batch shape and replay it
+    (``train/step.py`` StepGraphs): the host launches one graph instead of ~250 operations, for a host-bound step,
+    and nothing is compiled (a shape costs 2 eager steps and one capture). One process, bf16 or fp32, compile off.
+    Not yet timed on a GPU. Without CUDA the same buffers and step run uncaptured."""
     cudnn_benchmark: bool = False
     """cuDNN autotuning on GPU: a kernel search for every new batch shape (see benchmarks/results for the measured trade)."""
     warmup: Literal["auto", "always", "never"] = "auto"
@@ -181,6 +186,9 @@ class TrainConfig(_Checked):
         super().__post_init__()
         if self.compile_mode != "default" and not self.compile:  # else the run would be eager, and look compiled
             raise ConfigError(f"compile_mode: {self.compile_mode!r} has no effect without compile=true; set compile=true too")
+        if self.cuda_graphs and self.compile:
+            raise ConfigError("cuda_graphs=true and compile=true both capture the step; for torch.compile's CUDA graphs "
+                              "set compile_mode=reduce-overhead and cuda_graphs=false")
 
 
 def _fields(cls) -> dict[str, dataclasses.Field]:

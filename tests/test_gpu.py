@@ -1,9 +1,11 @@
 """What only CUDA can check (``pytest -m gpu``; skipped without a GPU, run by benchmarks/gpu_check.sh):
 DALI's GPU batches equal the CPU path's, a full-resolution run completes in bf16, autocast is in use,
-and neither the loader nor the training step makes the host wait for the GPU."""
+neither the loader nor the training step makes the host wait for the GPU, and the step captured as CUDA
+graphs (cuda_graphs=true) trains as the eager one, beside the loaders' threads."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +22,7 @@ from mame_fast.train.loop import run
 from mame_fast.train.model import build
 from mame_fast.train.runtime import setup_runtime
 from mame_fast.train.spec import load_spec
-from mame_fast.train.step import make_optimizer, make_schedule, train_step
+from mame_fast.train.step import StepGraphs, make_optimizer, make_schedule, train_step
 from mame_fast.train.testset import evaluate_test_set
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -88,28 +90,76 @@ def test_bf16_autocast_is_in_use(shards):
     assert seen == [(torch.bfloat16, torch.bfloat16)]
 
 
-@pytest.mark.parametrize("loader_kind,precision", [("dali", "auto"), ("pil", "auto"), ("pil", "fp16")])
-def test_no_host_sync_in_the_loader_or_the_step(shards, loader_kind, precision):
+@pytest.mark.parametrize("loader_kind,precision,graphed", [
+    ("dali", "auto", False), ("pil", "auto", False), ("pil", "fp16", False), ("dali", "auto", True), ("pil", "auto", True)])
+def test_no_host_sync_in_the_loader_or_the_step(shards, loader_kind, precision, graphed):
     """torch's sync debug mode turns any synchronizing call (.item(), a pageable copy, bincount, one_hot's
     checks) into an error, over steady steps: the host keeps queueing work ahead of the GPU. fp16: the grad
-    scaler's found-inf check too (it stays on the GPU with a fused optimizer)."""
+    scaler's found-inf check too (it stays on the GPU with a fused optimizer). graphed: the replayed step, once
+    every shape is captured (a capture itself synchronizes, once per shape)."""
     if loader_kind == "dali" and not dali_available():
         pytest.skip("NVIDIA DALI is not installed")
     cfg, rt, loader, model, opt, sched = _one_step_setup(shards, loader_kind, precision)
-    for b in loader.epoch(0):  # every shape once: lazy initialization, per-width constants
-        train_step(model, b, opt, sched, None, rt, cfg, np.random.default_rng(0))
-    it = iter(loader.epoch(1))
-    train_step(model, next(it), opt, sched, None, rt, cfg, np.random.default_rng(0))  # the epoch's one upload
+    graphs = StepGraphs(model, opt, rt, cfg.optim.clip_grad) if graphed else None
+    for e in range(1 + StepGraphs.EAGER * graphed):  # every shape once (lazy initialization), or until captured
+        for b in loader.epoch(e):
+            train_step(model, b, opt, sched, None, rt, cfg, np.random.default_rng(0), graphs)
+    assert not graphed or graphs.summary()["shapes"] == len(loader.shapes())
+    it = iter(loader.epoch(9))
+    train_step(model, next(it), opt, sched, None, rt, cfg, np.random.default_rng(0), graphs)  # the epoch's one upload
     torch.cuda.synchronize()
     checked = 0
     torch.cuda.set_sync_debug_mode("error")
     try:
         for b in it:
-            train_step(model, b, opt, sched, None, rt, cfg, np.random.default_rng(0))
+            train_step(model, b, opt, sched, None, rt, cfg, np.random.default_rng(0), graphs)
             checked += 1
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert checked >= 5
+
+
+def test_a_captured_step_trains_as_the_eager_one(shards):
+    """cuda_graphs: the same batches (full resolution, several shapes, fillers, mixup, clipping, bf16) through the eager
+    step and through StepGraphs, from the same weights: every shape captured, and every step's loss and the weights
+    after follow the eager run's. A replay that read stale inputs, or gradients that one shape's graph left to the next,
+    would drift far outside these bounds."""
+    cfg, rt, loader, model, opt, sched = _one_step_setup(shards, "pil")
+    # Each shape at least 4 times (eager, eager, capture, replay); copies, as a loader may reuse its device buffers.
+    batches = [dataclasses.replace(b, images=b.images.clone(), labels=b.labels.clone())
+               for e in range(4) for b in loader.epoch(e)]
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    runs = []
+    for graphed in (False, True):
+        model.load_state_dict(start)
+        opt = make_optimizer(model, cfg, 8)
+        sched = make_schedule(opt, cfg, len(batches), 8)
+        graphs = StepGraphs(model, opt, rt, cfg.optim.clip_grad) if graphed else None
+        torch.manual_seed(0)
+        losses = [train_step(model, b, opt, sched, None, rt, cfg, np.random.default_rng([0, i]), graphs)[0]
+                  for i, b in enumerate(batches)]
+        runs.append((torch.stack(losses).cpu(), {k: v.float().cpu() for k, v in model.state_dict().items()}))
+    g = graphs.summary()
+    assert g["captured"] and g["shapes"] == len(loader.shapes()) and g["eager_steps"] == 2 * g["shapes"], g
+    (la, wa), (lb, wb) = runs
+    torch.testing.assert_close(lb, la, rtol=2e-3, atol=2e-3)
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], rtol=1e-2, atol=1e-3), k
+    assert any(not torch.equal(wb[k], start[k].float().cpu()) for k in wb)
+
+
+def test_a_run_with_cuda_graphs_completes_beside_the_loaders_threads(shards, tmp_path):
+    """A trainer run with cuda_graphs=true at full resolution: each shape is captured while the loader's threads (DALI's
+    where it is installed, else the fallback's pinned copies; the no-sync test above captures beside the fallback too)
+    keep calling CUDA; the run finishes and run.json says every shape was captured."""
+    cfg = load(None, [f"data.shards={shards}", f"out={tmp_path}", "data.res=full", "data.pixels=20000", "data.batch_size=8",
+                      "epochs=3", "hist_epochs=1", "optim.ema=0.9", "log_every=2", "cuda_graphs=true"])
+    d = run(cfg, name="gpu-graphs")
+    info = read_run_info(d)
+    assert info["status"] == "finished" and info["device"].startswith("cuda")
+    g = info["cuda_graphs"]
+    assert g["captured"] and g["shapes"] == info["shape_count"]["train"] and g["capture_s"] > 0, g
+    assert len(read_metrics(d)) == 3
 
 
 @pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not installed")

@@ -313,6 +313,87 @@ def test_fillers_weigh_nothing(shards):
         torch.testing.assert_close(out[0][2][k], out[1][2][k], msg=k)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cuda_graphs_step_equals_the_eager_step(precision):
+    """``StepGraphs`` (cuda_graphs=true) through ``train_step``, on batches of two shapes, some with fillers, each shape
+    past its eager steps, its capture and several replays: every step's loss, correct count and grad norm, and the
+    weights, BatchNorm statistics, EMA and optimizer state after, equal the eager step's bit for bit. Without CUDA the
+    capture itself is left out; what is checked is the data flow a replay depends on (the batch copied into the shape's
+    static tensors, one set of gradients zeroed by every step and read by the optimizer, the outputs cloned). On a GPU,
+    tests/test_gpu.py compares a captured step with the eager one."""
+    import numpy as np
+
+    from mame_fast.input import Batch
+    from mame_fast.train.runtime import Runtime
+    from mame_fast.train.step import Ema, StepGraphs, make_optimizer, make_schedule, train_step
+
+    dtype = {"fp32": None, "bf16": torch.bfloat16}[precision]
+    rt = Runtime(0, 1, 0, torch.device("cpu"), dtype, torch.amp.GradScaler("cpu", enabled=False), True)
+    cfg = load(None, ["optim.clip_grad=1.0", "optim.mixup=0.2", "optim.cutmix=0.2", "optim.label_smoothing=0.1",
+                      "optim.ema=0.9", "optim.name=sgd"])
+    gen = torch.Generator().manual_seed(0)
+    batches = [Batch(torch.randn(8, 3, 32, 32 + 16 * (i % 2), generator=gen).to(rt.dtype),
+                     torch.randint(0, 29, (8,), generator=gen), torch.full((8, 2), 32, dtype=torch.int32), torch.arange(8),
+                     False, 5 if i % 3 == 0 else 8) for i in range(12)]
+    runs = []
+    for graphed in (False, True):
+        torch.manual_seed(0)
+        model = build(ModelSpec(stem_width=8, stages=(StageSpec(16, 1, 2),)))  # BatchNorm: its statistics must follow too
+        opt = make_optimizer(model, cfg, 8)
+        sched, ema = make_schedule(opt, cfg, 12, 8), Ema(model, decay=0.9)
+        graphs = StepGraphs(model, opt, rt, cfg.optim.clip_grad) if graphed else None
+        outs = [train_step(model, b, opt, sched, ema, rt, cfg, np.random.default_rng([0, i]), graphs)
+                for i, b in enumerate(batches)]
+        runs.append((outs, model.state_dict(), ema.module.state_dict(), opt.state_dict()["state"]))
+    assert graphs.summary() == {"captured": False, "shapes": 2, "eager_steps": 4, "capture_s": 0.0}
+    (eager, *want), (graphed, *got) = runs
+    for i, (a, b) in enumerate(zip(eager, graphed, strict=True)):
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True)), (i, a, b)
+    for a, b in zip(want[:2], got[:2]):
+        assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+    assert all(torch.equal(a["momentum_buffer"], b["momentum_buffer"]) for a, b in zip(want[2].values(), got[2].values()))
+
+
+def test_cuda_graphs_refuse_what_they_cannot_capture(shards, tmp_path):
+    """compile=true (which captures on its own), more than one process (DDP's all-reduce), fp16 (the grad scaler's host
+    bookkeeping): each a clear error before any run folder exists."""
+    from mame_fast.config import ConfigError
+    from mame_fast.train.runtime import Runtime
+    from mame_fast.train.step import StepGraphs
+
+    with pytest.raises(ConfigError, match="cuda_graphs=true and compile=true"):
+        cfg_for(shards, tmp_path, cuda_graphs=True, compile=True)
+    cfg = cfg_for(shards, tmp_path, cuda_graphs=True)
+    cpu, off = torch.device("cpu"), torch.amp.GradScaler("cpu", enabled=False)
+    with pytest.raises(ConfigError, match="more than one process"):
+        StepGraphs.check(cfg, Runtime(0, 2, 0, cpu, torch.bfloat16, off, True))
+    with pytest.raises(ConfigError, match="fp16"):
+        StepGraphs.check(cfg, Runtime(0, 1, 0, cpu, torch.float16, torch.amp.GradScaler("cpu"), True))
+    StepGraphs.check(cfg, Runtime(0, 1, 0, cpu, torch.bfloat16, off, True))
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_run_with_cuda_graphs_trains_as_the_eager_one(shards, tmp_path):
+    """cuda_graphs=true through the trainer, at full resolution in bf16 (several shapes, fillers, mixup, EMA): the same
+    weights and metrics as the eager run, every training shape captured once its eager steps are done, and run.json
+    saying so."""
+    from mame_fast.input import build_loader
+
+    extra = {"epochs": 3, "data.res": "full", "data.pixels": 3000, "precision": "bf16", "optim.mixup": 0.2,
+             "optim.ema": 0.9, "optim.clip_grad": 1.0, "hist_epochs": 0, "record_samples": True}
+    eager = run(cfg_for(shards, tmp_path / "a", **extra), name="eager")
+    graphed = run(cfg_for(shards, tmp_path / "b", cuda_graphs=True, **extra), name="graphed")
+    shapes = build_loader(load(graphed / "config.yaml").data, "train", True, 0).shapes()
+    want = {"captured": False, "shapes": len(shapes), "eager_steps": 2 * len(shapes), "capture_s": 0.0}
+    assert read_run_info(graphed)["cuda_graphs"] == want
+    assert "cuda_graphs" not in read_run_info(eager)
+    learnt = lambda d: [{k: v for k, v in r.items() if k not in ("time_s", "images_per_s", "data_wait")}  # noqa: E731
+                        for r in read_metrics(d)]
+    assert learnt(eager) == learnt(graphed)
+    digest = lambda d: json.loads((d / "rank0.json").read_text())["weights_sha256"]  # noqa: E731
+    assert digest(eager) == digest(graphed)
+
+
 def test_label_smoothing_spreads_the_target():
     from mame_fast.train.step import soft_targets
 

@@ -38,7 +38,7 @@ from .evaluate import evaluate
 from .model import build as build_model
 from .runtime import Runtime, setup_runtime
 from .spec import ModelSpec, load_spec, spec_dict, total_stride
-from .step import Ema, EpochMeter, make_optimizer, make_schedule, train_step, warm_up
+from .step import Ema, EpochMeter, StepGraphs, make_optimizer, make_schedule, train_step, warm_up
 
 HEARTBEAT_S = 60  # how often a running run refreshes run.json's heartbeat (records.STALE_AFTER_S reads it)
 
@@ -73,6 +73,8 @@ class Session:
     beat_at: float = field(default_factory=time.monotonic)
     seen: list[list[int]] = field(default_factory=list)  # sample indices per epoch (record_samples)
     compile_watch: CompileWatch | None = None  # with compile=true: what torch.compile did, for run.json
+    graphs: StepGraphs | None = None  # with cuda_graphs=true: the step's captured graphs
+    graphs_reported: dict | None = None
 
     @property
     def global_batch(self) -> int:
@@ -136,8 +138,13 @@ def build(cfg: TrainConfig, rt: Runtime) -> Session:
     watch = CompileWatch(cfg.compile_mode) if cfg.compile else None
     net = compiled(net, cfg)
     opt = make_optimizer(model, cfg, cfg.data.batch_size * rt.world)
+    graphs = None
+    if cfg.cuda_graphs:
+        StepGraphs.check(cfg, rt)
+        graphs = StepGraphs(net, opt, rt, cfg.optim.clip_grad)
     state = ckpt.TrainState(model, opt, rt.scaler, ema, EpochMeter(rt.device))
-    return Session(cfg, rt, spec, train_loader, val_loader, classes, model, net, ema, opt, state, compile_watch=watch)
+    return Session(cfg, rt, spec, train_loader, val_loader, classes, model, net, ema, opt, state, compile_watch=watch,
+                   graphs=graphs)
 
 
 def compiled(net: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
@@ -282,7 +289,7 @@ def train_epoch(s: Session, run_dir: RunDir, progress: Progress, tb: TensorBoard
     seen: list[int] = []
     while (batch := st.meter.next(batches)) is not None:
         rng = np.random.default_rng([cfg.seed, st.epoch, st.step, rt.rank])  # mixup draws: no state to resume
-        st.meter.add(*train_step(s.net, batch, s.opt, s.sched, s.ema, rt, cfg, rng), batch.real)
+        st.meter.add(*train_step(s.net, batch, s.opt, s.sched, s.ema, rt, cfg, rng, s.graphs), batch.real)
         seen += batch.index.tolist() if cfg.record_samples else []
         st.step, st.global_step = st.step + 1, st.global_step + 1
         at_limit = bool(cfg.max_steps) and st.global_step >= cfg.max_steps
@@ -342,6 +349,12 @@ def end_epoch(s: Session, run_dir: RunDir, progress: Progress, tb: TensorBoard, 
         progress.epoch_done(row)
         if s.compile_watch is not None:
             s.compile_watch.report(run_dir, progress)
+        if s.graphs is not None and s.graphs.summary() != s.graphs_reported:  # new shapes: the first epoch, or a resume
+            s.graphs_reported = g = s.graphs.summary()
+            records.update_run_info(run_dir, {"cuda_graphs": g})
+            progress.say(f"CUDA graphs: {g['shapes']} batch shape{'s' * (g['shapes'] != 1)} "
+                         + (f"captured in {g['capture_s']:.2f} s" if g["captured"] else "run uncaptured (no CUDA)")
+                         + f", after {g['eager_steps']} eager steps")
 
 
 def keep_best(s: Session, run_dir: RunDir, row: dict) -> None:

@@ -38,11 +38,12 @@ class Runtime:
         """The dtype the loader hands batches over in: the autocast dtype, else float32."""
         return self.amp_dtype or torch.float32
 
-    def autocast(self):
-        """The autocast context for running the model (a no-op context for fp32)."""
+    def autocast(self, cache: bool = True):
+        """The autocast context for running the model (a no-op context for fp32). ``cache=False`` for a CUDA graph's
+        capture: autocast's cache of low-precision weight copies would outlive the capture that made them."""
         if self.amp_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, cache_enabled=cache)
 
     def synchronize(self) -> None:
         """Wait for the device (timing only: never in the training step)."""

@@ -8,6 +8,7 @@ go through the model but weigh nothing.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from timm.utils import ModelEmaV3
 
-from ..config import OptimConfig, TrainConfig
+from ..config import ConfigError, OptimConfig, TrainConfig
 from .runtime import Runtime
 
 
@@ -45,27 +46,145 @@ def mix(x: torch.Tensor, t: torch.Tensor, cfg: OptimConfig, rng: np.random.Gener
     return x, t * lam + t.flip(0) * (1 - lam)
 
 
-def train_step(model, batch, opt, sched, ema, rt: Runtime, cfg: TrainConfig, rng: np.random.Generator):
-    """One optimization step; returns device tensors (loss, correct count, grad norm): no host sync."""
+def train_step(model, batch, opt, sched, ema, rt: Runtime, cfg: TrainConfig, rng: np.random.Generator,
+               graphs: StepGraphs | None = None):
+    """One optimization step; returns device tensors (loss, correct count, grad norm): no host sync. With ``graphs``
+    the device work from the forward to the clipped gradients runs as the batch shape's CUDA graph."""
     o = cfg.optim
     target = soft_targets(batch.labels, model_classes(model), o.label_smoothing)
     x, target = mix(batch.images, target, o, rng)
-    with rt.autocast():
-        logits = model(x, batch.sizes if batch.padded else None)
-    r = batch.real
-    loss = torch.sum(-target[:r] * F.log_softmax(logits[:r].float(), -1), -1).mean()
-    opt.zero_grad(set_to_none=True)
-    rt.scaler.scale(loss).backward()
-    rt.scaler.unscale_(opt)
-    # foreach: a few multi-tensor operations, as PyTorch picks by default on a GPU only; on the CPU it would loop over
-    # the parameters, so naming it keeps CPU runs on the GPU's path.
-    gnorm = torch.nn.utils.clip_grad_norm_(trained_params(opt), o.clip_grad or float("inf"), foreach=True)
+    # Which rows are real: a mask, so that one graph serves a batch with fillers and one without; eagerly only where
+    # there are fillers (the mask's operations are host time in a step that is host-bound at 256).
+    real = torch.arange(len(x), device=x.device) < batch.real if graphs or batch.real < len(x) else None
+    if graphs is None:
+        opt.zero_grad(set_to_none=True)
+        out = forward_backward(model, x, target, batch.labels, real, batch.sizes if batch.padded else None, opt, rt, o.clip_grad)
+    elif batch.padded:  # training crops fill their bucket (input/plan.py); a graph runs the model unmasked
+        raise ValueError("a padded batch in a graphed training step: StepGraphs runs the model without masks")
+    else:
+        out = graphs(x, target, batch.labels, real)
     rt.scaler.step(opt)
     rt.scaler.update()
     sched.step()
     if ema is not None:
         ema.update(model)
-    return loss.detach(), (logits[:r].argmax(-1) == batch.labels[:r]).sum(), gnorm.detach()
+    return out
+
+
+def forward_backward(model, x, target, labels, real, sizes, opt, rt: Runtime, clip: float, cache: bool = True):
+    """Forward, loss over the ``real`` rows (a mask, or None for all; fillers, ``input/plan.py``, go through the model
+    but weigh nothing), backward and clipping: the part of the step that ``StepGraphs`` captures. Returns (loss,
+    correct, grad norm)."""
+    with rt.autocast(cache):
+        logits = model(x, sizes)
+    loss = torch.sum(-target * F.log_softmax(logits.float(), -1), -1)
+    loss = loss.mean() if real is None else torch.sum(real * loss) / real.sum()
+    rt.scaler.scale(loss).backward()
+    rt.scaler.unscale_(opt)
+    # foreach: a few multi-tensor operations, as PyTorch picks by default on a GPU only; on the CPU it would loop over
+    # the parameters, so naming it keeps CPU runs on the GPU's path.
+    gnorm = torch.nn.utils.clip_grad_norm_(trained_params(opt), clip or float("inf"), foreach=True)
+    hits = logits.argmax(-1) == labels
+    return loss.detach(), (hits if real is None else hits & real).sum(), gnorm.detach()
+
+
+class StepGraphs:
+    """``forward_backward`` captured by hand as one CUDA graph per batch shape (``cuda_graphs=true``) and replayed:
+    the host then launches one graph instead of the ~250 operations of an eager forward and backward, for a step
+    that is host-bound (a small model at 256; README "On a GPU"). Unlike torch.compile's CUDA graphs it compiles
+    nothing: a shape costs its first ``EAGER`` steps (run eagerly, on the capture stream, so that cuDNN's and
+    cuBLAS's lazy set-up happens outside the capture) and one capture, a fraction of a second, so the first epoch
+    stays short. Targets, mixing, the optimizer, the schedule and the EMA stay eager: a few operations, and the
+    host values that change from step to step (learning rate, mixing draws) never enter a graph.
+
+    What a replay needs to stay right:
+    - inputs are copied into the shape's static tensors; outputs are cloned, as the next replay overwrites them;
+    - the gradients are made once, outside every graph, and each graph zeroes them and accumulates into them, so
+      that all shapes' graphs and the eager optimizer share the same tensors (``zero_grad(set_to_none=True)``
+      inside a capture would leave each graph its own, freed when the next capture rebinds ``.grad``);
+    - the shapes' graphs share one memory pool: they replay one at a time on one stream and nothing they allocate
+      outlives a replay, as their outputs are cloned;
+    - capture mode "thread_local": the loader's threads (DALI's, the fallback's pinned copies) keep calling CUDA
+      during a capture, which the default "global" mode would turn into a failed capture;
+    - autocast without its weight cache (``Runtime.autocast``).
+    Needs one process (DDP's hooks are not captured here), no torch.compile, and no GradScaler (bf16 or fp32):
+    ``check`` says so before a run starts.
+
+    Without CUDA (the CPU suite) everything runs the same way except the capture itself: the static tensors, the
+    shared gradients and the cloned outputs, with ``forward_backward`` called eagerly where a GPU replays."""
+
+    EAGER = 2
+
+    def __init__(self, model, opt: torch.optim.Optimizer, rt: Runtime, clip: float):
+        self.model, self.opt, self.rt, self.clip = model, opt, rt, clip
+        self.cuda = rt.device.type == "cuda"
+        self.shapes: dict[tuple, tuple] = {}  # shape -> (replay: () -> outputs, static inputs)
+        self.eager: dict[tuple, int] = {}
+        self.capture_s = 0.0
+        self.grads: list[torch.Tensor] | None = None
+        if self.cuda:
+            self.stream, self.pool = torch.cuda.Stream(rt.device), torch.cuda.graph_pool_handle()
+
+    @staticmethod
+    def check(cfg: TrainConfig, rt: Runtime) -> None:
+        """Why this run cannot use ``StepGraphs``, as a ConfigError before anything starts."""
+        why = ("more than one process: DDP's gradient all-reduce is not captured" if rt.world > 1 else
+               "precision=fp16: the grad scaler's per-step bookkeeping runs on the host; use bf16" if rt.scaler.is_enabled()
+               else "")
+        if why:
+            raise ConfigError(f"cuda_graphs=true cannot run with {why}")
+
+    def __call__(self, x, target, labels, real):
+        key = tuple(x.shape)
+        if key not in self.shapes:
+            if self.eager.get(key, 0) < self.EAGER:
+                self.eager[key] = self.eager.get(key, 0) + 1
+                with self._on_capture_stream():
+                    return self._work(x, target, labels, real)
+            self.shapes[key] = self._capture(x, target, labels, real)
+        replay, inputs = self.shapes[key]
+        for static, t in zip(inputs, (x, target, labels, real), strict=True):
+            static.copy_(t)
+        return tuple(t.clone() for t in replay())
+
+    def _work(self, x, target, labels, real):
+        if self.grads is None:  # once, before the first step of any shape, so outside every capture
+            for p in trained_params(self.opt):
+                p.grad = torch.zeros_like(p) if p.grad is None else p.grad
+            self.grads = [p.grad for p in trained_params(self.opt)]
+        torch._foreach_zero_(self.grads)
+        return forward_backward(self.model, x, target, labels, real, None, self.opt, self.rt, self.clip, cache=False)
+
+    def _capture(self, *args) -> tuple:
+        t0 = time.perf_counter()
+        inputs = tuple(t.clone() for t in args)  # clone keeps the memory format (channels-last)
+        if not self.cuda:
+            return (lambda: self._work(*inputs)), inputs
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
+            outputs = self._work(*inputs)
+        self.capture_s += time.perf_counter() - t0
+
+        def replay():
+            graph.replay()
+            return outputs
+
+        return replay, inputs
+
+    @contextlib.contextmanager
+    def _on_capture_stream(self):
+        if not self.cuda:
+            yield
+            return
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            yield
+        torch.cuda.current_stream().wait_stream(self.stream)
+
+    def summary(self) -> dict:
+        """For run.json: how many shapes were captured, after how many eager steps, in how many seconds."""
+        return {"captured": self.cuda, "shapes": len(self.shapes), "eager_steps": sum(self.eager.values()),
+                "capture_s": round(self.capture_s, 3)}
 
 
 def trained_params(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
