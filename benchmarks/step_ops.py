@@ -38,7 +38,7 @@ from mame_fast.input import Batch
 from mame_fast.train.model import build
 from mame_fast.train.runtime import Runtime
 from mame_fast.train.spec import load_spec, shipped_specs
-from mame_fast.train.step import Ema, EpochMeter, make_optimizer, make_schedule, train_step, trained_params
+from mame_fast.train.step import Ema, EpochMeter, StepGraphs, make_optimizer, make_schedule, train_step, trained_params
 
 READS = ("aten._local_scalar_dense", "aten.is_nonzero")
 VIEWS = {"aten.detach", "aten.view", "aten._unsafe_view", "aten.t", "aten.expand", "aten.slice", "aten.select",
@@ -86,8 +86,10 @@ def as_a_gpu_defaults(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
     return type(opt)(groups, foreach=True)
 
 
-def whole_step(spec: str, optim: str, baseline: bool) -> tuple[Count, Count, Count]:
-    """The operations of one steady training step (its third), of the optimizer's update and of the EMA's update alone."""
+def whole_step(spec: str, optim: str, baseline: bool, graphed: bool = False) -> tuple[Count, Count, Count]:
+    """The operations of one steady training step (its fourth), of the optimizer's update and of the EMA's update alone.
+    ``graphed``: the step with ``cuda_graphs=true``, counted without the operations that a GPU runs as the shape's one
+    CUDA graph (here they run uncaptured, in ``StepGraphs._work``, and are subtracted)."""
     cfg = load(None, [f"model={spec}", f"optim.name={optim}", "optim.clip_grad=1.0", "optim.ema=0.9998"])
     torch.manual_seed(0)
     model = build(load_spec(spec)).to(memory_format=torch.channels_last)
@@ -98,9 +100,24 @@ def whole_step(spec: str, optim: str, baseline: bool) -> tuple[Count, Count, Cou
     rt = Runtime(0, 1, 0, torch.device("cpu"), None, torch.amp.GradScaler("cpu", enabled=False), True)
     x = torch.randn(8, 3, 64, 64).contiguous(memory_format=torch.channels_last)
     batch = Batch(x, torch.arange(8), torch.full((8, 2), 64, dtype=torch.int32), torch.arange(8), False, 8)
-    for _ in range(3):  # the first creates the optimizer's state and gathers the EMA's tensors
+    graphs, replayed = (StepGraphs(model, opt, rt, cfg.optim.clip_grad) if graphed else None), []
+    if graphs:
+        work = graphs._work
+
+        def _work(*args):  # what a replay launches on a GPU, counted on its own
+            with Count() as c:
+                out = work(*args)
+            replayed.append(c)
+            return out
+
+        graphs._work = _work
+    # The first step creates the optimizer's state and gathers the EMA's tensors; a graphed step's first 2 run eagerly
+    # and its third captures.
+    for _ in range(StepGraphs.EAGER + 2):
         with Count() as step:
-            meter.add(*train_step(model, batch, opt, sched, ema, rt, cfg, rng), batch.real)
+            meter.add(*train_step(model, batch, opt, sched, ema, rt, cfg, rng, graphs), batch.real)
+    if graphs:
+        step.ops.subtract(replayed[-1].ops)
     with Count() as update:
         opt.step()
     with Count() as averaging:
@@ -164,13 +181,14 @@ def main() -> None:
                         f"{now.ops['aten.clone']} ({base.ops['aten.clone']}) | {mb[0]:.0f} ({mb[1]:.0f}) |")
             print(rows[-1], flush=True)
     steps = ["| optimizer | operations per step: now (defaults) | of which the update | of which the EMA "
-             "| host reads per step |", "|---|---|---|---|---|"]
+             "| host reads per step | with `cuda_graphs=true`: operations outside the graph |", "|---|---|---|---|---|---|"]
     for optim in ("sgd", "adamw"):
         now, base = (whole_step("small", optim, b) for b in (False, True))
+        graphed = whole_step("small", optim, False, graphed=True)[0]
         ops = [[sum(c.ops.values()) for c in r] for r in (now, base)]
         reads = [sum(r[0].ops[k] for k in READS) for r in (now, base)]
         steps.append(f"| {optim} | {ops[0][0]} ({ops[1][0]}) | {ops[0][1]} ({ops[1][1]}) | {ops[0][2]} ({ops[1][2]}) "
-                     f"| {reads[0]} ({reads[1]}) |")
+                     f"| {reads[0]} ({reads[1]}) | {sum(graphed.ops.values())}, and one graph launch |")
         print(steps[-1], flush=True)
     torch.set_num_threads(1)
     emas = ["| spec | EMA update, host us: now (timm's ModelEmaV3) | clipping, host us: now (over model.parameters()) |",
@@ -187,7 +205,11 @@ def main() -> None:
             "does not depend on the pixels; autocast would add its casts): the optimizer fused as `make_optimizer` builds "
             "it and the EMA as `step.Ema` keeps it, against the defaults: PyTorch's on a GPU (foreach) and timm's "
             "ModelEmaV3 (views and detaches are not counted: timm's EMA makes one per tensor of both models every step). "
-            "Host reads: `.item()`-like operations, each a sync when the tensor is on a GPU, host work when it is not.\n\n"
+            "Host reads: `.item()`-like operations, each a sync when the tensor is on a GPU, host work when it is not. "
+            "With `cuda_graphs=true` (`step.StepGraphs`) the forward, loss, backward and clipping are one CUDA graph per "
+            "batch shape; what the host still dispatches per step is the rest: targets, the mask of real rows, copies "
+            "into the graph's inputs and out of its outputs, optimizer, schedule, EMA and running sums (counted here with "
+            "the graph's part run uncaptured and subtracted).\n\n"
             + "\n".join(steps) + "\n\n"
             "The EMA update's and the gradient clipping's host time: each spec slimmed to 8 channels everywhere (the same "
             "tensors and operations, next to no arithmetic), one torch thread, median of 5 rounds of 200 calls.\n\n"

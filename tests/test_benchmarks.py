@@ -156,3 +156,17 @@ def test_the_fresh_process_server_leaves_the_cuda_driver_untouched(tmp_path):
     if not seen["is_available"]:
         pytest.skip("this torch does not reach the stand-in libcuda (a real driver found first, or a CPU-only build)")
     assert seen["imports"] == [], seen
+
+
+def test_a_graphed_step_leaves_the_host_the_steps_ends_only(monkeypatch):
+    """step_ops.py's count of what the host still dispatches per step with cuda_graphs=true: the targets, the mask, the
+    graph's input copies and output clones, the optimizer, the EMA and the running sums; the forward, backward and
+    clipping (most of an eager step) are the graph's."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import step_ops
+
+    eager = step_ops.whole_step("tiny", "sgd", False)[0].ops
+    graphed = step_ops.whole_step("tiny", "sgd", False, graphed=True)[0].ops
+    assert graphed["aten.convolution"] == 0 and graphed["aten.copy_"] == 4 and graphed["aten.clone"] == 3
+    assert graphed["aten._fused_sgd_"] == eager["aten._fused_sgd_"] and graphed["aten._foreach_lerp_"] == 1
+    assert sum(graphed.values()) < 30 < 100 < sum(eager.values())
