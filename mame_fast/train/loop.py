@@ -74,7 +74,7 @@ class Session:
     seen: list[list[int]] = field(default_factory=list)  # sample indices per epoch (record_samples)
     compile_watch: CompileWatch | None = None  # with compile=true: what torch.compile did, for run.json
     graphs: StepGraphs | None = None  # with cuda_graphs=true: the step's captured graphs
-    graphs_reported: dict | None = None
+    graphs_reported: dict | None = None  # the graphs' summary last written to run.json
 
     @property
     def global_batch(self) -> int:

@@ -1,5 +1,5 @@
 """Stage 4b: one optimization step and what it needs: targets, mixing, the optimizer and its schedule, the shape
-warm-up, the EMA of the weights, and the running sums of an epoch.
+warm-up, the step's CUDA graphs (``cuda_graphs=true``), the EMA of the weights, and the running sums of an epoch.
 
 The step makes no host sync: it returns device tensors, summed on the device by ``EpochMeter``; the loop
 reads them at log steps only. Loss and accuracy cover a batch's ``real`` rows: fillers (``input/plan.py``)
