@@ -108,7 +108,8 @@ def measure(cfg, epochs: int, prime: bool = True, also: tuple[int, ...] = ()) ->
     net = compiled(model, cfg)  # as the trainer does: compiled at its first step
     opt = make_optimizer(model, cfg, cfg.data.batch_size)
     graphs = StepGraphs(net, opt, rt, cfg.optim.clip_grad) if cfg.cuda_graphs else None  # captured in the first epoch
-    sched = make_schedule(opt, cfg, loader.steps(0) * (2 * epochs + 2) * (1 + len(also)), cfg.data.batch_size)
+    passes = (2 * epochs + 2) * (1 + len(also)) + (StepGraphs.EAGER + 1 if graphs else 0)
+    sched = make_schedule(opt, cfg, loader.steps(0) * passes, cfg.data.batch_size)
     rng = np.random.default_rng(0)
     shapes = loader.shapes()
     rt.synchronize()
@@ -143,6 +144,12 @@ def measure(cfg, epochs: int, prime: bool = True, also: tuple[int, ...] = ()) ->
     first_head, steady_head = [], []
     first, first_wait, n, _ = run_epoch(loader.epoch(0), first_head)
     cached = list(loader.epoch(1))  # one real epoch's batches, kept on the device
+    first_graphs, settling = graphs.summary() if graphs else None, 0
+    # A sample's epoch may hold a shape fewer than 3 times (2 eager steps, then the capture), where a real MAMe epoch
+    # holds each many times: the shapes still uncaptured are captured in untimed passes, not in the timed epochs.
+    while graphs and len(graphs.shapes) < len(shapes):
+        run_epoch(cached)
+        settling += 1
     # Real-loader epochs and in-memory passes alternate, so that each pair sees the same state of the machine: at 256
     # the step is host-bound, and its speed drifts between and within processes by more than the loader costs.
     others = {t: build_loader(replace(cfg.data, threads=t), "train", True, cfg.seed, device=rt.device, dtype=rt.dtype)
@@ -170,6 +177,7 @@ def measure(cfg, epochs: int, prime: bool = True, also: tuple[int, ...] = ()) ->
     img_flops = float(np.mean([flops[(b.images.shape[0], b.images.shape[2], b.images.shape[3])] for b in cached]))
     return {
         "compiled": watch.summary() if watch else None, "graphs": graphs.summary() if graphs else None,
+        "graphs_first_epoch": first_graphs, "graphs_settling_passes": settling,
         "device": str(rt.device), "loader": type(loader).__name__, "images": n, "steps": steps, "shapes": len(shapes),
         "startup_s": startup, "process_first_s": process_first, "first_use_s": first_use - again, "primed": prime,
         "first_epoch_s": first, "real_s": real, "memory_s": mem,
@@ -266,6 +274,9 @@ def table(title: str, m: dict) -> str:
     fill = m["first_epoch_s"] - steady  # what the first epoch still costs once every shape has been seen
     real_epoch = REAL_TRAIN / summary(real)[0]
     real_overhead = per_shape * m["real_shapes"] + max(0.0, fill)
+    if g := m.get("graphs"):  # the captures a real first epoch makes beyond those in the sample's (in its fill)
+        captured_first = m["graphs_first_epoch"]["shapes"]
+        real_overhead += g["capture_s"] / max(1, g["shapes"]) * max(0, m["real_shapes"] - captured_first)
     once = m["startup_s"] + m["process_first_s"]
     pairs, ratio = pairs_of(m), ratio_of(m)
     pct = lambda v: "n/a" if v is None else f"{v:.0f}%"  # noqa: E731
@@ -287,9 +298,13 @@ def table(title: str, m: dict) -> str:
           f"(each pair [{min(pairs_of(a)):.1%}, {max(pairs_of(a)):.1%}]); time inside next() {a['wait_share']:.1%} of the loop."
           for t, a in m.get("also", {}).items()],
         *([f"- {CompileWatch.describe(c)}."] if (c := m.get("compiled")) else []),
-        *([f"- the step's CUDA graphs, captured by hand (`cuda_graphs=true`): {g['shapes']} shapes in {g['capture_s']:.2f} s, "
-           f"after {g['eager_steps']} eager steps, all in the first epoch"
-           + ("." if g["captured"] else " (no CUDA: run uncaptured).")] if (g := m.get("graphs")) else []),
+        *(["- the step's CUDA graphs, captured by hand (`cuda_graphs=true`"
+           + ("" if g["captured"] else "; no CUDA: run uncaptured")
+           + f"): {g['shapes']} shapes in {g['capture_s']:.2f} s, after {g['eager_steps']} eager steps; "
+           f"{m['graphs_first_epoch']['shapes']} in the first epoch"
+           + (f", the others in {m['graphs_settling_passes']} untimed passes over the in-memory batches before the steady "
+              f"epochs (the sample's epoch holds some shape fewer than 3 times; the real first epoch below is charged "
+              f"for every capture)" if m["graphs_settling_passes"] else "") + "."] if (g := m.get("graphs")) else []),
         f"- once per process: start-up (CUDA, loader and model built) {m['startup_s']:.2f} s; first use of CUDA, cuDNN "
         f"and their kernels {m['process_first_s']:.2f} s (a forward+backward pass on a throwaway shape)"
         + ("; the loader primed before it, as the trainer does." if m["primed"] else "; the loader not primed.")
