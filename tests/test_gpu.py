@@ -153,7 +153,7 @@ def test_a_run_with_cuda_graphs_completes_beside_the_loaders_threads(shards, tmp
     where it is installed, else the fallback's pinned copies; the no-sync test above captures beside the fallback too)
     keep calling CUDA; the run finishes and run.json says every shape was captured."""
     cfg = load(None, [f"data.shards={shards}", f"out={tmp_path}", "data.res=full", "data.pixels=20000", "data.batch_size=8",
-                      "epochs=3", "hist_epochs=1", "optim.ema=0.9", "log_every=2", "cuda_graphs=true"])
+                      "epochs=3", "hist_epochs=0", "optim.ema=0.9", "log_every=2", "cuda_graphs=true"])
     d = run(cfg, name="gpu-graphs")
     info = read_run_info(d)
     assert info["status"] == "finished" and info["device"].startswith("cuda")
