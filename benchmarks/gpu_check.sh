@@ -18,6 +18,7 @@
 #   STEPS="gpu_tests train_throughput" GPU_TESTS_K=dali TRAIN_VARIANTS=full:off:gpu,full:off:cpu LOADER_RES=full REFERENCE=0
 #   GPU_CHECK_LIMITS="60 170 1 95"   (seconds for gpu_tests, train_throughput and the sample, demo, loader_throughput)
 #   LOADER_PER_CLASS=100             (the default: the loader table on train_throughput's sample, generated once)
+#   GPU_TESTS_K="captured or cuda_graphs or (host_sync and True)"   (only the 4 tests of the step's CUDA graphs)
 #
 # Still to measure (README, "What is still open"). After the DALI carry, in this order on one warm machine:
 #   1. the whole script as it is (the 6-minute goal, every table, no crash). At 256 it times the eager step and the
