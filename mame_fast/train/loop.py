@@ -74,7 +74,7 @@ class Session:
     seen: list[list[int]] = field(default_factory=list)  # sample indices per epoch (record_samples)
     compile_watch: CompileWatch | None = None  # with compile=true: what torch.compile did, for run.json
     graphs: StepGraphs | None = None  # with cuda_graphs=true: the step's captured graphs
-    graphs_reported: dict | None = None  # the graphs' summary last written to run.json
+    reported: dict[str, dict] = field(default_factory=dict)  # what report_changed last wrote to run.json, per key
 
     @property
     def global_batch(self) -> int:
@@ -180,7 +180,6 @@ class CompileWatch:
 
         self.mode, self.counters, self.reasons = mode, counters, _cudagraph_skips()
         self.start = (counters["stats"]["unique_graphs"], counters["inductor"]["cudagraph_skips"], len(self.reasons))
-        self.reported: dict | None = None
 
     def summary(self) -> dict:
         graphs, skips, reasons = self.start
@@ -199,13 +198,14 @@ class CompileWatch:
                 line += " (no reason logged: inductor gives one for GPU graphs only)"
         return line
 
-    def report(self, run_dir: RunDir, progress: Progress) -> None:
-        """Into run.json and onto the console, when it changed since the last report (the first epoch compiles)."""
-        now = self.summary()
-        if now != self.reported:
-            self.reported = now
-            records.update_run_info(run_dir, {"compile": now})
-            progress.say(self.describe(now))
+
+def report_changed(s: Session, run_dir: RunDir, progress: Progress, key: str, now: dict, describe) -> None:
+    """``now`` into run.json under ``key`` and ``describe(now)`` onto the console, when it changed since the last
+    report: what torch.compile compiled, or which shapes the step's CUDA graphs captured (the first epoch, a resume)."""
+    if s.reported.get(key) != now:
+        s.reported[key] = now
+        records.update_run_info(run_dir, {key: now})
+        progress.say(describe(now))
 
 
 def start(s: Session, name: str, resume: Path | None, meta: dict) -> RunDir:
@@ -348,13 +348,9 @@ def end_epoch(s: Session, run_dir: RunDir, progress: Progress, tb: TensorBoard, 
         tb.epoch(row)
         progress.epoch_done(row)
         if s.compile_watch is not None:
-            s.compile_watch.report(run_dir, progress)
-        if s.graphs is not None and s.graphs.summary() != s.graphs_reported:  # new shapes: the first epoch, or a resume
-            s.graphs_reported = g = s.graphs.summary()
-            records.update_run_info(run_dir, {"cuda_graphs": g})
-            progress.say(f"CUDA graphs: {g['shapes']} batch shape{'s' * (g['shapes'] != 1)} "
-                         + (f"captured in {g['capture_s']:.2f} s" if g["captured"] else "run uncaptured (no CUDA)")
-                         + f", after {g['eager_steps']} eager steps")
+            report_changed(s, run_dir, progress, "compile", s.compile_watch.summary(), CompileWatch.describe)
+        if s.graphs is not None:
+            report_changed(s, run_dir, progress, "cuda_graphs", s.graphs.summary(), StepGraphs.describe)
 
 
 def keep_best(s: Session, run_dir: RunDir, row: dict) -> None:

@@ -186,6 +186,12 @@ class StepGraphs:
         return {"captured": self.cuda, "shapes": len(self.shapes), "eager_steps": sum(self.eager.values()),
                 "capture_s": round(self.capture_s, 3)}
 
+    @staticmethod
+    def describe(g: dict) -> str:
+        return (f"CUDA graphs: {g['shapes']} batch shape{'s' * (g['shapes'] != 1)} "
+                + (f"captured in {g['capture_s']:.2f} s" if g["captured"] else "run uncaptured (no CUDA)")
+                + f", after {g['eager_steps']} eager steps")
+
 
 def trained_params(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
     """The parameters the optimizer updates (all the model's trainable ones), from its groups: what clipping goes over.
