@@ -374,24 +374,29 @@ def test_cuda_graphs_refuse_what_they_cannot_capture(shards, tmp_path):
 
 
 def test_a_run_with_cuda_graphs_trains_as_the_eager_one(shards, tmp_path):
-    """cuda_graphs=true through the trainer, at full resolution in bf16 (several shapes, fillers, mixup, EMA): the same
-    weights and metrics as the eager run, every training shape captured once its eager steps are done, and run.json
-    saying so."""
+    """cuda_graphs=true through the trainer, at full resolution in bf16 (several shapes, fillers, mixup, EMA),
+    uninterrupted and also cut inside epoch 2 and resumed: the same weights and metrics as the eager run, every training
+    shape captured once its eager steps are done, and run.json saying so."""
     from mame_fast.input import build_loader
 
     extra = {"epochs": 3, "data.res": "full", "data.pixels": 3000, "precision": "bf16", "optim.mixup": 0.2,
              "optim.ema": 0.9, "optim.clip_grad": 1.0, "hist_epochs": 0, "record_samples": True}
     eager = run(cfg_for(shards, tmp_path / "a", **extra), name="eager")
     graphed = run(cfg_for(shards, tmp_path / "b", cuda_graphs=True, **extra), name="graphed")
+    # Also cut inside epoch 2 and resumed: the resumed process captures its graphs anew, and the run stays exact.
+    steps = ckpt.load(eager / "last.pt")["global_step"] // 3
+    cut = run(cfg_for(shards, tmp_path / "c", cuda_graphs=True, max_steps=steps + steps // 2, **extra), name="cut")
+    assert ckpt.load(cut / "last.pt")["epoch"] == 1
+    resumed = run(load(cut / "config.yaml", ["max_steps=0"]), name="cut", resume=cut)
     shapes = build_loader(load(graphed / "config.yaml").data, "train", True, 0).shapes()
     want = {"captured": False, "shapes": len(shapes), "eager_steps": 2 * len(shapes), "capture_s": 0.0}
     assert read_run_info(graphed)["cuda_graphs"] == want
     assert "cuda_graphs" not in read_run_info(eager)
     learnt = lambda d: [{k: v for k, v in r.items() if k not in ("time_s", "images_per_s", "data_wait")}  # noqa: E731
                         for r in read_metrics(d)]
-    assert learnt(eager) == learnt(graphed)
+    assert learnt(eager) == learnt(graphed) == learnt(resumed)
     digest = lambda d: json.loads((d / "rank0.json").read_text())["weights_sha256"]  # noqa: E731
-    assert digest(eager) == digest(graphed)
+    assert digest(eager) == digest(graphed) == digest(resumed)
 
 
 def test_label_smoothing_spreads_the_target():
