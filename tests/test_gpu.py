@@ -6,6 +6,9 @@ graphs (cuda_graphs=true) trains as the eager one, beside the loaders' threads."
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -160,6 +163,42 @@ def test_a_run_with_cuda_graphs_completes_beside_the_loaders_threads(shards, tmp
     g = info["cuda_graphs"]
     assert g["captured"] and g["shapes"] == info["shape_count"]["train"] and g["capture_s"] > 0, g
     assert len(read_metrics(d)) == 3
+
+
+# A model that reads a value back to the host in its forward: fine eagerly, impossible inside a CUDA graph's capture.
+_SYNCING_MODEL = """
+import torch
+from mame_fast.train.runtime import setup_runtime
+from mame_fast.train.step import StepGraphs
+
+class Syncs(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x, sizes):
+        return self.fc(x) * (1.0 if x.abs().max().item() >= 0 else 0.0)
+
+rt = setup_runtime("fp32")
+model = Syncs().to(rt.device)
+graphs = StepGraphs(model, torch.optim.SGD(model.parameters(), lr=0.1), rt, 0.0)
+x = torch.randn(2, 4, device=rt.device)
+labels = torch.tensor([0, 2], device=rt.device)
+for _ in range(StepGraphs.EAGER + 1):
+    graphs(x, torch.nn.functional.one_hot(labels, 3).float(), labels, torch.ones(2, dtype=torch.bool, device=rt.device))
+"""
+
+
+def test_a_step_that_cannot_be_captured_says_which_setting_to_drop(tmp_path):
+    """A capture that fails (here a host sync in the model's forward) names the setting and how to go on without it,
+    not only CUDA's words. In a process of its own: a failed capture may leave CUDA's state unfit for the next test."""
+    script = tmp_path / "syncing.py"
+    script.write_text(_SYNCING_MODEL)
+    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert p.returncode != 0, p.stdout + p.stderr
+    assert "capturing the training step as a CUDA graph (batch shape (2, 4)) failed" in p.stderr, p.stderr
+    assert "--set cuda_graphs=false" in p.stderr, p.stderr
 
 
 @pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not installed")

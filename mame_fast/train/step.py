@@ -161,8 +161,14 @@ class StepGraphs:
         if not self.cuda:
             return (lambda: self._work(*inputs)), inputs
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
-            outputs = self._work(*inputs)
+        try:
+            with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
+                outputs = self._work(*inputs)
+        except RuntimeError as e:
+            # CUDA's own words ("operation not permitted when stream is capturing") do not name the setting to drop.
+            raise RuntimeError(f"capturing the training step as a CUDA graph (batch shape {tuple(args[0].shape)}) "
+                               f"failed: {e}. cuda_graphs=true only saves host time: train with --set cuda_graphs=false "
+                               "(a run past its first checkpoint: --resume RUN --set cuda_graphs=false)") from e
         self.capture_s += time.perf_counter() - t0
 
         def replay():
