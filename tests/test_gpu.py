@@ -195,7 +195,7 @@ def test_a_step_that_cannot_be_captured_says_which_setting_to_drop(tmp_path):
     script = tmp_path / "syncing.py"
     script.write_text(_SYNCING_MODEL)
     p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
-                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
     assert p.returncode != 0, p.stdout + p.stderr
     assert "capturing the training step as a CUDA graph (batch shape (2, 4)) failed" in p.stderr, p.stderr
     assert "--set cuda_graphs=false" in p.stderr, p.stderr
