@@ -38,6 +38,15 @@ def test_training_reduces_the_loss(shards, tmp_path):
     assert read_run_info(d)["status"] == "finished"
 
 
+def cut_inside_epoch_2_then_resumed(shards, folder, steps_per_epoch: int, **extra) -> Path:
+    """A run stopped by max_steps inside epoch 2, after epoch 1's validation and checkpoint, then resumed to its end."""
+    cut = run(cfg_for(shards, folder, max_steps=steps_per_epoch + steps_per_epoch // 2, **extra), name="cut")
+    st = ckpt.load(cut / "last.pt")
+    assert st["epoch"] == 1 and 0 < st["step"] < steps_per_epoch  # inside epoch 2, after epoch 1 was validated
+    assert len(read_metrics(cut)) == 1
+    return run(load(cut / "config.yaml", ["max_steps=0"]), name="cut", resume=cut)
+
+
 @pytest.mark.parametrize("res", ["256", "full"])
 def test_resume_is_exact(shards, tmp_path, res, dropout_spec):
     """Cut inside epoch 2, after epoch 1's validation and checkpoint, then resumed: the weights, the EMA weights, the
@@ -46,12 +55,7 @@ def test_resume_is_exact(shards, tmp_path, res, dropout_spec):
     extra = {"epochs": 3, "data.res": res, "data.pixels": 3000, "optim.mixup": 0.2, "optim.cutmix": 0.2, "optim.ema": 0.9,
              "model": dropout_spec, "data.color_jitter": 0.2}
     full = run(cfg_for(shards, tmp_path / "a", **extra), name="full")
-    steps = ckpt.load(full / "last.pt")["global_step"] // 3  # steps per epoch
-    cut = run(cfg_for(shards, tmp_path / "b", max_steps=steps + steps // 2, **extra), name="cut")
-    st = ckpt.load(cut / "last.pt")
-    assert st["epoch"] == 1 and 0 < st["step"] < steps  # inside epoch 2, after epoch 1 was validated
-    assert len(read_metrics(cut)) == 1
-    resumed = run(load(cut / "config.yaml", ["max_steps=0"]), name="cut", resume=cut)
+    resumed = cut_inside_epoch_2_then_resumed(shards, tmp_path / "b", ckpt.load(full / "last.pt")["global_step"] // 3, **extra)
     a, b = ckpt.load(full / "last.pt"), ckpt.load(resumed / "last.pt")
     for part in ("model", "ema"):
         assert a[part].keys() == b[part].keys()
@@ -384,10 +388,8 @@ def test_a_run_with_cuda_graphs_trains_as_the_eager_one(shards, tmp_path):
     eager = run(cfg_for(shards, tmp_path / "a", **extra), name="eager")
     graphed = run(cfg_for(shards, tmp_path / "b", cuda_graphs=True, **extra), name="graphed")
     # Also cut inside epoch 2 and resumed: the resumed process captures its graphs anew, and the run stays exact.
-    steps = ckpt.load(eager / "last.pt")["global_step"] // 3
-    cut = run(cfg_for(shards, tmp_path / "c", cuda_graphs=True, max_steps=steps + steps // 2, **extra), name="cut")
-    assert ckpt.load(cut / "last.pt")["epoch"] == 1
-    resumed = run(load(cut / "config.yaml", ["max_steps=0"]), name="cut", resume=cut)
+    resumed = cut_inside_epoch_2_then_resumed(shards, tmp_path / "c", ckpt.load(eager / "last.pt")["global_step"] // 3,
+                                              cuda_graphs=True, **extra)
     shapes = build_loader(load(graphed / "config.yaml").data, "train", True, 0).shapes()
     want = {"captured": False, "shapes": len(shapes), "eager_steps": 2 * len(shapes), "capture_s": 0.0}
     assert read_run_info(graphed)["cuda_graphs"] == want
