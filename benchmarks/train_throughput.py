@@ -298,10 +298,7 @@ def table(title: str, m: dict) -> str:
           f"(each pair [{min(pairs_of(a)):.1%}, {max(pairs_of(a)):.1%}]); time inside next() {a['wait_share']:.1%} of the loop."
           for t, a in m.get("also", {}).items()],
         *([f"- {CompileWatch.describe(c)}."] if (c := m.get("compiled")) else []),
-        *(["- the step's CUDA graphs, captured by hand (`cuda_graphs=true`"
-           + ("" if g["captured"] else "; no CUDA: run uncaptured")
-           + f"): {g['shapes']} shapes in {g['capture_s']:.2f} s, after {g['eager_steps']} eager steps; "
-           f"{m['graphs_first_epoch']['shapes']} in the first epoch"
+        *([f"- {StepGraphs.describe(g)}; {m['graphs_first_epoch']['shapes']} in the first epoch"
            + (f", the others in {m['graphs_settling_passes']} untimed passes over the in-memory batches before the steady "
               f"epochs (the sample's epoch holds some shape fewer than 3 times; the real first epoch below is charged "
               f"for every capture)" if m["graphs_settling_passes"] else "") + "."] if (g := m.get("graphs")) else []),

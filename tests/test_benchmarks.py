@@ -31,8 +31,7 @@ def test_gpu_check_smoke(tmp_path):
     assert report.count(" steady) and ") == 2 and report.count(" in its first 3 steps (") == 2  # the first epoch's parts
     assert "PilLoader on cpu" in report and "| real loader, 1 threads (same process, alternating) |" in report
     assert "CUDA graphs captured by hand" in report  # the 256 variant's title, and its account of the captures:
-    assert ("captured by hand (`cuda_graphs=true`; no CUDA: run uncaptured): 1 shapes in 0.00 s, after 2 eager steps; 1 "
-            "in the first epoch.") in report
+    assert "- CUDA graphs: 1 batch shape run uncaptured (no CUDA), after 2 eager steps; 1 in the first epoch." in report
     assert "| PIL fallback |" in report and "| augment limit |" in report and "demo finished in" in report
     # Cores busy counts the fallback's worker processes (2 of them here), not only the training process's threads.
     fallback_rows = [line.split("|") for line in report.splitlines() if line.startswith("| PIL fallback |")]
