@@ -369,11 +369,13 @@ def test_cuda_graphs_refuse_what_they_cannot_capture(shards, tmp_path):
         cfg_for(shards, tmp_path, cuda_graphs=True, compile=True)
     cfg = cfg_for(shards, tmp_path, cuda_graphs=True)
     cpu, off = torch.device("cpu"), torch.amp.GradScaler("cpu", enabled=False)
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(ConfigError, match="more than one process"):
-        StepGraphs.check(cfg, Runtime(0, 2, 0, cpu, torch.bfloat16, off, True))
+        StepGraphs(model, opt, Runtime(0, 2, 0, cpu, torch.bfloat16, off, True), cfg.optim.clip_grad)
     with pytest.raises(ConfigError, match="fp16"):
-        StepGraphs.check(cfg, Runtime(0, 1, 0, cpu, torch.float16, torch.amp.GradScaler("cpu"), True))
-    StepGraphs.check(cfg, Runtime(0, 1, 0, cpu, torch.bfloat16, off, True))
+        StepGraphs(model, opt, Runtime(0, 1, 0, cpu, torch.float16, torch.amp.GradScaler("cpu"), True), cfg.optim.clip_grad)
+    StepGraphs(model, opt, Runtime(0, 1, 0, cpu, torch.bfloat16, off, True), cfg.optim.clip_grad)
     assert not list(tmp_path.iterdir())
 
 

@@ -138,10 +138,7 @@ def build(cfg: TrainConfig, rt: Runtime) -> Session:
     watch = CompileWatch(cfg.compile_mode) if cfg.compile else None
     net = compiled(net, cfg)
     opt = make_optimizer(model, cfg, cfg.data.batch_size * rt.world)
-    graphs = None
-    if cfg.cuda_graphs:
-        StepGraphs.check(cfg, rt)
-        graphs = StepGraphs(net, opt, rt, cfg.optim.clip_grad)
+    graphs = StepGraphs(net, opt, rt, cfg.optim.clip_grad) if cfg.cuda_graphs else None
     state = ckpt.TrainState(model, opt, rt.scaler, ema, EpochMeter(rt.device))
     return Session(cfg, rt, spec, train_loader, val_loader, classes, model, net, ema, opt, state, compile_watch=watch,
                    graphs=graphs)

@@ -108,7 +108,7 @@ class StepGraphs:
       during a capture, which the default "global" mode would turn into a failed capture;
     - autocast without its weight cache (``Runtime.autocast``).
     Needs one process (DDP's hooks are not captured here), no torch.compile, and no GradScaler (bf16 or fp32):
-    ``check`` says so before a run starts.
+    the constructor says so, as a ConfigError, before a run starts.
 
     Without CUDA (the CPU suite) everything runs the same way except the capture itself: the static tensors, the
     shared gradients and the cloned outputs, with ``forward_backward`` called eagerly where a GPU replays."""
@@ -116,6 +116,12 @@ class StepGraphs:
     EAGER = 2
 
     def __init__(self, model, opt: torch.optim.Optimizer, rt: Runtime, clip: float):
+        # Checked here, where every user (the trainer, the benchmarks) makes one, before anything is captured.
+        why = ("more than one process: DDP's gradient all-reduce is not captured" if rt.world > 1 else
+               "precision=fp16: the grad scaler's per-step bookkeeping runs on the host; use bf16" if rt.scaler.is_enabled()
+               else "")
+        if why:
+            raise ConfigError(f"cuda_graphs=true cannot run with {why}")
         self.model, self.opt, self.rt, self.clip = model, opt, rt, clip
         self.cuda = rt.device.type == "cuda"
         self.shapes: dict[tuple, tuple] = {}  # shape -> (replay: () -> outputs, static inputs)
@@ -124,15 +130,6 @@ class StepGraphs:
         self.grads: list[torch.Tensor] | None = None
         if self.cuda:
             self.stream, self.pool = torch.cuda.Stream(rt.device), torch.cuda.graph_pool_handle()
-
-    @staticmethod
-    def check(cfg: TrainConfig, rt: Runtime) -> None:
-        """Why this run cannot use ``StepGraphs``, as a ConfigError before anything starts."""
-        why = ("more than one process: DDP's gradient all-reduce is not captured" if rt.world > 1 else
-               "precision=fp16: the grad scaler's per-step bookkeeping runs on the host; use bf16" if rt.scaler.is_enabled()
-               else "")
-        if why:
-            raise ConfigError(f"cuda_graphs=true cannot run with {why}")
 
     def __call__(self, x, target, labels, real):
         key = tuple(x.shape)
