@@ -2,7 +2,8 @@
 
 Contenders (training mode: random aspect-preserving crop with scale jitter + flip, normalized float32):
 - ``DALI CPU``: mame-fast's DALI loader in CPU-only mode (``DALI GPU`` too when CUDA and DALI exist);
-- ``PIL fallback``: mame-fast's PIL + DataLoader loader, same plan;
+- ``PIL fallback``: mame-fast's PIL + DataLoader loader, same plan (``--decoders torchcodec,torchvision``: one contender
+  per JPEG decoder of its workers, the decoder A/B);
 - ``ImageFolder``: torchvision ImageFolder + PIL over the raw JPEG folder, what most users start from
   (256: RandomResizedCrop to a square; full: aspect-kept resize to the same pixel budget, random
   batches padded to their largest image, as the official MAMe baselines do);
@@ -47,7 +48,7 @@ from mame_fast.data.shard import ShardSettings, load_manifest, write_shards
 from mame_fast.files import mp_context as _mp_context
 from mame_fast.files import usable_cores
 from mame_fast.input import build_loader, dali_available
-from mame_fast.input.fallback import decode_crop
+from mame_fast.input.fallback import decode_crop, jpeg_decoder_name
 from mame_fast.input.loader import MEAN, STD, keep_freed_memory, normalize_rows, resize_hwc, tail_one
 from mame_fast.input.plan import BatchPlan
 from mame_fast.input.reader import open_split
@@ -140,8 +141,11 @@ def rounds_for(seconds: float, min_seconds: float) -> int:
 def _decode_all(job: tuple[list[Path], str, int]) -> float:
     files, how, times = job
     blobs = [f.read_bytes() for f in files]  # from memory: the limit of the decoder, not of the disk
-    if how == "torchvision":
-        from torchvision.io import decode_jpeg
+    if how in ("torchvision", "torchcodec"):
+        if how == "torchvision":
+            from torchvision.io import decode_jpeg
+        else:
+            from torchcodec.decoders import decode_jpeg
 
         torch.set_num_threads(1)
         tensors = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
@@ -240,7 +244,10 @@ def run_contender(name: str, cfg: DataConfig, root: Path, args) -> tuple[list[fl
         def epoch(rep: int):
             return (y for _, y in folder)
     else:
-        kind, device = ("pil", "cpu") if name == "PIL fallback" else ("dali", "cuda" if name == "DALI GPU" else "cpu")
+        if name.startswith("PIL fallback ("):  # one of the fallback's decoders, read by its workers when they start
+            os.environ["MAME_FAST_JPEG_DECODER"] = name.removeprefix("PIL fallback (").removesuffix(")")
+        kind, device = (("pil", "cpu") if name.startswith("PIL fallback") else
+                        ("dali", "cuda" if name == "DALI GPU" else "cpu"))
         loader = build_loader(DataConfig(**{**cfg.__dict__, "loader": kind}), "train", True, 0, device=torch.device(device))
 
         def epoch(rep: int):
@@ -281,6 +288,8 @@ def main() -> None:
     ap.add_argument("--res", default="256,full", help="which resolutions to measure")
     ap.add_argument("--min-seconds", type=float, default=2.0,
                     help="each timed round runs as many epochs in a row as last this long (from the warm-up epoch's time)")
+    ap.add_argument("--decoders", default="auto",
+                    help="the fallback's JPEG decoders to compare, e.g. torchcodec,torchvision (auto: the one it picks)")
     ap.add_argument("--no-breakdown", dest="breakdown", action="store_false",
                     help="leave out DALI CPU's breakdown (its graph and its tail each run alone: three more epochs)")
     args = ap.parse_args()
@@ -295,8 +304,11 @@ def main() -> None:
         cfg = DataConfig(shards=str(shards[res]), res=res, batch_size=args.batch_size, crop=args.crop, pixels=args.pixels,
                          threads=args.workers)
         dali = ["DALI CPU"] + (["DALI GPU"] if torch.cuda.is_available() else []) if dali_available() else []
-        contenders = dali + ["PIL fallback", "ImageFolder + PIL"]
+        fallbacks = ["PIL fallback"] if args.decoders == "auto" else [f"PIL fallback ({d})" for d in args.decoders.split(",")]
+        contenders = dali + fallbacks + ["ImageFolder + PIL"]
         limits = ["decode limit (PIL)", "decode limit (torchvision.io)", "augment limit"]
+        if args.decoders != "auto":  # the decoders' own A/B: each decoding alone, one process per core
+            limits.insert(2, "decode limit (TorchCodec)")
         times: dict[str, list[float]] = {}
         thread: dict[str, list[float]] = {}
         cores: dict[str, list[float]] = {}
@@ -313,24 +325,25 @@ def main() -> None:
             if parts is not None:  # only DALI CPU returns one
                 dali_split = parts
         plans = build_loader(DataConfig(**{**cfg.__dict__, "loader": "pil"}), "train", True, 0).plan
-        limit_core, runs = [], [1, 1, 1]  # and runs per timed round of each limit
+        limit_core, runs = [], [1] * len(limits)  # and runs per timed round of each limit
         t0 = time.perf_counter()
         for rep in range(args.repeats + 1):  # round 0: warm-up, not counted
-            parts = {limits[0]: decode_limit(files, args.workers, "pil", runs[0]),
-                     limits[1]: decode_limit(files, args.workers, "torchvision", runs[1]),
-                     limits[2]: augment_limit(cfg, plans(rep), args.workers, runs[2])}
+            how = {"decode limit (PIL)": "pil", "decode limit (torchvision.io)": "torchvision",
+                   "decode limit (TorchCodec)": "torchcodec"}
+            parts = {name: (augment_limit(cfg, plans(rep), args.workers, r) if name == "augment limit" else
+                            decode_limit(files, args.workers, how[name], r)) for name, r in zip(limits, runs)}
             if rep:
                 for name, ps in parts.items():
                     times.setdefault(name, []).append(max(ps))
-                limit_core.append([sum(ps) for ps in parts.values()])
+                limit_core.append({name: sum(ps) for name, ps in parts.items()})
             else:
                 runs = [rounds_for(max(ps), args.min_seconds) for ps in parts.values()]
         print(f"{res} limits: {time.perf_counter() - t0:.1f} s in all", flush=True)
-        ref = {k: summary(times[k])[0] for k in limits}
+        ref = {k: summary(times[k])[0] for k in ("decode limit (PIL)", "decode limit (torchvision.io)", "augment limit")}
         if dali_split is not None:
             dec, tail, rs, dec_wall, tail_wall = dali_split
             ms = lambda core_s: 1e3 * core_s / n  # noqa: E731  core-milliseconds per image
-            lim_pil, lim_tv, lim_aug = (ms(summary([c[j] for c in limit_core])[0]) for j in range(3))
+            lim_pil, lim_tv, lim_aug = (ms(summary([c[k] for c in limit_core])[0]) for k in ref)
             split_note = (
                 f"\nWhere DALI CPU's time goes, in core-ms per image (each part run alone on all threads, measured as process "
                 f"CPU time): "
@@ -373,15 +386,18 @@ def save(args, sections: list[str]) -> Path:
         f"(DataLoaders start their workers each epoch, as by default). mame-fast's loaders hand channels-last float32. "
         f"The limits run in {args.workers} processes, one per core, from memory: the decode limits decode the same "
         f"files (PIL, the issue's reference, and torchvision.io, both libjpeg-turbo); the augment limit does the DALI "
-        f"CPU loader's per-image work, a whole-image decode (torchvision.io), the planned crop and the loader's own "
+        f"CPU loader's per-image work, a whole-image decode (with the fallback's decoder: {jpeg_decoder_name()}), the planned "
+        f"crop and the loader's own "
         f"tail function (resize, flip, normalize to float32 into a batch, pad), with nothing around it. 'Consuming thread on "
         f"a CPU': the share of the wall time the thread that takes the batches (the training thread in a run) spent on a "
         f"CPU; near 100%, that one thread bounds the loader, whatever the cores. 'Cores busy': the CPU time of the "
         f"loader's process and of its worker processes over the wall time; well under the cores it was given, the loader "
         f"waits on something serial.\n\n" + "\n".join(sections)
     )
-    packages = ("torch", "torchvision", "nvidia-dali-cuda130", "pillow")
-    return write_results("loader_throughput", "Loader throughput", body, packages)
+    packages = ("torch", "torchvision", "torchcodec", "nvidia-dali-cuda130", "pillow")
+    theme = "loader_throughput" if args.decoders == "auto" else "decoder_ab"  # the A/B keeps its own file
+    return write_results(theme, "Loader throughput" + ("" if args.decoders == "auto" else ": the fallback's JPEG decoders"),
+                         body, packages)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import contextlib
 import errno
 import functools
 import os
+import signal
 import time
 from pathlib import Path
 from typing import List, Optional
@@ -25,7 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.table import Table
 from rich.text import Text
 
-from .files import usable_cores
+from .files import STOP_SIGNALS, usable_cores
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="High-throughput from-scratch CNN training on MAMe.")
 console = Console()
@@ -33,8 +34,14 @@ EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_DIVERGED, EXIT_IO = 2, 3, 4, 5
 _options = {"debug": False}
 
 
+def flag(name: str, help: str):
+    """An option that is present or not (``--verify``). typer would show it as taking a ``<bool>`` value, which it
+    refuses (``--verify true``), so its help shows none."""
+    return typer.Option(False, name, help=help, metavar="")
+
+
 @app.callback()
-def _main(debug: bool = typer.Option(False, "--debug", help="Show the traceback of expected errors too.")) -> None:
+def _main(debug: bool = flag("--debug", help="Show the traceback of expected errors too.")) -> None:
     _options["debug"] = debug
     if not console.is_terminal:  # a log file or a pipe: tables at full width rather than wrapped at 80 columns
         console.width = max(console.width, 160)
@@ -56,17 +63,11 @@ def _fail(msg: str, code: int = EXIT_BAD_INPUT) -> None:
 
 
 def _expected() -> tuple[type[BaseException], ...]:
-    from .config import ConfigError
-    from .data.format import ShardError
-    from .data.metadata import MetadataError
-    from .data.source import SourceError
-    from .input import LoaderError
-    from .records.live import MissingPackage
-    from .train.checkpoint import CheckpointError
-    from .train.testset import AlreadyTested
+    # Every module's error class derives from errors.Expected: nothing heavy is imported to recognize them, so a config
+    # typo is reported before torch is.
+    from .errors import Expected
 
-    return (ConfigError, ShardError, MetadataError, SourceError, LoaderError, MissingPackage, CheckpointError, AlreadyTested,
-            OSError)
+    return (Expected, OSError)
 
 
 def io_sentence(e: OSError) -> str:
@@ -78,13 +79,31 @@ def io_sentence(e: OSError) -> str:
     return f"{where}{e.strerror or e}"
 
 
+# What to do after an interruption, by command; the others say to run the command again.
+_AFTER_INTERRUPT = {
+    "shard": "the complete shards are kept and no partial one was left: run the same command again to resume",
+    "sample": "nothing was published: run the same command again",
+    "train": "no run had started: run the command again",
+}
+
+
 def expected_errors(fn):
-    """Expected failures as one sentence and an exit code (see the module docstring); ``--debug`` shows the traceback."""
+    """Expected failures as one sentence and an exit code (see the module docstring); ``--debug`` shows the traceback.
+    SIGTERM and SIGUSR1 stop a command as Ctrl-C does (the trainer catches all three itself, to save a checkpoint)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        for sig in STOP_SIGNALS:
+            with contextlib.suppress(ValueError):  # not the main thread (the tests' CliRunner in a thread)
+                signal.signal(sig, signal.default_int_handler)
         try:
             return fn(*args, **kwargs)
+        except KeyboardInterrupt:
+            if _options["debug"]:
+                raise
+            console.print(f"[yellow]interrupted:[/] {_AFTER_INTERRUPT.get(fn.__name__, 'run the same command again')}.",
+                          highlight=False, soft_wrap=True)
+            raise typer.Exit(EXIT_INTERRUPTED) from None
         except _expected() as e:
             if _options["debug"]:
                 raise
@@ -104,7 +123,7 @@ def sample(
     large: int = typer.Option(2, min=0, help="How many images to keep large (4096 px) to exercise big-image handling."),
     seed: int = typer.Option(0),
     workers: int = typer.Option(usable_cores(), min=1, help="Processes (default: the CPUs this process may use)."),
-    zip: bool = typer.Option(False, "--zip", help="Write MAMe_data.zip, MAMe_data_256.zip, MAMe_metadata.zip instead."),
+    zip: bool = flag("--zip", help="Write MAMe_data.zip, MAMe_data_256.zip, MAMe_metadata.zip instead."),
 ) -> None:
     """Generate a MAMe-faithful miniature dataset from the real metadata."""
     from .data import metadata as md
@@ -143,14 +162,21 @@ def shard(
     workers: int = typer.Option(usable_cores(), min=1, help="Processes (default: the CPUs this process may use)."),
     splits: str = typer.Option("train,val,test"),
     seed: int = typer.Option(0),
-    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unusable images, listing them in rejects.jsonl."),
-    verify: bool = typer.Option(False, "--verify", help="Re-read the shards in SRC against manifest and index."),
+    skip_bad: bool = flag("--skip-bad", help="Skip unusable images, listing them in rejects.jsonl."),
+    verify: bool = flag("--verify", help="Re-read the shards in SRC against manifest and index."),
+    reindex: bool = flag("--reindex", help="Rewrite the DALI indexes of the shard folder SRC from their tars "
+                                                         "(a missing, damaged or stale index); the tars are checked first."),
 ) -> None:
     """Convert MAMe images into WebDataset shards with DALI index files and a manifest."""
     from .data import shard as sh
 
     if verify:
         return _verify(src)
+    if reindex:
+        fixed = sh.reindex(src)
+        console.print(f"[green]ok:[/] rewrote {len(fixed)} index file(s) from their tars" + (
+            f": {', '.join(p.name for p in fixed)}" if fixed else " (all matched already)"), highlight=False)
+        return None
     if max_pixels is None and max_side is None and res == "full":
         max_pixels = 1_000_000
     settings = sh.ShardSettings(
@@ -218,7 +244,7 @@ def demo(
     if not (root / "MAMe_dataset.csv").exists():
         sample(root, per_class=per_class, max_side=1000, large=2, seed=0, workers=workers, zip=False)
     shard(root, out=out / "shards", res="full", max_side=None, max_pixels=None, quality=90, shard_size=32.0,
-          workers=workers, splits="train,val,test", seed=0, skip_bad=False, verify=False)
+          workers=workers, splits="train,val,test", seed=0, skip_bad=False, verify=False, reindex=False)
     problems = sh.verify(out / "shards" / "full")
     if problems:
         _fail(f"shards do not verify: {problems[:3]}")
@@ -244,18 +270,41 @@ def train(
     name: str = typer.Option("run", help="Run name (folder runs/<NNN>-<name>/)."),
     after: List[int] = typer.Option([], "--after", help="Number(s) of the experiment(s) this one follows (for its card)."),
     hypothesis: str = typer.Option("", help="What this experiment tests (for its card)."),
-    tensorboard: bool = typer.Option(False, "--tensorboard", help="Also log to TensorBoard (<run>/tb): --set tensorboard=true."),
+    tensorboard: bool = flag("--tensorboard", help="Also log to TensorBoard (<run>/tb): --set tensorboard=true."),
 ) -> None:
     """Train a spec-built CNN (single process, or under torchrun on one or many nodes)."""
     from .config import load
+    from .records.rundir import check_run_name
 
-    sets = list(set_) + (["tensorboard=true"] if tensorboard else []) + ([f"data.res={res}"] if res else [])
-    sets += [f"data.shards={shards}"] if shards else []
+    check_run_name(name)
+    sets = _train_sets(set_, res, shards) + (["tensorboard=true"] if tensorboard else [])
     cfg = load(config, sets)
     folder = _resume_folder(resume, cfg, name)
     if folder is not None:
         cfg = load(folder / "config.yaml", sets)
+    _preflight(cfg)
     _train(cfg, name, folder, {"after": list(after), "hypothesis": hypothesis})
+
+
+def _train_sets(set_: list[str], res: str | None, shards: Path | None) -> list[str]:
+    """The --set overrides with --res and --shards as the data.res and data.shards they stand for; an option that
+    contradicts a --set of the same key is refused rather than silently winning."""
+    from .config import ConfigError, parse_sets
+
+    given = parse_sets(set_).get("data", {})
+    given = given if isinstance(given, dict) else {}
+    for option, key, value in (("--res", "res", res), ("--shards", "shards", shards)):
+        if value is not None and key in given and str(given[key]) != str(value):
+            raise ConfigError(f"{option} {value} contradicts --set data.{key}={given[key]}: give one of them")
+    return list(set_) + ([f"data.res={res}"] if res else []) + ([f"data.shards={shards}"] if shards else [])
+
+
+def _preflight(cfg) -> None:
+    """What can be checked of a run's config without torch (the model spec against the data), before the seconds of
+    importing it: a typo is reported at once."""
+    from .train.spec import check_for_data, load_spec
+
+    check_for_data(load_spec(cfg.model), cfg)
 
 
 @app.command()
@@ -277,10 +326,11 @@ def sweep(
 
     from .config import load
     from .records.report import previous_state
-    from .records.rundir import find_run
+    from .records.rundir import check_run_name, find_run
     from .records.sweep import family_card, label, parse_grid, settings
 
-    sets = list(set_) + ([f"data.res={res}"] if res else []) + ([f"data.shards={shards}"] if shards else [])
+    check_run_name(name)
+    sets = _train_sets(set_, res, shards)
     base = load(config, sets)
     g = parse_grid(grid)
     plan = []  # every run's config, checked before the first one starts
@@ -288,7 +338,8 @@ def sweep(
         tag = re.sub(r"[^A-Za-z0-9._+-]", "_", "-".join(f"{k.rsplit('.', 1)[-1]}{v}" for k, v in setting.items()))
         for i in range(repeats):
             cfg = load(config, sets + [f"{k}={v}" for k, v in setting.items()] + [f"seed={base.seed + i}"])
-            plan.append((setting, cfg, f"{name}-{tag}-s{cfg.seed}"))
+            _preflight(cfg)
+            plan.append((setting, cfg, check_run_name(f"{name}-{tag}-s{cfg.seed}")))
     members = []
     for setting, cfg, run_name in plan:
         meta = {"after": list(after), "hypothesis": f"{hypothesis} [{label(setting)}, seed {cfg.seed}]".strip(), "sweep": name}
@@ -362,11 +413,13 @@ def _resume_hint(run_dir: Path) -> str:
 @expected_errors
 def model(
     specs: List[str] = typer.Argument(None, help="Model spec names (configs/models/) or YAML paths; default: the shipped ones."),
-    crop: int = typer.Option(224, min=8, help="Side of the fixed-size input for the 256 column."),
-    pixels: int = typer.Option(360_000, min=64, help="Pixel budget of the full-resolution column."),
+    crop: int = typer.Option(224, min=8, help="Side of the square input of the fixed-size column: the crop a --res 256 "
+                                              "run trains on (data.crop)."),
+    pixels: int = typer.Option(360_000, min=64, help="Pixel budget of the full-resolution column (data.pixels)."),
 ) -> None:
-    """Parameters and FLOPs of model specs at 256 (crop) and at the full-resolution budget; for the specs named, one row
-    per stage with its output size, channels, parameters, FLOPs and receptive field."""
+    """Parameters and FLOPs of model specs at a square crop (--crop, 224 by default: what a --res 256 run feeds the
+    model) and at the full-resolution budget; for the specs named, one row per stage with its output size, channels,
+    parameters, FLOPs and receptive field."""
     from .train.model import stage_rows, summary_rows
     from .train.spec import load_spec, shipped_specs
 
@@ -402,14 +455,18 @@ def test_cmd(
     checkpoint: str = typer.Option("best", help="best: exactly the weights that won validation (the model's or the EMA's, "
                                                 "at their epoch); last: the model at the end of training; ema: the EMA "
                                                 "weights at the end of training."),
-    again: bool = typer.Option(False, "--again", help="Evaluate even though this run was tested before (recorded)."),
+    again: bool = flag("--again", help="Evaluate even though this run was tested before (recorded)."),
+    unfinished: bool = flag("--unfinished", help="Test a run that has not ended (running, died, "
+                                                                "interrupted, failed) as it is (recorded)."),
 ) -> None:
     """Evaluate a run on the test split, once."""
+    from .records.stats import pct
     from .train.testset import evaluate_test_set
 
-    r = evaluate_test_set(run_dir, checkpoint, again)
+    r = evaluate_test_set(run_dir, checkpoint, again, unfinished)
     console.print(f"test ({r['count']} images, {r['weights']} weights of epoch {r['epoch']}, checkpoint {checkpoint}): "
-                  f"top-1 {r['top1']:.4f}  top-5 {r['top5']:.4f}  balanced {r['balanced_acc']:.4f}  -> {run_dir / 'test.json'}")
+                  f"top-1 {pct(r['top1'], r['count'])} (95% interval)  top-5 {r['top5']:.1%}  balanced "
+                  f"{r['balanced_acc']:.1%}  -> {run_dir / 'test.json'}", highlight=False)
 
 
 @app.command()
@@ -443,7 +500,7 @@ def runs(root: Path = typer.Option(Path("runs"), help="Folder holding the run fo
 
     rows = runs_table(root)
     if not rows:
-        _fail(f"no runs in {root}")
+        _fail(f"no runs in {root}{_elsewhere(root)}")
     t = Table()
     for c in rows[0]:
         t.add_column(c, overflow="fold")
@@ -474,12 +531,14 @@ def compare(
 @app.command()
 @expected_errors
 def report(root: Path = typer.Option(Path("runs"), help="Folder holding the run folders.")) -> None:
-    """One Markdown and HTML document with every run's card, in order."""
+    """One Markdown and HTML document with every run's card in order, then the sweeps' family cards."""
     from .records.plots import plot_run
     from .records.records import read_run_info
     from .records.report import write_report
     from .records.rundir import RunDir, list_runs
 
+    if not list_runs(root):
+        _fail(f"no runs in {root}{_elsewhere(root)}")
     for r in list_runs(root):
         if not (r / RunDir.PLOTS).is_dir():
             plot_run(r.path, read_run_info(r.path).get("classes") or [str(i) for i in range(29)])
@@ -498,6 +557,16 @@ def explore(
 
     s = run_explore(src, out)
     console.print(f"{s['rows']:,} images: {s['splits']}; report in {out / 'explore.md'}")
+
+
+def _elsewhere(root: Path) -> str:
+    """Where runs are when the default folder has none: the demo's (``make demo`` trains into demo/runs)."""
+    from .records.rundir import list_runs
+
+    demo = Path("demo") / "runs"
+    if root == Path("runs") and list_runs(demo):
+        return f"; the demo's runs are in {demo}: add --root {demo}"
+    return ""
 
 
 def main() -> None:

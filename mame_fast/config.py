@@ -19,8 +19,10 @@ from typing import Any, ClassVar, Literal
 
 import yaml
 
+from .errors import Expected
 
-class ConfigError(ValueError):
+
+class ConfigError(Expected, ValueError):
     pass
 
 
@@ -74,15 +76,17 @@ class DataConfig(_Checked):
     shards: str = "shards/full"
     """Shard folder (with manifest.json) made by `mame-fast shard`."""
     res: Literal["256", "full"] = "256"
-    """'256': fixed square crops; 'full': variable-shape, aspect-ratio-bucketed batches."""
+    """'256': fixed square crops of ``data.crop`` px (named after the official 256x256 release; shards of either variant
+    serve it); 'full': variable-shape batches, each image at about ``data.pixels`` px in aspect-ratio buckets, never
+    squashed (needs shards made with --res full)."""
     loader: Literal["auto", "dali", "pil"] = "auto"
     """'dali', 'pil' (fallback: PIL + torch DataLoader), or 'auto' (DALI when installed)."""
     batch_size: int = 32
     """Images per batch per rank."""
     crop: int = 224
-    """Side of the square crops in res=256 mode (pixels)."""
+    """Side of the square crops in res=256 mode, in pixels: the model sees crop x crop images."""
     pixels: int = 360_000
-    """Pixel budget per image in res=full mode (each bucket has about this many pixels)."""
+    """Pixel budget per image in res=full mode: each bucket has about this many pixels (360,000 is about 600x600)."""
     buckets: int = 20
     """Number of aspect-ratio buckets in res=full mode, between 1:4 and 4:1 (fewer if some round to one shape)."""
     side_multiple: int = 32
@@ -99,6 +103,9 @@ class DataConfig(_Checked):
     """DALI threads / DataLoader workers per rank (0: the cores this rank may use, input/loader.py ``rank_cores``)."""
     prefetch: int = 4
     """Batches the loader prepares ahead (DALI prefetch queue depth; DataLoader prefetch factor)."""
+    start_method: Literal["auto", "fork", "spawn", "forkserver"] = "auto"
+    """How the fallback loader starts its worker processes: 'auto' (the platform's default: fork on Linux up to Python
+    3.13, forkserver from 3.14, spawn on macOS and Windows), or one of Python's multiprocessing start methods."""
     decode: Literal["auto", "gpu", "cpu"] = "auto"
     """Where DALI decodes JPEGs on a GPU machine: 'gpu' (nvJPEG), 'cpu' (DALI's threads, leaving the GPU to training) or
     'auto': 'cpu' at res=full, where training keeps the GPU busy, 'gpu' at res=256, where the host is the bottleneck."""
@@ -250,8 +257,22 @@ def parse_sets(sets: list[str]) -> dict:
         parts = k.strip().split(".")
         for p in parts[:-1]:
             node = node.setdefault(p, {})
-        node[parts[-1]] = yaml.safe_load(v) if v != "" else ""
+        try:
+            node[parts[-1]] = yaml.safe_load(v) if v != "" else ""
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {s}: the value is not valid YAML; quote it (--set '{k}=\"{v}\"')") from None
     return out
+
+
+def read_yaml(path: Path):
+    """The YAML document in ``path``; a syntax error is a ConfigError naming the file, line and column."""
+    try:
+        return yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}: {where}not valid YAML ({problem})") from None
 
 
 def shipped(name: str) -> Path:
@@ -275,7 +296,7 @@ def load(path: str | Path | None = None, sets: list[str] | None = None, base: Tr
             p = shipped(f"{p.name}.yaml")
         if not p.is_file():
             raise ConfigError(f"{p}: config file not found")
-        data = yaml.safe_load(p.read_text()) or {}
+        data = read_yaml(p)
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: expected a mapping at the top level")
         try:
@@ -299,3 +320,56 @@ def diff(a: dict, b: dict, prefix: str = "") -> dict[str, tuple]:
         elif va != vb:
             out[f"{prefix}{k}"] = (va, vb)
     return out
+
+
+# -- the reference of every key, from the field docs (docs/configuration.md) -----------------------------------
+
+
+def field_docs(cls) -> dict[str, str]:
+    """The docstring written under each field of a config dataclass (the string literal after it), read from the
+    source: the one text that both the code and docs/configuration.md show, so the two cannot drift."""
+    import ast
+    import inspect
+    import textwrap
+
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    return {a.target.id: inspect.cleandoc(b.value.value) for a, b in zip(body, body[1:])
+            if isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name) and isinstance(b, ast.Expr)
+            and isinstance(b.value, ast.Constant) and isinstance(b.value.value, str)}
+
+
+def keys(cls=None, prefix: str = "") -> dict[str, dataclasses.Field]:
+    """Every settable key of a config dataclass, dotted (``data.res``), in declaration order; sections are not keys."""
+    out = {}
+    for f in dataclasses.fields(cls or TrainConfig):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            out.update(keys(type(default), f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = f
+    return out
+
+
+def reference_table(cls, prefix: str = "") -> list[str]:
+    """Markdown rows ``| key | default | allowed | what it does |`` for every key of ``cls`` and its sections."""
+    rows = []
+    hints = _hints(cls)
+    docs = field_docs(cls)
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            rows += reference_table(type(default), f"{prefix}{f.name}.")
+            continue
+        key = f"{prefix}{f.name}"
+        tp = hints[f.name]
+        if typing.get_origin(tp) is Literal:
+            allowed = ", ".join(f"`{a}`" for a in typing.get_args(tp))
+        elif key in RANGES:
+            lo, hi, lo_open, hi_open = RANGES[key]
+            allowed = (f"{'(' if lo_open else '['}{'-inf' if lo is None else lo}, "
+                       f"{'inf' if hi is None else hi}{')' if hi_open or hi is None else ']'}")
+        else:
+            allowed = getattr(tp, "__name__", str(tp).replace("typing.", ""))
+        doc = " ".join(docs.get(f.name, "").split()).replace("|", "\\|")
+        rows.append(f"| `{key}` | `{default!r}` | {allowed} | {doc} |")
+    return rows

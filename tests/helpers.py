@@ -1,8 +1,9 @@
-"""Shared by the tests: a training config for the tiny shards, small enough to run in seconds on 2 cores, and a record
-of the operations a block of code dispatches."""
+"""Shared by the tests: a training config for the tiny shards, small enough to run in seconds on 2 cores, the environment
+of a `mame-fast` child process, and a record of the operations a block of code dispatches."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -15,6 +16,11 @@ def cfg_for(shards: Path, out: Path, **kw) -> TrainConfig:
             "log_every=2", "hist_epochs=2", "optim.name=adamw", "optim.lr=0.01", "optim.weight_decay=0.01"]
     sets += [f"{k}={v}" for k, v in kw.items()]
     return load(None, sets)
+
+
+def cli_env() -> dict:
+    """The environment of a `mame-fast` child process: this checkout first, one OpenMP thread (as a pytest worker)."""
+    return dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent), OMP_NUM_THREADS="1")
 
 
 class Dispatched(TorchDispatchMode):

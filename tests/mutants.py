@@ -6,7 +6,10 @@ against the copy; a mutant survives when they all pass. The run prints and write
 and the survivors (``tests/mutants_report.md``). A survivor is either a gap to close with a test or a change
 that cannot alter behaviour (then it is removed from the list with a line saying why).
 
-    python tests/mutants.py [--only SUBSTRING] [--jobs 2]
+    python tests/mutants.py [--only SUBSTRING] [--jobs 2] [--whole]
+
+A new mutant is first run against the whole fast suite (``--whole``: every test not marked slow, which also names the
+test that killed it), so that its selection is what kills it, not a guess; the table then runs each one's selection.
 """
 
 from __future__ import annotations
@@ -148,15 +151,47 @@ MUTANTS = [
     M("an epoch resumed in the middle reports whole-epoch numbers", "mame_fast/train/checkpoint.py",
       "        self.meter.load_state_dict(d[\"meter\"])", "        pass", "tests/test_train.py -k resume_is_exact"),
     M("stopping inside an epoch saves a resumable checkpoint", "mame_fast/train/loop.py",
-      "                if stop is not Stop.FINISHED and st.step < s.train_loader.steps(st.epoch):  # left inside the epoch\n"
-      "                    save_last(s, run_dir)",
-      "                if stop is not Stop.FINISHED and st.step < s.train_loader.steps(st.epoch):  # left inside the epoch\n"
-      "                    pass", "tests/test_train.py -k resume_is_exact"),
+      "            if stop is not Stop.FINISHED and st.step < s.train_loader.steps(st.epoch):  # left inside the epoch\n"
+      "                save_last(s, run_dir)",
+      "            if stop is not Stop.FINISHED and st.step < s.train_loader.steps(st.epoch):  # left inside the epoch\n"
+      "                pass", "tests/test_train.py -k resume_is_exact"),
     M("best.pt holds exactly the weights that won validation", "mame_fast/train/loop.py",
       "    weights, top1, module = max(candidates, key=lambda c: c[1])", "    weights, top1, module = candidates[0]",
       "tests/test_testset.py -k ema"),
-    M("a non-finite loss stops the run", "mame_fast/train/loop.py", "    if diverged:\n        raise TrainingDiverged(",
-      "    if False:\n        raise TrainingDiverged(", "tests/test_train.py -k nan"),
+    M("a non-finite loss stops the run", "mame_fast/train/loop.py", "    if diverged:\n        last = run_dir / RunDir.LAST",
+      "    if False:\n        last = run_dir / RunDir.LAST", "tests/test_train.py -k nan"),
+    # -- resume on every loader, and the signals (issue 33) --------------------------------------------------
+    M("resume is exact with the fallback: its DataLoader draws no seed from the global RNG", "mame_fast/input/fallback.py",
+      "                generator=torch.Generator().manual_seed(self.seed),", "                generator=None,",
+      "tests/test_resume.py -k 'any_cut or rng_alone'"),
+    M("resume is exact with DALI: a restarted pipeline feeds from the step asked for", "mame_fast/input/dali.py",
+      "            self.feed.start(epoch, start_step)", "            self.feed.start(epoch, 0)",
+      "tests/test_resume.py -k any_cut"),
+    M("a signal during validation stops the run at the next epoch's start", "mame_fast/train/loop.py",
+      "            if rt.any([signalled()])[0]:", "            if False:", "tests/test_resume.py -k any_cut"),
+    M("Ctrl-C to the process group: the fallback's workers leave it to the trainer", "mame_fast/input/fallback.py",
+      "worker_init_fn=ignore_stop_signals,", "worker_init_fn=None,",
+      "tests/test_loaders.py -k signals_that"),
+    M("a SIGTERM to the process group: the fallback's workers ignore it unless their parent sent it", "mame_fast/files.py",
+      "        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:", "        if True:",
+      "tests/test_loaders.py -k signals_that"),
+    M("Ctrl-C to `shard`: its pool's workers leave it to the command", "mame_fast/data/shard.py",
+      "    ignore_interrupts()  # a Ctrl-C stops the parent", "    pass  # a Ctrl-C stops the parent",
+      "tests/test_resume.py -k sharding"),
+    M("a run's loaders are closed when it ends", "mame_fast/train/loop.py", "        cleanup.callback(s.close)", "        pass",
+      "tests/test_loaders.py -k leaves_no"),
+    M("a torn last line is cut before a resumed run appends", "mame_fast/records/records.py",
+      "            f.truncate(end)", "            pass", "tests/test_faults.py -k 'torn_metrics'"),
+    M("a resume that changes the model is refused", "mame_fast/train/loop.py", "    if state[\"spec\"] != spec_dict(s.spec):",
+      "    if False:", "tests/test_faults.py -k changes_the_model"),
+    M("the temporary file of a killed writer is removed", "mame_fast/files.py",
+      "            if m and m[\"host\"] == _HOST and not alive(int(m[\"pid\"])):", "            if False:",
+      "tests/test_faults.py -k killed_writer"),
+    # -- the test set, once, under any timing ------------------------------------------------------------
+    M("two concurrent looks at the test set make one", "mame_fast/train/testset.py",
+      "            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)", "            pass", "tests/test_faults.py -k concurrent"),
+    M("test refuses a run that has not ended", "mame_fast/train/testset.py", "        if status not in FINAL and not unfinished:",
+      "        if False:", "tests/test_faults.py -k not_ended"),
     # -- the test set, once (train/testset.py, train/evaluate.py) ---------------------------------------
     M("test reads the test split", "mame_fast/train/testset.py", "loader = build_loader(cfg.data, \"test\", False,",
       "loader = build_loader(cfg.data, \"val\", False,", "tests/test_testset.py"),
@@ -166,6 +201,26 @@ MUTANTS = [
       "    if which in (\"best\", \"last\"):", "tests/test_testset.py -k named"),
     M("metrics count the real rows, not the fillers", "mame_fast/train/evaluate.py", "        sums[2] += b.real",
       "        sums[2] += len(b.labels)", "tests/test_testset.py -k named"),
+    # -- the metrics and their intervals (train/evaluate.py, records/stats.py) ------------------------------
+    M("top-5 accuracy counts a hit among the five highest logits", "mame_fast/train/evaluate.py",
+      "logits.topk(min(5, num_classes), -1)", "logits.topk(1, -1)", "tests/test_metrics.py"),
+    M("balanced accuracy is the mean of the per-class accuracies", "mame_fast/train/evaluate.py",
+      "        \"balanced_acc\": float(np.nanmean(per_class)),", "        \"balanced_acc\": float(np.trace(conf) / n),",
+      "tests/test_metrics.py"),
+    M("the confusion matrix has true classes in rows", "mame_fast/train/evaluate.py",
+      "conf.index_add_(0, labels * num_classes + logits.argmax(-1),", "conf.index_add_(0, logits.argmax(-1) * num_classes + labels,",
+      "tests/test_metrics.py"),
+    M("the loss is the mean cross-entropy", "mame_fast/train/evaluate.py", "        \"loss\": sums[0].item() / n,",
+      "        \"loss\": sums[0].item() / max(1, len(loader)),", "tests/test_metrics.py"),
+    M("Wilson's interval is centred where the score test puts it", "mame_fast/records/stats.py",
+      "    centre = (p + z * z / (2 * n)) / (1 + z * z / n)", "    centre = p", "tests/test_metrics.py"),
+    M("Newcombe's interval of a difference", "mame_fast/records/stats.py",
+      "    return d, d - math.sqrt((p2 - l2) ** 2 + (u1 - p1) ** 2), d + math.sqrt((u2 - p2) ** 2 + (p1 - l1) ** 2)",
+      "    return d, d - math.sqrt((p2 - l2) ** 2 + (p1 - l1) ** 2), d + math.sqrt((u2 - p2) ** 2 + (u1 - p1) ** 2)",
+      "tests/test_metrics.py"),
+    M("a setting's interval over seeds takes Student's quantile", "mame_fast/records/stats.py",
+      "    return m, (_T95[n - 2] if n - 1 <= len(_T95) else Z95) * sd / math.sqrt(n)",
+      "    return m, (_T95[n - 1] if n <= len(_T95) else Z95) * sd / math.sqrt(n)", "tests/test_metrics.py"),
     # -- the shard writer (data/) ------------------------------------------------------------------------
     M("the same input and seed give byte-identical shards", "mame_fast/data/shard.py", "    info.mtime = 0  #",
       "    info.mtime = id(payload)  #", "tests/test_shard.py -k deterministic"),
@@ -190,8 +245,12 @@ def copy_repo(dst: Path) -> None:
     shutil.copytree(ROOT, dst, ignore=ignore, symlinks=True)
 
 
-def try_mutant(m: Mutant, repo: Path) -> tuple[bool, float, str]:
-    """(killed, seconds, detail) of one mutant, on its own copy of the repository."""
+WHOLE = "-m 'not slow' tests"  # the whole fast suite
+TIMEOUT_S = 900
+
+
+def try_mutant(m: Mutant, repo: Path, tests: str | None = None) -> tuple[bool, float, str]:
+    """(killed, seconds, detail) of one mutant, on its own copy of the repository, against its tests (or ``tests``)."""
     path = repo / m.file
     src = path.read_text()
     if src.count(m.old) != 1:
@@ -199,10 +258,15 @@ def try_mutant(m: Mutant, repo: Path) -> tuple[bool, float, str]:
     path.write_text(src.replace(m.old, m.new))
     env = dict(os.environ, PYTHONPATH=str(repo), OMP_NUM_THREADS="1")
     t = time.time()
-    r = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *shlex.split(m.tests)], cwd=repo, env=env,
-                       capture_output=True, text=True)
-    path.write_text(src)
-    last = (r.stdout.strip().splitlines() or [""])[-1]
+    try:
+        r = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *shlex.split(tests or m.tests)],
+                           cwd=repo, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:  # a hang is a broken promise too (a loader that waits for a dead worker)
+        return True, time.time() - t, f"timed out after {TIMEOUT_S} s"
+    finally:
+        path.write_text(src)
+    lines = r.stdout.strip().splitlines() or [""]
+    last = next((x.split(" - ")[0] for x in lines if x.startswith("FAILED ")), lines[-1])  # the test that killed it
     # 4: pytest's usage error (a bad -k), 5: no test collected: neither tested the mutant, so neither kills it
     return r.returncode not in (0, 4, 5), time.time() - t, last
 
@@ -211,6 +275,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default="", help="run the mutants whose promise contains this")
     ap.add_argument("--jobs", type=int, default=2, help="mutants tried at once, each on its own copy")
+    ap.add_argument("--whole", action="store_true", help="run each mutant against the whole fast suite, not its selection")
     args = ap.parse_args()
     chosen = [m for m in MUTANTS if args.only in m.promise]
     t0 = time.time()
@@ -224,25 +289,27 @@ def main() -> None:
         def job(m: Mutant):
             repo = free.pop()
             try:
-                return try_mutant(m, repo)
+                return try_mutant(m, repo, WHOLE if args.whole else None)
             finally:
                 free.append(repo)
 
         with ThreadPoolExecutor(args.jobs) as ex:
             results = list(ex.map(job, chosen))
     killed = sum(k for k, _, _ in results)
+    against = "the whole fast suite (the killing test named)" if args.whole else "only the tests that guard its promise"
     lines = [f"# Mutation check of the core: {killed} of {len(chosen)} mutants killed ({killed / len(chosen):.0%})", "",
              f"- date: {dt.datetime.now().isoformat(timespec='seconds')}, {time.time() - t0:.0f} s on {os.cpu_count()} cores "
-             f"({args.jobs} at once); each mutant runs only the tests that guard its promise", "",
+             f"({args.jobs} at once); each mutant runs {against}", "",
              "| promise broken | file | tests | result | s |", "|---|---|---|---|---|"]
     for m, (k, s, detail) in zip(chosen, results):
-        lines.append(f"| {m.promise} | `{m.file}` | `{m.tests}` | {'killed' if k else '**SURVIVED** ' + detail} | {s:.0f} |")
+        result = ("killed" + (f" by `{detail.removeprefix('FAILED ')}`" if args.whole else "")) if k else "**SURVIVED** " + detail
+        lines.append(f"| {m.promise} | `{m.file}` | `{WHOLE if args.whole else m.tests}` | {result} | {s:.0f} |")
     survivors = [m.promise for m, (k, _, _) in zip(chosen, results) if not k]
     lines += ["", "Survivors: " + ("; ".join(survivors) if survivors else "none") + "."]
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.only:
-        (ROOT / "tests" / "mutants_report.md").write_text(text)
+        (ROOT / "tests" / ("mutants_whole_report.md" if args.whole else "mutants_report.md")).write_text(text)
     sys.exit(0 if not survivors else 1)
 
 

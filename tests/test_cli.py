@@ -78,6 +78,9 @@ def test_sweep_runs_the_grid_and_writes_a_family_card(shards, tmp_path):
         assert re.search(rf"\| {re.escape(value)} \| 2 \| \d+\.\d% \+- \d+\.\d \| #\d+ seed 0: \d+\.\d% \[", card), card
     assert re.search(r"optim\.lr=0\.01 vs optim\.lr=0\.001: [+-]\d+\.\d points, (not )?conclusive", card)
     assert "**5 - Observations**" in card and "a larger lr" in card
+    code, out = invoke("report", "--root", tmp_path)  # the family card is part of the report, after its runs
+    assert code == 0 and "## Sweep: lr" in (tmp_path / "report.md").read_text(), out
+    assert "<h2>Sweep: lr</h2>" in (tmp_path / "report.html").read_text()
 
 
 def test_resume_auto_continues_the_unfinished_run_of_that_name(shards, tmp_path):

@@ -535,3 +535,63 @@ def test_a_fallback_ring_larger_than_shared_memory_is_refused(shards):
     with pytest.raises(LoaderError, match=r"shared memory .*data\.prefetch=1000000000.*/dev/shm has") as e:
         L.prime(0)
     assert str(shards) in str(e.value)
+
+
+def _worker_pids(L) -> list[int]:
+    return [w.pid for w in L._dl._iterator._workers]  # DataLoader's persistent workers
+
+
+def test_a_fallback_worker_ignores_signals_that_are_its_parents_to_handle(shards):
+    """Ctrl-C and SIGTERM sent to the whole process group (a terminal, SLURM) reach the workers too: they ignore them
+    and go on decoding, so the trainer can save and stop; a SIGTERM from their parent (how DataLoader ends a worker that
+    did not stop when asked) still ends one, quietly."""
+    import signal
+    import subprocess
+
+    L = build_loader(cfg_for(shards, "full", "pil", threads=2), "train", True, seed=0)
+    batches = L.epoch(0)
+    next(batches)
+    pids = _worker_pids(L)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):  # sent by another process, as a terminal or SLURM does
+        subprocess.run(["kill", f"-{sig.name.removeprefix('SIG')}", *map(str, pids)], check=True)
+    assert sum(1 for _ in batches) == L.steps(0) - 1  # every worker still decodes
+    assert all(os.waitpid(pid, os.WNOHANG) == (0, 0) for pid in pids)
+    os.kill(pids[0], signal.SIGTERM)  # from the parent
+    worker = L._dl._iterator._workers[0]
+    worker.join(10)
+    assert worker.exitcode == 0
+    L.close()
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_a_finished_run_leaves_no_loader_behind(shards, tmp_path, loader):
+    """The trainer closes its loaders when a run ends: no worker process outlives it (left to the garbage collector,
+    each of the fallback's workers held the next run back 5 s)."""
+    import multiprocessing
+
+    from mame_fast.config import load
+    from mame_fast.train.loop import run
+
+    before = {p.pid for p in multiprocessing.active_children()}
+    sets = [f"data.shards={shards}", f"out={tmp_path}", "data.res=256", "data.crop=48", "data.batch_size=16",
+            "data.threads=2", "epochs=1", "hist_epochs=1", f"data.loader={loader}"]
+    run(load(None, sets), name="closed")
+    assert {p.pid for p in multiprocessing.active_children()} - before == set()
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_the_fallbacks_workers_give_the_same_batches_under_every_start_method(shards, method):
+    """macOS and Windows start processes with spawn, Python 3.14 makes forkserver Linux's default: the fallback's
+    workers (the shared ring, persistent across epochs, running on into the next one) give the batches they give when
+    forked, byte for byte, over two epochs and a restart inside one."""
+    def batches(start_method: str) -> list[torch.Tensor]:
+        L = build_loader(cfg_for(shards, "full", "pil", threads=2, start_method=start_method), "train", True, seed=3)
+        try:
+            got = [b.images.clone() for e in (0, 1) for b in L.epoch(e)]
+            return got + [b.images.clone() for b in L.epoch(1, 2)]
+        finally:
+            L.close()
+
+    forked = batches("fork")
+    started = batches(method)
+    assert len(forked) == len(started) and all(torch.equal(a, b) for a, b in zip(forked, started))

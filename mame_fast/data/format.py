@@ -14,13 +14,15 @@ import hashlib
 import json
 from pathlib import Path
 
+from ..errors import Expected
+
 FORMAT = "mame-fast-shards"
 FORMAT_VERSION = 1
 INDEX_VERSION = "v1.2"  # the format DALI's wds2idx writes
 EXTS = ("jpg", "cls", "lbl", "json")
 
 
-class ShardError(ValueError):
+class ShardError(Expected, ValueError):
     """Bad input or a bad shard folder; the message names the file and the problem."""
 
 
@@ -56,7 +58,7 @@ def index_text(lines: list[str]) -> str:
 
 def read_index(idx: Path) -> list[dict[str, tuple[int, int]]]:
     """Parse a DALI v1.2 index: per sample, {ext: (offset, size)} plus '__key__'."""
-    redo = "re-create it with `mame-fast shard` (it resumes) or DALI's wds2idx"
+    redo = reindex_advice(idx.parent)
     lines = idx.read_text(errors="replace").splitlines()
     head = lines[0].split() if lines else []
     if len(head) != 2 or head[0] != INDEX_VERSION or not head[1].isdigit():
@@ -75,6 +77,32 @@ def read_index(idx: Path) -> list[dict[str, tuple[int, int]]]:
     if len(samples) != n:
         raise ShardError(f"{idx}: header says {n} samples, file has {len(samples)}; the index is truncated; {redo}")
     return samples
+
+
+def reindex_advice(folder: Path) -> str:
+    """What to do about a damaged, stale or missing index: rewrite it from its tar (``shard.reindex``)."""
+    return f"rewrite the folder's indexes from their tars with `mame-fast shard {folder} --reindex`"
+
+
+def index_from_tar(tar: Path) -> str:
+    """The DALI index of a shard, read from the tar's headers: what the writer wrote beside it (and what DALI's wds2idx
+    writes), byte for byte. Members are grouped into samples by their key, the name up to its first dot."""
+    import tarfile
+
+    lines, members, key = [], [], None
+    with tarfile.open(tar) as tf:
+        for m in tf:
+            if not m.isfile():
+                continue
+            k = m.name.split(".", 1)[0]
+            if k != key and members:
+                lines.append(index_line(members))
+                members = []
+            key = k
+            members.append((m.name, m.offset_data, m.size))
+    if members:
+        lines.append(index_line(members))
+    return index_text(lines)
 
 
 def sha256(path: Path) -> str:

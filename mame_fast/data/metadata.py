@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from ..errors import Expected
+
 DATASET_CSV = "MAMe_dataset.csv"
 LABELS_CSV = "MAMe_labels.csv"
 TOY_CSV = "MAMe_toy_dataset.csv"
@@ -33,7 +35,7 @@ SPLITS = ("train", "val", "test")
 OFFICIAL_SPELLING = {"Woven fabric": "Woven fabric "}
 
 
-class MetadataError(ValueError):
+class MetadataError(Expected, ValueError):
     """A metadata file is unusable; the message names the file and the problem."""
 
 

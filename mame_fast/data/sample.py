@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..files import mp_context
+from ..files import ignore_interrupts, mp_context, stop_signals_held
 from . import metadata as md
 
 TEXTURES = ("stripes", "rings", "checks", "hatch", "grain", "blobs", "waves", "dots")
@@ -205,7 +205,9 @@ def write_sample(out: Path, spec: SampleSpec, workers: int = 1, as_zip: bool = F
     (tmp / "data").mkdir(parents=True)
     (tmp / "data_256").mkdir()
 
-    with mp_context().Pool(workers) if workers > 1 else _Serial() as pool:
+    with stop_signals_held():
+        pool = mp_context().Pool(workers, initializer=ignore_interrupts) if workers > 1 else _Serial()
+    with pool:
         for file, full, small in pool.imap(_make_one, jobs, chunksize=4):
             (tmp / "data" / file).write_bytes(full)
             (tmp / "data_256" / file).write_bytes(small)

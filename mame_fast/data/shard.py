@@ -37,13 +37,14 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .. import __version__
-from ..files import atomic_write_text, mp_context
+from ..files import atomic_write_text, ignore_interrupts, mp_context, stop_signals_held
 from . import metadata as md
 from .format import (
     EXTS,
     FORMAT,
     FORMAT_VERSION,
     ShardError,
+    index_from_tar,
     index_line,
     index_text,
     load_manifest,
@@ -183,6 +184,7 @@ def _worker_init() -> None:
     import torch
 
     torch.set_num_threads(1)  # one image per process: threads inside a worker only oversubscribe
+    ignore_interrupts()  # a Ctrl-C stops the parent, which terminates the pool
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -334,7 +336,8 @@ def write_shards(src: Path, out: Path, settings: ShardSettings, workers: int = 1
     # Imported once here (~2 s), so that forked workers don't each pay for it on their first image.
     import torch  # noqa: F401
 
-    pool = mp_context().Pool(workers, initializer=_worker_init) if workers > 1 else None
+    with stop_signals_held():
+        pool = mp_context().Pool(workers, initializer=_worker_init) if workers > 1 else None
     try:
         splits = {split: shard_split(folder, split, source, meta, settings, pool, rejects, progress) for split in settings.splits}
     finally:
@@ -468,6 +471,27 @@ def _check_settings(folder: Path, settings: ShardSettings) -> None:
 
 # ---------------------------------------------------------------------------------------------------
 # Verification
+
+
+def reindex(folder: Path) -> list[Path]:
+    """Rewrite every index of a shard folder that differs from its tar's (missing, damaged, stale, foreign), from the
+    tar, once the tar is checked against the manifest's SHA-256: an index can be rebuilt, a damaged tar cannot. Returns
+    the indexes rewritten."""
+    folder = Path(folder)
+    m = load_manifest(folder)
+    shards = [sh for s in m["splits"].values() for sh in s["shards"]]
+    for sh in shards:  # every tar first: nothing is rewritten in a folder whose shards are damaged
+        tar = folder / sh["tar"]
+        if not tar.is_file() or sha256(tar) != sh["sha256"]:
+            raise ShardError(f"{tar}: {'missing' if not tar.is_file() else 'its bytes differ from the manifest'}; its index "
+                             f"cannot be rebuilt from it. Delete the shard folder and shard again.")
+    rewritten = []
+    for sh in shards:
+        idx, text = folder / sh["idx"], index_from_tar(folder / sh["tar"])
+        if not idx.is_file() or idx.read_text(errors="replace") != text:
+            atomic_write_text(idx, text)
+            rewritten.append(idx)
+    return rewritten
 
 
 def verify(folder: Path) -> list[str]:

@@ -11,13 +11,14 @@ import os
 import zipfile
 from pathlib import Path
 
+from ..errors import Expected
 from . import metadata as md
 
 VARIANT_DIRS = {"full": "data", "256": "data_256"}
 VARIANT_ZIPS = {"full": "MAMe_data.zip", "256": "MAMe_data_256.zip"}
 
 
-class SourceError(ValueError):
+class SourceError(Expected, ValueError):
     """The source folder is unusable; the message names the path and what to do."""
 
 

@@ -39,6 +39,18 @@ def dali_available() -> bool:
     return importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
 
 
+def dali_missing() -> str:
+    """Why DALI cannot be used here ('' where it can): said when ``data.loader=auto`` takes the fallback."""
+    import platform
+
+    if dali_available():
+        return ""
+    system, machine = platform.system(), platform.machine()
+    if system != "Linux" or machine not in ("x86_64", "aarch64"):
+        return f"NVIDIA publishes no DALI wheel for {system} {machine}"
+    return "NVIDIA DALI is not installed: pip install nvidia-dali-cuda130 (or -cuda120)"
+
+
 def _undecodable(split: Split, index: np.ndarray) -> list[str]:
     """``shard.tar:key`` of the samples among ``index`` that PIL cannot decode (after a DALI failure)."""
     import io
@@ -135,6 +147,8 @@ class DaliLoader(Loader):
     decoder runs at the libjpeg-turbo limit.
     """
 
+    kind = "dali"
+
     def __init__(self, *a, dali_tail: bool | None = None, **kw):
         super().__init__(*a, **kw)
         self.gpu = self.device.type == "cuda"
@@ -200,6 +214,14 @@ class DaliLoader(Loader):
         if not self._ahead:
             self.pipe.schedule_run()
             self._ahead = True
+
+    def describe(self) -> str:
+        return f"dali ({'on the GPU' if self.gpu else 'CPU-only'}, {self.threads} thread{'s' * (self.threads != 1)})"
+
+    def close(self) -> None:
+        """Free the pipeline (its threads and prefetched batches) now."""
+        self.pipe, self._ahead, self._next = None, False, None
+        super().close()
 
     def _run(self, stream):
         """What ``pipe.run()`` does (schedule the next run, take the oldest outputs), minus a run prime() scheduled."""

@@ -15,13 +15,14 @@ import functools
 import io
 import itertools
 import math
+import os
 from typing import Callable, Iterator
 
 import numpy as np
 import torch
 from PIL import Image
 
-from ..files import shared_memory_free
+from ..files import ignore_stop_signals, shared_memory_free, stop_signals_held
 from .loader import Batch, Loader, LoaderError, copy_fillers, normalize_rows, resize_hwc, start_copy, valid_mask
 from .plan import EpochPlans
 from .reader import Split
@@ -33,36 +34,64 @@ def decode_planned(data: bytes | memoryview, x: float, y: float, cw: float, ch: 
 
     Two routes to the same result, up to resampling details. Where the output is less than half the crop's
     size, PIL decodes in the DCT domain at 1/2, 1/4 or 1/8 scale (``draft``), which skips most of the work.
-    Otherwise torchvision.io decodes (libjpeg-turbo, straight into a tensor) and the DALI CPU tail's own
-    resize follows: over twice as fast as PIL's decode, conversion and resize (benchmarks/results/design_measurements_*.md).
+    Otherwise a tensor decoder (``jpeg_decoder``: TorchCodec, else torchvision.io; libjpeg-turbo straight into a
+    tensor) and the DALI CPU tail's own resize follow: over twice as fast as PIL's decode, conversion and resize
+    (benchmarks/results/design_measurements_*.md).
     """
-    if min(ow / cw, oh / ch) < 0.5 or not _torchvision_decodes():
+    decode = jpeg_decoder()
+    if min(ow / cw, oh / ch) < 0.5 or decode is None:
         return torch.from_numpy(_decode_planned_pil(data, x, y, cw, ch, ow, oh, flip))
-    out = resize_hwc(decode_crop(data, x, y, cw, ch), oh, ow)
+    out = resize_hwc(decode_crop(data, x, y, cw, ch, decode), oh, ow)
     return out.flip(1) if flip else out
 
 
-def decode_crop(data: bytes | memoryview, x: float, y: float, cw: float, ch: float) -> torch.Tensor:
-    """The crop (x, y, cw, ch) (rounded to whole pixels) of a JPEG as contiguous uint8 HWC, decoded by
-    torchvision.io (the whole image: libjpeg-turbo has no ROI decode there)."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-    img = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB).permute(1, 2, 0)  # HWC memory
+def decode_crop(data: bytes | memoryview, x: float, y: float, cw: float, ch: float, decode=None) -> torch.Tensor:
+    """The crop (x, y, cw, ch) (rounded to whole pixels) of a JPEG as contiguous uint8 HWC, decoded whole by ``decode``
+    (``jpeg_decoder()`` by default: neither tensor decoder has a region-of-interest decode)."""
+    img = (decode or jpeg_decoder())(torch.frombuffer(bytearray(data), dtype=torch.uint8)).permute(1, 2, 0)  # HWC memory
     x0, y0 = int(round(float(x))), int(round(float(y)))
     w, h = max(1, int(round(float(cw)))), max(1, int(round(float(ch))))
     # contiguous, as DALI's decoded crop: the resize takes twice as long on a strided view
     return img[y0 : y0 + h, x0 : x0 + w].contiguous()
 
 
+DECODERS = ("torchcodec", "torchvision", "pil")
+
+
 @functools.lru_cache(maxsize=1)
-def _torchvision_decodes() -> bool:
-    """torchvision.io still decodes JPEGs: deprecated since torchvision 0.29 in favour of TorchCodec, to be
-    removed; without it every sample takes the PIL route (slower, same results up to resampling)."""
-    try:
-        from torchvision.io import decode_jpeg  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def jpeg_decoder() -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The tensor JPEG decoder of this install, bytes (a uint8 tensor) to RGB uint8 CHW: TorchCodec's where it imports;
+    else torchvision.io's, deprecated since torchvision 0.29 in favour of TorchCodec and to be removed; else None, and
+    every sample takes PIL's route (slower, the same results up to resampling). ``MAME_FAST_JPEG_DECODER`` (one of
+    ``DECODERS``) picks one: the decoder A/B of benchmarks/loader_throughput.py. Called once before the workers start,
+    so that they inherit the import."""
+    want = os.environ.get("MAME_FAST_JPEG_DECODER", "auto")
+    if want not in ("auto", *DECODERS):
+        raise LoaderError(f"MAME_FAST_JPEG_DECODER={want!r}: use one of {', '.join(DECODERS)} (or leave it unset)")
+    if want in ("auto", "torchcodec"):
+        try:
+            from torchcodec.decoders import decode_jpeg as torchcodec_decode
+        except Exception:  # not installed, or built for another torch: the next decoder serves
+            if want == "torchcodec":
+                raise
+        else:
+            return functools.partial(torchcodec_decode, mode="RGB")
+    if want in ("auto", "torchvision"):
+        try:
+            from torchvision.io import ImageReadMode
+            from torchvision.io import decode_jpeg as torchvision_decode
+        except ImportError:
+            if want == "torchvision":
+                raise
+        else:
+            return functools.partial(torchvision_decode, mode=ImageReadMode.RGB)
+    return None
+
+
+def jpeg_decoder_name() -> str:
+    """Which library ``jpeg_decoder`` decodes with: for the loader's line at start and the benchmark's table."""
+    d = jpeg_decoder()
+    return "PIL" if d is None else d.func.__module__.split(".")[0]
 
 
 def _decode_planned_pil(data: bytes | memoryview, x: float, y: float, cw: float, ch: float, ow: int, oh: int,
@@ -169,6 +198,8 @@ class PilLoader(Loader):
     a quarter of that thread's time at 256 and at full resolution, which would have capped the loader at about 12,000
     and 1,600 img/s however many the cores (benchmarks/results/design_measurements_*.md)."""
 
+    kind = "pil"
+
     def __init__(self, *a, tail_on_cpu: bool | None = None, **kw):
         super().__init__(*a, **kw)
         # Normalize in the CPU tail (a CPU run) or on the device (a GPU run): asked for on a CPU, the second is how the
@@ -183,12 +214,19 @@ class PilLoader(Loader):
 
     def _loader(self) -> torch.utils.data.DataLoader:
         if self._dl is None:
-            _torchvision_decodes()  # imported once here, before the workers fork
+            jpeg_decoder()  # imported once here, before the workers fork
             self._ring = self._ring_slots()
+            # A generator of its own: without one, every iterator DataLoader starts draws its workers' base seed from
+            # the process's global torch RNG, which dropout and drop-path draw from too. The trainer starts iterators
+            # at other moments in a resumed run (prime, a restart inside an epoch) than in an uninterrupted one, so
+            # the draw shifted every later dropout mask and resume was not exact (issue 33). The workers draw nothing
+            # (the plan is a function of seed and epoch): what seeds them does not matter, that it is not global does.
             self._dl = torch.utils.data.DataLoader(
                 _PlannedBatches(self.split, self.plan, self._ring, fillers=not self.tail_on_cpu), batch_size=None,
                 sampler=self._steps, num_workers=self.threads, persistent_workers=self.threads > 0,
-                prefetch_factor=self.cfg.prefetch if self.threads else None)
+                prefetch_factor=self.cfg.prefetch if self.threads else None,
+                generator=torch.Generator().manual_seed(self.seed), worker_init_fn=ignore_stop_signals,
+                multiprocessing_context=None if self.cfg.start_method == "auto" or not self.threads else self.cfg.start_method)
         return self._dl
 
     def _ring_slots(self) -> torch.Tensor:
@@ -225,7 +263,8 @@ class PilLoader(Loader):
         self._tail = None
         if self._items is None or self._items[0] != (epoch, start_step):
             self._steps.epoch, self._steps.start = epoch, start_step
-            self._items = ((epoch, start_step), iter(self._loader()))
+            with stop_signals_held():  # the first iterator starts the workers: they must not die of a Ctrl-C
+                self._items = ((epoch, start_step), iter(self._loader()))
         return self._items[1]
 
     def prime(self, epoch: int, start_step: int = 0) -> None:
@@ -269,6 +308,22 @@ class PilLoader(Loader):
             self._settle(pending)  # left early: its tail or copy still reads a ring slot that the workers will reuse
             if self._tail is pending:
                 self._tail = None  # nothing reads the ring: the batch it made may be freed
+
+    def describe(self) -> str:
+        return f"pil ({jpeg_decoder_name()} and PIL decoding, {self.threads} worker process{'es' * (self.threads != 1)})"
+
+    def close(self) -> None:
+        """Stop the workers now. Left to the garbage collector, which finds DataLoader's iterator in a reference cycle, the
+        iterator's own shutdown asks each worker to stop through a queue whose feeder thread the collector may have
+        finalized first, then waits 5 s for it before killing it: 20 s between two runs of a sweep with 2 workers
+        per loader, measured here."""
+        self._settle(self._tail)
+        self._tail, self._items = None, None
+        workers = getattr(self._dl, "_iterator", None)  # the persistent workers' iterator that DataLoader keeps
+        self._dl = self._ring = None
+        if workers is not None:
+            workers._shutdown_workers()  # what its __del__ calls, at a moment when its queues are alive
+        super().close()
 
     def _on_device(self, slot: torch.Tensor, sizes: torch.Tensor | None) -> Callable[[], torch.Tensor]:
         """A ring slot's batch on the device: copied off this thread into a new host batch (pinned on a GPU, so that the

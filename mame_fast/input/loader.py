@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..config import DataConfig
+from ..errors import Expected
 from ..files import usable_cores
 from .plan import BatchPlan, EpochPlans, PlanConfig, batch_shapes, make_buckets, square_bucket
 from .reader import Split
@@ -31,7 +32,7 @@ MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
 
-class LoaderError(RuntimeError):
+class LoaderError(Expected, RuntimeError):
     pass
 
 
@@ -93,6 +94,9 @@ def plan_config(cfg: DataConfig, train: bool) -> PlanConfig:
 class Loader:
     """Batches of one split for one rank; ``epoch(e, start_step)`` is a pure function of (seed, e)."""
 
+    kind = ""  # 'dali' or 'pil'
+    why = "built directly"  # why build_loader chose this kind (data.loader=auto says it at start)
+
     def __init__(self, split: Split, cfg: DataConfig, train: bool, seed: int, rank: int, world: int,
                  device: torch.device, dtype: torch.dtype):
         self.split, self.cfg, self.train, self.seed = split, cfg, train, seed
@@ -127,6 +131,18 @@ class Loader:
         included), so that it overlaps with what the trainer does before step 0; that call then takes them over.
         Asking for any other batches first discards them."""
         raise NotImplementedError
+
+    def describe(self) -> str:
+        """What decodes: 'dali (CPU-only)', 'pil (torchcodec, 4 worker processes)', ..."""
+        return self.kind
+
+    def close(self) -> None:
+        """Release what the loader holds beyond memory (threads, processes, pipelines) now. The trainer closes its loaders
+        when a run ends, so that a process that goes on (a sweep, a notebook, the tests) does not wait for the garbage
+        collector to find them."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     def rows(self, epoch: int) -> dict[str, torch.Tensor]:
         """Labels (steps, n), valid sizes (steps, n, 2) and colour factors (steps, n, 3) of every batch of an epoch,

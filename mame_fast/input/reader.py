@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.format import ShardError, load_manifest, read_index, sha256
+from ..data.format import ShardError, load_manifest, read_index, reindex_advice, sha256
 from ..files import atomic_write_text
 
 
@@ -123,7 +123,7 @@ def open_split(folder: Path, split: str, res: str | None = None) -> Split:
         if not tar.is_file():
             raise ShardError(f"{tar}: missing shard listed in the manifest; re-run `mame-fast shard` to restore it")
         if not idx.is_file():
-            raise ShardError(f"{idx}: missing index for {tar.name}; re-run `mame-fast shard` (or DALI's wds2idx)")
+            raise ShardError(f"{idx}: missing index for {tar.name}; {reindex_advice(folder)}")
         if tar.stat().st_size != sh["bytes"]:
             raise ShardError(
                 f"{tar}: {tar.stat().st_size} bytes, the manifest says {sh['bytes']} (truncated or changed); "
@@ -131,14 +131,14 @@ def open_split(folder: Path, split: str, res: str | None = None) -> Split:
             )
         entries = read_index(idx)
         if len(entries) != sh["count"] or [e["__key__"] for e in entries] != keys[pos : pos + sh["count"]]:
-            raise ShardError(f"{idx}: stale or foreign index (its samples differ from the manifest); "
-                             f"re-create it with `mame-fast shard`")
+            raise ShardError(f"{idx}: stale or foreign index (its samples differ from the manifest); {reindex_advice(folder)}")
         for i, e in enumerate(entries):
             if "jpg" not in e:
                 raise ShardError(f"{idx}: sample {e['__key__']} has no .jpg component")
             offset[pos + i], size[pos + i] = e["jpg"]
         if entries and offset[pos + len(entries) - 1] + size[pos + len(entries) - 1] > sh["bytes"]:
-            raise ShardError(f"{idx}: points past the end of {tar.name}; the index does not belong to this tar")
+            raise ShardError(f"{idx}: points past the end of {tar.name}; the index does not belong to this tar: "
+                             f"{reindex_advice(folder)}")
         tars.append(tar)
         pos += sh["count"]
     check_checksums(folder, [(t, sh["sha256"]) for t, sh in zip(tars, s["shards"])])

@@ -6,6 +6,7 @@ of sample images per class when the images are there. Works on the real ``MAMe_d
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from pathlib import Path
 
@@ -92,20 +93,28 @@ def markdown(root: Path, meta: md.Metadata, stats: dict, figs: list[Path]) -> st
     return "\n".join(lines + [f"![{p.stem}]({p.name})" for p in figs]) + "\n"
 
 
-def sample_grid(meta: md.Metadata, data: Path, path: Path, per_class: int) -> Path:
+def sample_grid(meta: md.Metadata, data: Path, path: Path, per_class: int, cols: int = 6) -> Path:
+    """Each class as a panel of ``per_class`` of its images (a square montage, each image whole, never squashed), the
+    panels in a grid ``cols`` wide, titled in a readable size: one page, not a strip of 29 rows."""
     from PIL import Image
 
     plt = pyplot()
-    fig, axes = plt.subplots(len(meta.classes), per_class, figsize=(per_class * 1.6, len(meta.classes) * 1.5))
-    for i, c in enumerate(meta.classes):
+    side, tile = math.ceil(math.sqrt(per_class)), 160
+    rows = math.ceil(len(meta.classes) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.4, rows * 2.6), squeeze=False)
+    for a in axes.flat:
+        a.axis("off")
+    for a, c in zip(axes.flat, meta.classes):
         files = [r.file for r in meta.rows if r.medium == c and (data / r.file).is_file()][:per_class]
-        for j in range(per_class):
-            a = axes[i, j]
-            a.axis("off")
-            if j < len(files):
-                with Image.open(data / files[j]) as im:
-                    im.draft("RGB", (160, 160))
-                    im.thumbnail((160, 160))
-                    a.imshow(np.asarray(im.convert("RGB")))
-        axes[i, 0].set_title(c, fontsize=7, loc="left")
+        montage = Image.new("RGB", (side * tile, side * tile), "white")
+        for j, f in enumerate(files):
+            with Image.open(data / f) as im:
+                im.draft("RGB", (tile, tile))
+                im = im.convert("RGB")
+                im.thumbnail((tile - 4, tile - 4))  # keeps the aspect ratio
+                x, y = (j % side) * tile + (tile - im.width) // 2, (j // side) * tile + (tile - im.height) // 2
+                montage.paste(im, (x, y))
+        a.imshow(np.asarray(montage))
+        a.set_title(f"{c} ({len(files)})", fontsize=10)
+    fig.suptitle(f"{per_class} images per class, each whole (aspect ratio kept)", fontsize=12)
     return save_figure(fig, path)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import Expected
 from .records import load_histograms
 from .rundir import RunDir
 
@@ -68,7 +69,7 @@ class Progress:
             self.p = None
 
 
-class MissingPackage(RuntimeError):
+class MissingPackage(Expected, RuntimeError):
     pass
 
 

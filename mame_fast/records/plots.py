@@ -62,31 +62,46 @@ def plot_curves(rows: list[dict], classes: list[str], path: Path) -> Path:
             ax[1].plot(e, [x["top1"] for x in v], style, label=f"{name} top-1")
             if part == "val":
                 ax[1].plot(e, [x["top5"] for x in v], "s:", label="val top-5")
-    ax[0].set(xlabel="epoch", ylabel="loss (train: smoothed/mixed targets)", title="Loss")
+    ax[0].set(xlabel="epoch", ylabel="cross-entropy", title="Loss (train: on its smoothed or mixed targets)")
     ax[1].axhline(1 / len(classes), color="grey", lw=0.8, ls="--", label="chance")
-    ax[1].set(xlabel="epoch", ylabel="accuracy", title="Accuracy", ylim=(0, 1))
+    ax[1].set(xlabel="epoch", ylabel="accuracy (fraction of images)", title="Accuracy", ylim=(0, 1))
     for a in ax:
         a.grid(alpha=0.3)
-        a.legend()
+        whole_epochs(a)
+        legend_below(a)
     return save_figure(fig, path)
+
+
+def whole_epochs(ax) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def legend_below(ax, ncol: int = 4, handles=None) -> None:
+    """The legend under the axes, never over the curves (the last epochs are what a reader looks at)."""
+    kw = {"handles": handles} if handles else {}
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=ncol, fontsize=8, frameon=False, **kw)
 
 
 def plot_training(rows: list[dict], path: Path) -> Path:
     """Learning rate, throughput with the data-wait share, and the mean gradient norm per epoch."""
     plt = pyplot()
     ep = [r["epoch"] for r in rows]
-    fig, ax = plt.subplots(1, 3, figsize=(14, 3.5))
+    fig, ax = plt.subplots(1, 3, figsize=(14, 3.8))
     ax[0].plot(ep, [r["lr"] for r in rows], "o-")
-    ax[0].set(xlabel="epoch", title="Learning rate (end of epoch)")
-    ax[1].plot(ep, [r["images_per_s"] for r in rows], "o-", label="images/s")
+    ax[0].set(xlabel="epoch", ylabel="learning rate (at the run's batch size)", title="Learning rate (end of epoch)")
+    speed = ax[1].plot(ep, [r["images_per_s"] for r in rows], "o-", label="training images/s (all ranks)")
     ax2 = ax[1].twinx()
-    ax2.plot(ep, [100 * r["data_wait"] for r in rows], "r.--", label="data wait %")
-    ax2.set_ylim(0, 100)
-    ax[1].set(xlabel="epoch", title="Throughput (line) and data-wait share (red, %)")
+    wait = ax2.plot(ep, [100 * r["data_wait"] for r in rows], "r.--", label="data wait (% of the step time)")
+    ax2.set(ylim=(0, 100), ylabel="data wait (%)")
+    ax[1].set(xlabel="epoch", ylabel="images/s", title="Throughput and time waiting for data")
+    legend_below(ax[1], ncol=1, handles=speed + wait)
     ax[2].plot(ep, [r["grad_norm"] for r in rows], "o-")
-    ax[2].set(xlabel="epoch", title="Mean gradient norm")
+    ax[2].set(xlabel="epoch", ylabel="L2 norm of all gradients, mean per step", title="Gradient norm (before clipping)")
     for a in ax:
         a.grid(alpha=0.3)
+        whole_epochs(a)
     return save_figure(fig, path)
 
 
@@ -114,22 +129,31 @@ def plot_per_class(row: dict, classes: list[str], path: Path) -> Path:
     return save_figure(fig, path)
 
 
+HISTOGRAM_CAPTION = ("What to look for: weights whose spread collapses towards 0 or keeps growing between epochs; "
+                     "activations piled up at 0 (dead ReLUs: a tall bar at 0, little else), spreading over orders of "
+                     "magnitude from stage to stage (exploding) or shrinking towards 0 (vanishing).")
+
+
 def plot_histograms(files: list[Path], path: Path) -> Path:
-    """Weights and activations per stage, one line per saved epoch, log counts."""
+    """Weights and activations per stage, one line per saved epoch, log counts, with what to look for."""
     plt = pyplot()
     from matplotlib.ticker import NullLocator
 
     per_epoch = [(f.stem.replace("_", " "), load_histograms(f)) for f in files]
     keys = list(per_epoch[0][1])
     cols = (len(keys) + 1) // 2
-    fig, axes = plt.subplots(2, cols, figsize=(4 * cols, 6.5), squeeze=False)
+    fig, axes = plt.subplots(2, cols, figsize=(4 * cols, 7.5), squeeze=False)
     for a, k in zip(axes.flat, keys):
+        kind, stage = k.split("/", 1)
         for label, h in per_epoch:
             a.stairs(*h[k], label=label)
-        a.set_title(k, fontsize=9)
+        a.set_title(f"{stage}: {kind}", fontsize=9)
+        a.set(xlabel="weight value" if kind == "weights" else "activation value (stage output, one val batch)",
+              ylabel="count (log)")
         a.set_yscale("log")
         # A log axis's minor ticks, 8 per decade, took a third of the figure's time (0.3-0.4 s at the end of each run)
         # and say nothing that the labelled decades don't.
         a.yaxis.set_minor_locator(NullLocator())
         a.legend(fontsize=7)
+    fig.suptitle(HISTOGRAM_CAPTION, fontsize=9, wrap=True)
     return save_figure(fig, path)

@@ -19,9 +19,9 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from ..files import atomic_write_text
+from ..errors import Expected
+from ..files import alive, atomic_write_text
 from .rundir import RunDir
 
 STALE_AFTER_S = 15 * 60  # a heartbeat this old means the process is gone (the trainer beats every minute or more often)
@@ -57,7 +57,7 @@ def run_status(info: dict) -> str:
     status = info.get("status", "?")
     if status != "running":
         return status
-    if info.get("host") == socket.gethostname() and info.get("pid") and not _alive(int(info["pid"])):
+    if info.get("host") == socket.gethostname() and info.get("pid") and not alive(int(info["pid"])):
         return "died"
     beat = info.get("heartbeat")
     if beat and (dt.datetime.now() - dt.datetime.fromisoformat(beat)).total_seconds() > STALE_AFTER_S:
@@ -65,20 +65,17 @@ def run_status(info: dict) -> str:
     return status
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: it exists
-        return True
-    return True
-
-
 # -- metrics.jsonl / metrics.csv, the test ledger -------------------------------------------------------
 
 
+class DamagedRecord(Expected, ValueError):
+    """A record file damaged in the middle (not a torn last line, which readers skip and writers repair)."""
+
+
 def append_jsonl(path: Path, row: dict) -> None:
+    """One row onto an append-only file, synced; a torn last line left by a crash is cut off first (repair_jsonl)."""
+    if (cut := repair_jsonl(path)) is not None:
+        warnings.warn(f"{path}: cut a torn last line (a crash while it was written): {cut[:60]!r}", stacklevel=2)
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
         f.flush()
@@ -96,9 +93,37 @@ def read_jsonl(path: Path) -> list[dict]:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
             if i < len(lines) - 1:
-                raise ValueError(f"{path}: line {i + 1} is not JSON (and not the last line): the file is damaged") from None
+                raise DamagedRecord(f"{path}: line {i + 1} is not JSON (and not the last line): the file is damaged; "
+                                    f"delete or fix that line") from None
             warnings.warn(f"{path}: skipped a torn last line (a crash while it was written)", stacklevel=2)
     return rows
+
+
+def repair_jsonl(path: Path) -> str | None:
+    """Cut a torn last line (a crash mid-append) off an append-only file before anything is appended to it: appended
+    onto the fragment, the next row would be a damaged line in the middle. Returns what was cut, or None."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return None
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) == b"\n":  # the common case: read one byte, not the file
+            return None
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1  # 0 when there is no complete line
+    tail = data[end:]
+    if not tail.strip():
+        return None
+    try:
+        json.loads(tail)
+    except ValueError:
+        with open(path, "r+b") as f:
+            f.truncate(end)
+            f.flush()
+            os.fsync(f.fileno())
+        return tail.decode(errors="replace")
+    with open(path, "ab") as f:  # a whole row that only lacks its newline
+        f.write(b"\n")
+    return None
 
 
 def append_metrics(run_dir: str | Path, row: dict) -> None:
@@ -113,8 +138,9 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return [by_epoch[k] for k in sorted(by_epoch)]
 
 
-CSV_COLUMNS = ("epoch", "lr", "time_s", "images_per_s", "data_wait", "train_loss", "train_top1", "grad_norm", "val_loss",
-               "val_top1", "val_top5", "val_balanced_acc", "val_ema_loss", "val_ema_top1", "val_ema_top5", "val_ema_balanced_acc")
+CSV_COLUMNS = ("epoch", "lr", "time_s", "images_per_s", "data_wait", "train_loss", "train_top1", "grad_norm", "skipped_steps",
+               "val_loss", "val_top1", "val_top5", "val_balanced_acc", "val_ema_loss", "val_ema_top1", "val_ema_top5",
+               "val_ema_balanced_acc")
 
 
 def write_metrics_csv(run_dir: str | Path) -> None:
@@ -140,21 +166,23 @@ def hist_epochs(epochs: int, n: int) -> set[int]:
     return {int(round(i * (epochs - 1) / max(1, n - 1))) for i in range(n)}
 
 
-@torch.no_grad()
 def save_histograms(run_dir: str | Path, model, batch, epoch: int, autocast, bins: int = 60) -> None:
     """Weights and activations per stage (one validation batch, run under the run's ``autocast`` context, as
     everything that runs the model), as histogram counts in hist/epoch_N.npz."""
+    import torch  # here, not at the top: the readers of a run folder (runs, diagnose, report) need no torch
+
     path = RunDir(run_dir).hist_file(epoch)
     path.parent.mkdir(exist_ok=True)
     data = {}
-    for s, stage in enumerate(model.stages):
-        w = torch.cat([p.detach().flatten().float().cpu() for p in stage.parameters() if p.dim() > 1])
-        data[f"weights/stage{s + 1}"] = w.numpy()
     was = model.training
     model.eval()
     taps: dict = {}
-    with autocast():
-        model.features(batch.images, batch.sizes if batch.padded else None, taps)
+    with torch.no_grad():
+        for s, stage in enumerate(model.stages):
+            w = torch.cat([p.detach().flatten().float().cpu() for p in stage.parameters() if p.dim() > 1])
+            data[f"weights/stage{s + 1}"] = w.numpy()
+        with autocast():
+            model.features(batch.images, batch.sizes if batch.padded else None, taps)
     model.train(was)
     for k, v in taps.items():
         data[f"activations/{k}"] = v.float().flatten().cpu().numpy()

@@ -16,6 +16,7 @@ Every val top-1 is shown with its 95% interval (``stats.py``), so that nobody re
 from __future__ import annotations
 
 import html
+import json
 from pathlib import Path
 
 import yaml
@@ -62,8 +63,10 @@ def outcomes(run_dir: Path) -> dict:
     if rows:
         out["images_per_s"] = sum(r["images_per_s"] for r in rows) / len(rows)
         out["data_wait"] = sum(r["data_wait"] for r in rows) / len(rows)
-    if "test_top1" in info:
-        out["test"] = info["test_top1"]
+    test = Path(run_dir) / RunDir.TEST
+    if test.is_file():  # the one look: its top-1 and the number of test images it was measured on
+        t = json.loads(test.read_text())
+        out["test"], out["test_count"] = t["top1"], t.get("count")
     return out
 
 
@@ -100,12 +103,18 @@ def previous_state(p: Path) -> str:
 def _setup(run_dir: Path, info: dict) -> list[str]:
     cfg = run_config(run_dir)
     d, o = cfg.data, cfg.optim
-    data = f"crops {d.crop} px" if d.res == "256" else f"~{d.pixels} px per image, {d.buckets} buckets"
+    world = info.get("world_size", 1)
+    data = (f"fixed {d.crop} px square crops (`data.res=256`)" if d.res == "256" else
+            f"full resolution, ~{d.pixels:,} px per image in up to {d.buckets} aspect-ratio buckets (`data.res=full`)")
+    # The rate is given per 256 images and scaled to the global batch (train/step.py): say both, as training.png plots
+    # the scaled one.
+    lr = f"{o.name} lr {o.lr:g} per 256 images ({o.lr * d.batch_size * world / 256:.3g} at this run's batch)"
+    chosen = info.get("precision", {}).get("chosen", cfg.precision)  # what auto chose, on the machine the run ran on
+    precision = f"{chosen}{' (chosen by auto)' if cfg.precision == 'auto' and chosen != 'auto' else ''}"
     lines = [
-        f"Model `{cfg.model}`; data `{d.res}` ({data}), batch {d.batch_size} x {info.get('world_size', 1)} rank(s), "
-        f"{cfg.epochs} epochs, {o.name} lr {o.lr} (per 256), wd {o.weight_decay}, {o.schedule} schedule, label smoothing "
-        f"{o.label_smoothing}, mixup {o.mixup}, cutmix {o.cutmix}, EMA {o.ema}, colour jitter {d.color_jitter}, scale_min "
-        f"{d.scale_min}; precision {cfg.precision}; seed {cfg.seed}.",
+        f"Model `{cfg.model}`; {data}, batch {d.batch_size} x {world} rank(s), {cfg.epochs} epochs, {lr}, weight decay "
+        f"{o.weight_decay}, {o.schedule} schedule, label smoothing {o.label_smoothing}, mixup {o.mixup}, cutmix {o.cutmix}, "
+        f"EMA {o.ema}, colour jitter {d.color_jitter}, scale_min {d.scale_min}; precision {precision}; seed {cfg.seed}.",
         "Full resolved configuration: `config.yaml`; model spec: `model.yaml`.",
     ]
     for r in info.get("resumes", []):
@@ -127,7 +136,7 @@ def _outcome_rows(oc: dict) -> list[tuple[str, str]]:
     if "best_val_ema" in oc:
         rows.append(("best val top-1 (EMA)", pct(oc["best_val_ema"], n)))
     if "test" in oc:
-        rows.append(("TEST top-1 (run once)", pct(oc["test"])))
+        rows.append(("TEST top-1 [95% interval] (run once)", pct(oc["test"], oc.get("test_count"))))
     return rows
 
 
@@ -143,8 +152,8 @@ def card_markdown(s: dict, link_prefix: str = "") -> str:
     if s["diff_against"]:
         md += ["", f"Changes against {s['diff_against']}:", "", "| key | before | now |", "|---|---|---|"]
         md += [f"| `{k}` | {a} | {b} |" for k, a, b in s["diff"]] or ["| (none) | | |"]
-    md += ["", "**4 - Experimental outcomes**", "", "| measure | value |", "|---|---|"]
-    md += [f"| {k} | {v} |" for k, v in s["outcomes"]]
+    md += ["", "**4 - Experimental outcomes**", ""] + ([s["outcomes_note"], ""] if s.get("outcomes_note") else [])
+    md += markdown_table(s.get("outcome_header", ["measure", "value"]), s["outcomes"])
     md += [""] + [f"![{Path(p).stem}]({link_prefix}{p})" for p in s["plots"]]
     md += ["", "**5 - Observations**", ""] + [f"- {o}" for o in s["observations"]] + [""]
     return "\n".join(md)
@@ -164,7 +173,8 @@ def card_html(s: dict, link_prefix: str = "") -> str:
     if s["diff_against"]:
         h += [f"<p>Changes against {e(s['diff_against'])}:</p><table><tr><th>key</th><th>before</th><th>now</th></tr>"]
         h += [f"<tr><td><code>{e(k)}</code></td><td>{e(a)}</td><td>{e(b)}</td></tr>" for k, a, b in s["diff"]] + ["</table>"]
-    h += ["<h4>4 - Experimental outcomes</h4>", html_table(["measure", "value"], s["outcomes"])]
+    h += ["<h4>4 - Experimental outcomes</h4>"] + ([f"<p>{e(s['outcomes_note'])}</p>"] if s.get("outcomes_note") else [])
+    h += [html_table(s.get("outcome_header", ["measure", "value"]), s["outcomes"])]
     h += [f'<img src="{e(link_prefix + p)}" style="max-width:48%">' for p in s["plots"]]
     h += ["<h4>5 - Observations</h4><ul>"] + [f"<li>{bold(o)}</li>" for o in s["observations"]] + ["</ul></section>"]
     return "\n".join(h)
@@ -203,7 +213,8 @@ def runs_table(root: Path) -> list[dict]:
                      "after": ",".join(f"#{a}" for a in info.get("after", [])),
                      "best val [95%]": pct(oc.get("best_val"), oc.get("val_count")), "gap": pct(oc.get("gap")),
                      "diagnosis": diagnose_run(r.path).verdict if oc["epochs"] else "-", "status": oc["status"],
-                     "epochs": oc["epochs"], "images/s": f"{oc.get('images_per_s', 0):.0f}", "test": pct(oc.get("test"))})
+                     "epochs": oc["epochs"], "images/s": f"{oc.get('images_per_s', 0):.0f}",
+                     "test [95%]": pct(oc.get("test"), oc.get("test_count"))})
     return rows
 
 
@@ -251,6 +262,11 @@ def write_report(root: Path, title: str = "Experiment report") -> tuple[Path, Pa
         write_card(p, root, s)
         md += ["", card_markdown(s, link_prefix=f"{p.name}/")]
         hs.append(card_html(s, link_prefix=f"{p.name}/"))
+    for family in sorted(root.glob("sweep-*.json")):  # the sweeps' family cards, after their runs
+        s = json.loads(family.read_text()).get("card")
+        if s:
+            md += ["", card_markdown(s)]
+            hs.append(card_html(s))
     hs.append("</body></html>")
     atomic_write_text(root / "report.md", "\n".join(md))
     atomic_write_text(root / "report.html", "\n".join(hs))

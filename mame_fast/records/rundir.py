@@ -11,7 +11,20 @@ import os
 import re
 from pathlib import Path
 
+from ..config import ConfigError
+
 _NAME = re.compile(r"^(\d+)-(.+)$")
+_RUN_NAME = re.compile(r"\w[\w.+-]{0,79}")  # \w: letters and digits of any script, and '_'
+
+
+def check_run_name(name: str) -> str:
+    """A run name is a folder name on every file system and in every shell: refused, with the rule, before anything
+    starts."""
+    if not _RUN_NAME.fullmatch(name):
+        example = re.sub(r"[^\w.+-]+", "-", name).strip("-.+")[:80] or "run"
+        raise ConfigError(f"--name {name!r}: a run name is up to 80 letters (any script), digits, '_', '.', '+' or '-', "
+                          f"starting with a letter, digit or '_' (no spaces or slashes): e.g. --name {example}")
+    return name
 
 
 class RunDir:
@@ -60,8 +73,7 @@ class RunDir:
     @classmethod
     def create(cls, root: str | Path, name: str) -> RunDir:
         """``root/<NNN>-<name>/`` with the next free number, taken atomically."""
-        if not re.fullmatch(r"[A-Za-z0-9._+-]+", name):
-            raise ValueError(f"run name {name!r}: use letters, digits, '.', '_', '+' or '-'")
+        check_run_name(name)
         root = Path(root)
         taken = root / ".numbers"
         taken.mkdir(parents=True, exist_ok=True)

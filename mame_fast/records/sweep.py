@@ -13,8 +13,9 @@ import itertools
 import json
 from pathlib import Path
 
+from ..config import ConfigError
 from ..files import atomic_write_text
-from .report import markdown_table, outcomes
+from .report import card_markdown, outcomes
 from .rundir import RunDir
 from .stats import mean_interval, pct
 
@@ -26,7 +27,7 @@ def parse_grid(items: list[str]) -> dict[str, list[str]]:
         key, sep, values = item.partition("=")
         vals = [v.strip() for v in values.split(",") if v.strip()]
         if not sep or not key.strip() or not vals:
-            raise ValueError(f"sweep: {item!r} is not KEY=V1,V2,...")
+            raise ConfigError(f"sweep: {item!r} is not KEY=V1,V2,...")
         grid[key.strip()] = vals
     return grid
 
@@ -54,18 +55,22 @@ def family_card(path: Path, name: str, grid: dict[str, list[str]], members: list
         stats[lab] = (m, half)
         each = "; ".join(f"#{RunDir(d).number} seed {s}: {pct(o.get('best_val'), o.get('val_count'))}" for s, d, o in runs)
         rows.append([lab, len(runs), f"{100 * m:.1f}% +- {100 * half:.1f}", each])
-    md = [f"## Sweep: {name}", "", "**1 - Previous observed state**", ""] + [f"- {p}" for p in previous or ["(none given)"]]
     seeds = len(next(iter(groups.values())))
-    md += ["", "**2 - Current hypothesis**", "", hypothesis or "(not stated; give one with --hypothesis)", "",
-           "**3 - Experimental setup & details**", "", f"Base: {base}. The runs differ only in the grid's keys and the seed.",
-           "", "Grid: " + "; ".join(f"`{k}` in {v}" for k, v in grid.items()) + f"; {seeds} seed(s) each.",
-           "", "**4 - Experimental outcomes**", "",
-           "Best val top-1 per setting: mean +- the 95% t interval over seeds; then each run with its binomial 95% interval.", ""]
-    md += markdown_table(["setting", "runs", "mean +- 95%", "runs [95% interval]"], rows)
-    md += ["", "**5 - Observations**", ""] + [f"- {v}" for v in verdicts(stats)] + [""]
-    atomic_write_text(path, "\n".join(md))
+    sections = {
+        "title": f"Sweep: {name}", "previous": previous or ["(none given)"],
+        "hypothesis": hypothesis or "(not stated; give one with --hypothesis)",
+        "setup": [f"Base: {base}. The runs differ only in the grid's keys and the seed.",
+                  "Grid: " + "; ".join(f"`{k}` in {v}" for k, v in grid.items()) + f"; {seeds} seed(s) each."],
+        "diff_against": None, "diff": [],
+        "outcomes_note": "Best val top-1 per setting: mean +- the 95% t interval over seeds; then each run with its "
+                         "binomial 95% interval.",
+        "outcome_header": ["setting", "runs", "mean +- 95%", "runs [95% interval]"], "outcomes": rows, "plots": [],
+        "observations": verdicts(stats),
+    }
+    atomic_write_text(path, card_markdown(sections))
     family = {"name": name, "grid": grid, "members": [{"setting": s, "seed": seed, "run": str(d)} for s, seed, d in members],
-              "mean_top1": {k: v[0] for k, v in stats.items()}, "half_width": {k: v[1] for k, v in stats.items()}}
+              "mean_top1": {k: v[0] for k, v in stats.items()}, "half_width": {k: v[1] for k, v in stats.items()},
+              "card": sections}
     atomic_write_text(path.with_suffix(".json"), json.dumps(family, indent=1))
     return path
 

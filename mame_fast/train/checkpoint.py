@@ -19,10 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import Expected
 from ..files import atomic_write
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(Expected, RuntimeError):
     """A checkpoint that is missing or unreadable; the message names it and what to do."""
 
 

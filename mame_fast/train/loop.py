@@ -37,7 +37,7 @@ from . import checkpoint as ckpt
 from .evaluate import evaluate
 from .model import build as build_model
 from .runtime import Runtime, setup_runtime
-from .spec import ModelSpec, load_spec, spec_dict, total_stride
+from .spec import ModelSpec, check_for_data, load_spec, spec_dict
 from .step import Ema, EpochMeter, StepGraphs, make_optimizer, make_schedule, train_step, warm_up
 
 HEARTBEAT_S = 60  # how often a running run refreshes run.json's heartbeat (records.STALE_AFTER_S reads it)
@@ -75,10 +75,16 @@ class Session:
     compile_watch: CompileWatch | None = None  # with compile=true: what torch.compile did, for run.json
     graphs: StepGraphs | None = None  # with cuda_graphs=true: the step's captured graphs
     reported: dict[str, dict] = field(default_factory=dict)  # what report_changed last wrote to run.json, per key
+    notices: list[str] = field(default_factory=list)  # said when training starts (what a resume repaired)
 
     @property
     def global_batch(self) -> int:
         return self.cfg.data.batch_size * self.rt.world
+
+    def close(self) -> None:
+        """The loaders' workers and pipelines end with the run, not whenever the garbage collector finds them."""
+        self.train_loader.close()
+        self.val_loader.close()
 
 
 def run(cfg: TrainConfig, name: str = "run", resume: Path | None = None, meta: dict | None = None, console=None,
@@ -86,15 +92,19 @@ def run(cfg: TrainConfig, name: str = "run", resume: Path | None = None, meta: d
     """Train per ``cfg``; returns the run folder, whose run.json says how the run ended. ``resume``: a run folder
     to continue exactly where its last.pt stopped. ``on_start(folder)`` is called once the folder exists (the
     caller writes the card, whatever happens next). Raises TrainingDiverged on a non-finite loss."""
-    rt = setup_runtime(cfg.precision, cfg.cudnn_benchmark)
-    try:
+    with contextlib.ExitStack() as cleanup:  # undone in reverse order, whatever happens
+        rt = setup_runtime(cfg.precision, cfg.cudnn_benchmark)
+        cleanup.callback(rt.close)
+        # From here on a stop signal sets a flag that the loop reads, also while the loaders and the model are built.
+        signalled = cleanup.enter_context(signal_flag())
         s = build(cfg, rt)
+        cleanup.callback(s.close)
         run_dir = start(s, name, resume, meta or {})
         if on_start is not None:
             on_start(run_dir.path)
         status, error = "failed", None
         try:
-            status = train(s, run_dir, console).value
+            status = train(s, run_dir, console, signalled).value
         except TrainingDiverged as e:
             status, error = "diverged", str(e)
             raise
@@ -104,18 +114,13 @@ def run(cfg: TrainConfig, name: str = "run", resume: Path | None = None, meta: d
         finally:
             finish(s, run_dir, status, error)
         return run_dir.path
-    finally:
-        rt.close()
 
 
 def build(cfg: TrainConfig, rt: Runtime) -> Session:
     """The model spec, both loaders (their shards checked), the model, optimizer and EMA: whatever can fail on bad
     config or data fails here, before a run folder exists."""
     spec = load_spec(cfg.model)
-    if cfg.data.res == "full" and cfg.data.side_multiple % total_stride(spec):
-        raise ConfigError(f"data.side_multiple={cfg.data.side_multiple} is not a multiple of model {cfg.model}'s total "
-                          f"stride {total_stride(spec)}: bucket sides would leave ragged borders; set data.side_multiple "
-                          f"to a multiple of it")
+    check_for_data(spec, cfg)
     torch.manual_seed(cfg.seed + rt.rank)
     np.random.seed(cfg.seed + rt.rank)
     train_loader = build_loader(cfg.data, "train", True, cfg.seed, rt.rank, rt.world, rt.device, rt.dtype)
@@ -139,7 +144,7 @@ def build(cfg: TrainConfig, rt: Runtime) -> Session:
     net = compiled(net, cfg)
     opt = make_optimizer(model, cfg, cfg.data.batch_size * rt.world)
     graphs = StepGraphs(net, opt, rt, cfg.optim.clip_grad) if cfg.cuda_graphs else None
-    state = ckpt.TrainState(model, opt, rt.scaler, ema, EpochMeter(rt.device))
+    state = ckpt.TrainState(model, opt, rt.scaler, ema, EpochMeter(rt.device, rt.scaler.is_enabled()))
     return Session(cfg, rt, spec, train_loader, val_loader, classes, model, net, ema, opt, state, compile_watch=watch,
                    graphs=graphs)
 
@@ -211,8 +216,13 @@ def start(s: Session, name: str, resume: Path | None, meta: dict) -> RunDir:
     cfg, rt = s.cfg, s.rt
     if resume:
         run_dir = RunDir(resume)
-        s.state.load_state_dict(ckpt.load(run_dir / RunDir.LAST, rt.device), rt.rank)
+        state = ckpt.load(run_dir / RunDir.LAST, rt.device)
+        check_resumable(state, s, run_dir)
+        s.state.load_state_dict(state, rt.rank)
         if rt.master:
+            if (cut := records.repair_jsonl(run_dir / RunDir.METRICS)) is not None:
+                s.notices.append(f"{run_dir / RunDir.METRICS}: cut a torn last line (a crash while it was written): "
+                                 f"{cut[:60]!r}")
             record_resume(run_dir, cfg)
     else:
         run_dir = RunDir(rt.broadcast(str(RunDir.create(cfg.out, name).path) if rt.master else None))
@@ -226,9 +236,25 @@ def start(s: Session, name: str, resume: Path | None, meta: dict) -> RunDir:
                 "train_samples": len(s.train_loader.split), "batch_shapes": shapes,
                 "shape_count": {k: len(v) for k, v in shapes.items()}})
     if rt.master:
-        records.update_run_info(run_dir, records.running_status())
+        # What this process runs on (a resume may run on another machine, in another precision or loader).
+        records.update_run_info(run_dir, {**records.running_status(), "device": str(rt.device),
+                                          "precision": {"chosen": rt.precision, "why": rt.precision_reason},
+                                          "loader": {"chosen": s.train_loader.describe(), "why": s.train_loader.why}})
     s.sched = make_schedule(s.opt, cfg, s.train_loader.steps(0), s.global_batch, start_step=s.state.global_step)
     return run_dir
+
+
+def check_resumable(state: dict, s: Session, run_dir: RunDir) -> None:
+    """A resume continues the network and classes of its checkpoint: a different model spec or class list would fail
+    deep inside load_state_dict (a size mismatch), or worse, load and train on mislabelled outputs."""
+    last = run_dir / RunDir.LAST
+    if state["spec"] != spec_dict(s.spec):
+        changes = "; ".join(f"{k}: {a} -> {b}" for k, (a, b) in list(diff(state["spec"], spec_dict(s.spec)).items())[:4])
+        raise ConfigError(f"{last}: its model spec differs from model={s.cfg.model} ({changes}). A resume continues the "
+                          f"same network: drop the model change, or start a new run (--after {run_dir.number})")
+    if state["classes"] != s.classes:
+        raise ConfigError(f"{last}: its {len(state['classes'])} classes differ from the {len(s.classes)} of "
+                          f"{s.cfg.data.shards}. A resume trains on the same classes: use the shards it was trained on")
 
 
 def record_resume(run_dir: RunDir, cfg: TrainConfig) -> None:
@@ -241,15 +267,19 @@ def record_resume(run_dir: RunDir, cfg: TrainConfig) -> None:
         (run_dir / RunDir.CONFIG).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-def train(s: Session, run_dir: RunDir, console) -> Stop:
+def train(s: Session, run_dir: RunDir, console, signalled) -> Stop:
     """For each epoch: train it, then validate, checkpoint and record it. Stops early at a step limit or a signal
-    (saving a resumable checkpoint inside the epoch), or raises on a non-finite loss."""
+    (saving a resumable checkpoint inside the epoch, or at an epoch's start for a signal that came while the run was
+    set up or validated), or raises on a non-finite loss."""
     cfg, rt, st = s.cfg, s.rt, s.state
     progress = Progress(rt.master, console, cfg.epochs, s.train_loader.steps(0))
     tb = TensorBoard(run_dir.path if cfg.tensorboard and rt.master else None)
     shapes = (s.train_loader.shapes(), s.val_loader.shapes())
-    progress.say(f"batch shapes per epoch: {len(shapes[0])} in training, {len(shapes[1])} in validation "
-                 f"(cuDNN autotuning {'on' if rt.cudnn_benchmark else 'off'})")
+    for notice in [f"precision {rt.precision}: {rt.precision_reason}",
+                   f"loader {s.train_loader.describe()}: {s.train_loader.why}", *s.notices]:
+        progress.say(notice)
+    progress.say(f"batch shapes (rows x height x width), the same in every epoch: training {describe_shapes(shapes[0])}; "
+                 f"validation {describe_shapes(shapes[1])} (cuDNN autotuning {'on' if rt.cudnn_benchmark else 'off'})")
     if st.epoch < cfg.epochs:  # the loader's start-up and first batches overlap with the warm-up
         s.train_loader.prime(st.epoch, st.step)
     if cfg.warmup == "always" or (cfg.warmup == "auto" and rt.cudnn_benchmark):
@@ -260,21 +290,28 @@ def train(s: Session, run_dir: RunDir, console) -> Stop:
     # One validation batch, taken once and kept for every epoch's histograms (taking it later restarts the pipeline).
     hist_batch = next(iter(s.val_loader.epoch(0))) if rt.master and cfg.hist_epochs > 0 else None
     try:
-        with signal_flag() as signalled:
-            while st.epoch < cfg.epochs:
-                stop = train_epoch(s, run_dir, progress, tb, signalled)
-                if stop is not Stop.FINISHED and st.step < s.train_loader.steps(st.epoch):  # left inside the epoch
-                    save_last(s, run_dir)
-                    return stop
-                end_epoch(s, run_dir, progress, tb, hist_batch, last=stop is not Stop.FINISHED)
-                if stop is not Stop.FINISHED:
-                    return stop
+        while st.epoch < cfg.epochs:
+            if rt.any([signalled()])[0]:  # a signal while the run was set up or validated: stop at the epoch's start
+                save_last(s, run_dir)
+                return Stop.INTERRUPTED
+            stop = train_epoch(s, run_dir, progress, tb, signalled)
+            if stop is not Stop.FINISHED and st.step < s.train_loader.steps(st.epoch):  # left inside the epoch
+                save_last(s, run_dir)
+                return stop
+            end_epoch(s, run_dir, progress, tb, hist_batch, last=stop is not Stop.FINISHED)
+            if stop is not Stop.FINISHED:
+                return stop
         if rt.master:
             tb.images(plot_run(run_dir.path, s.classes))
         return Stop.FINISHED
     finally:
         progress.close()
         tb.close()
+
+
+def describe_shapes(shapes: list[tuple[int, int, int]]) -> str:
+    """'3: 32x448x800, 32x512x704, 32x608x608', widest first."""
+    return f"{len(shapes)}: " + ", ".join(f"{n}x{h}x{w}" for n, h, w in sorted(shapes, key=lambda s: s[1] / s[2]))
 
 
 def train_epoch(s: Session, run_dir: RunDir, progress: Progress, tb: TensorBoard, signalled) -> Stop:
@@ -307,8 +344,11 @@ def check_in(s: Session, run_dir: RunDir, progress: Progress, tb: TensorBoard, s
     due = bool(cfg.ckpt_every_min) and time.monotonic() - s.saved_at > 60 * cfg.ckpt_every_min
     diverged, signalled, due = rt.any([not math.isfinite(stats["loss_last"]), signalled, due])
     if diverged:
-        raise TrainingDiverged(f"loss became {stats['loss_last']} at epoch {st.epoch + 1} step {st.step}; the last good "
-                               f"checkpoint is {run_dir / RunDir.LAST}. Lower optim.lr, add optim.clip_grad, or check the data.")
+        last = run_dir / RunDir.LAST
+        kept = (f"the last good checkpoint is {last}" if last.is_file() else
+                "no checkpoint was written yet (it diverged in the first epoch): start a new run")
+        raise TrainingDiverged(f"loss became {stats['loss_last']} at epoch {st.epoch + 1} step {st.step}; {kept}. Lower "
+                               f"optim.lr, add optim.clip_grad, or check the data.")
     lr = s.sched.get_last_lr()[0]
     progress.update(st.epoch, st.step, stats, lr)
     tb.step(st.global_step, stats, lr)
@@ -335,7 +375,7 @@ def end_epoch(s: Session, run_dir: RunDir, progress: Progress, tb: TensorBoard, 
             row["val_ema"] = evaluate(s.ema.module, s.val_loader, rt, len(s.classes), st.epoch)
         keep_best(s, run_dir, row)
     epoch = st.epoch
-    st.epoch, st.step, st.meter = st.epoch + 1, 0, EpochMeter(rt.device)
+    st.epoch, st.step, st.meter = st.epoch + 1, 0, EpochMeter(rt.device, rt.scaler.is_enabled())
     save_last(s, run_dir)
     if rt.master:
         if epoch in records.hist_epochs(cfg.epochs, cfg.hist_epochs):

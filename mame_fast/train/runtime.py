@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..config import ConfigError
+
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
@@ -32,6 +34,8 @@ class Runtime:
     scaler: torch.amp.GradScaler
     master: bool
     cudnn_benchmark: bool = False
+    precision: str = "fp32"  # what choose_precision decided
+    precision_reason: str = ""  # and why, for the console and run.json
 
     @property
     def dtype(self) -> torch.dtype:
@@ -95,18 +99,42 @@ class Runtime:
             dist.destroy_process_group()
 
 
-def resolve_precision(precision: str, cuda: bool, training: bool = True) -> str:
-    """'auto' -> bf16 on GPU, fp32 on CPU. fp16 needs a GPU to train (GradScaler); to evaluate an fp16 run
-    on a machine without one, fp32 is used (evaluation needs no scaler)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if precision == "auto":
-        return "bf16" if cuda else "fp32"
-    if precision == "fp16" and not cuda:
-        if training:
-            raise ValueError("precision=fp16 needs a GPU (GradScaler); use bf16 or fp32 on CPU")
-        return "fp32"
-    return precision
+BF16_MIN_CAPABILITY = (8, 0)  # Ampere: the first GPUs with bf16 tensor cores and bf16 convolutions in cuDNN
+
+
+class PrecisionError(ConfigError):
+    """A precision this machine cannot train in; refused before the run folder exists."""
+
+
+def choose_precision(request: str, device: str, capability: tuple[int, int] | None = None,
+                     training: bool = True) -> tuple[str, str]:
+    """(precision, why) for a run on ``device`` ('cuda' or 'cpu'; ``capability`` is a GPU's compute capability). A pure
+    function of the hardware and the request, so that every GPU generation is tested without one.
+
+    'auto': bf16 autocast on a GPU of compute capability 8.0 and up; fp16 autocast with a GradScaler below that (T4 7.5,
+    V100 7.0, P100 6.0 have no bf16 tensor cores, and cuDNN no bf16 convolution engines: bf16 convolutions there fail or
+    run slower than fp32, while fp16 is what their tensor cores do); fp32 on the CPU. An explicit bf16 on a GPU below 8.0
+    is refused, naming fp16. (``torch.cuda.is_bf16_supported()`` answers True on those GPUs: it counts emulation.)
+    Evaluating an fp16 run on a machine without a GPU is allowed too: evaluation needs no GradScaler."""
+    if request not in PRECISIONS:
+        raise PrecisionError(f"precision: {request!r} is not one of {', '.join(map(repr, PRECISIONS))}")
+    if device != "cuda":
+        if request == "auto":
+            return "fp32", "auto on the CPU: fp32 (bf16 and fp16 run there too when asked, slower)"
+        return request, "as asked"
+    cc = capability or (0, 0)
+    native = cc >= BF16_MIN_CAPABILITY
+    gpu = f"a GPU of compute capability {cc[0]}.{cc[1]}"
+    if request == "auto":
+        if native:
+            return "bf16", f"auto on {gpu}: bf16 autocast (native bf16 tensor cores)"
+        return "fp16", (f"auto on {gpu}: fp16 autocast with a GradScaler (no native bf16 below "
+                        f"{BF16_MIN_CAPABILITY[0]}.{BF16_MIN_CAPABILITY[1]})")
+    if request == "bf16" and not native and training:
+        raise PrecisionError(f"precision=bf16 on {gpu}: it has no bf16 tensor cores and cuDNN no bf16 convolutions below "
+                             f"{BF16_MIN_CAPABILITY[0]}.{BF16_MIN_CAPABILITY[1]}, so bf16 would fail or run slower than "
+                             f"fp32; use precision=fp16 (or auto, which picks it)")
+    return request, "as asked"
 
 
 def setup_runtime(precision: str = "auto", cudnn_benchmark: bool = False, training: bool = True) -> Runtime:
@@ -115,7 +143,7 @@ def setup_runtime(precision: str = "auto", cudnn_benchmark: bool = False, traini
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    p = resolve_precision(precision, cuda, training)
+    p, why = choose_precision(precision, device.type, torch.cuda.get_device_capability(device) if cuda else None, training)
     if cuda:
         torch.cuda.set_device(device)
         # Autotuning pays a kernel search per new batch shape (see TrainConfig.cudnn_benchmark and the warm-up
@@ -124,5 +152,8 @@ def setup_runtime(precision: str = "auto", cudnn_benchmark: bool = False, traini
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo", timeout=dt.timedelta(minutes=10))
-    scaler = torch.amp.GradScaler(device.type, enabled=p == "fp16")
-    return Runtime(rank, world, local_rank, device, _DTYPES[p], scaler, rank == 0, cuda and cudnn_benchmark)
+    # fp16's gradients underflow without loss scaling: a GradScaler (on the CPU too, where torch has one), which skips a
+    # step whose gradients overflowed and lowers its scale.
+    scaler = torch.amp.GradScaler(device.type, enabled=p == "fp16" and training)
+    return Runtime(rank, world, local_rank, device, _DTYPES[p], scaler, rank == 0, cuda and cudnn_benchmark,
+                   precision=p, precision_reason=why)

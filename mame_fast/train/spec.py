@@ -23,9 +23,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Literal
 
-import yaml
-
-from ..config import ConfigError, merge, shipped
+from ..config import ConfigError, merge, read_yaml, shipped
 
 
 @dataclass(frozen=True)
@@ -97,8 +95,11 @@ def load_spec(name_or_path: str | Path) -> ModelSpec:
         p = shipped(f"models/{name_or_path}.yaml")
     if not p.is_file():
         raise ConfigError(f"model: {name_or_path!r} is neither a shipped spec ({', '.join(shipped_specs())}) nor a YAML file")
+    data = read_yaml(p) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping of spec keys (stem_width, stages, ...) at the top level")
     try:
-        return spec_from_dict(yaml.safe_load(p.read_text()) or {})
+        return spec_from_dict(data)
     except ConfigError as e:
         raise ConfigError(f"{p}: {e}") from None
 
@@ -128,9 +129,8 @@ def _stage(i: int, s: dict) -> StageSpec:
 
 
 def check(spec: ModelSpec) -> None:
-    """Refuse a spec that cannot build or would make no sense, naming the key."""
-    from timm.layers import get_act_layer, get_norm_layer
-
+    """Refuse a spec that cannot build or would make no sense, naming the key. The names timm must know come last: asking
+    timm imports torch, seconds that a typo in the structure need not wait for."""
     _choices(spec, "")
     for i, s in enumerate(spec.stages):
         _choices(s, f"stages[{i}].")
@@ -143,15 +143,6 @@ def check(spec: ModelSpec) -> None:
         _positive(w, f"fc[{k}]")
     if not spec.stages:
         raise ConfigError("stages: a model needs at least one stage")
-    for name in {spec.act} | {s.act for s in spec.stages if s.act}:
-        try:
-            get_act_layer(name)
-        except Exception:  # timm raises various types for an unknown name
-            raise ConfigError(f"act: {name!r} is not an activation timm knows (relu, silu, gelu, mish, ...)") from None
-    try:
-        get_norm_layer(spec.norm)
-    except Exception:
-        raise ConfigError(f"norm: {spec.norm!r} is not a norm layer timm knows (batchnorm2d, layernorm2d, ...)") from None
     side, cin = ANALYSIS_SIDE / spec.stem_stride, spec.stem_width
     for i, s in enumerate(spec.stages):
         key = f"stages[{i}]"
@@ -168,6 +159,17 @@ def check(spec: ModelSpec) -> None:
         if side < 1:
             raise ConfigError(f"{key}.stride: the strides so far shrink a {ANALYSIS_SIDE} px input below one pixel")
         cin = s.width
+    from timm.layers import get_act_layer, get_norm_layer
+
+    for name in {spec.act} | {s.act for s in spec.stages if s.act}:
+        try:
+            get_act_layer(name)
+        except Exception:  # timm raises various types for an unknown name
+            raise ConfigError(f"act: {name!r} is not an activation timm knows (relu, silu, gelu, mish, ...)") from None
+    try:
+        get_norm_layer(spec.norm)
+    except Exception:
+        raise ConfigError(f"norm: {spec.norm!r} is not a norm layer timm knows (batchnorm2d, layernorm2d, ...)") from None
 
 
 def _choices(obj, prefix: str) -> None:
@@ -190,6 +192,15 @@ def _choice(v, choices: tuple, key: str) -> None:
 def _fraction(v: float, key: str) -> None:
     if not 0 <= v < 1:
         raise ConfigError(f"{key}: {v!r} must lie in [0, 1)")
+
+
+def check_for_data(spec: ModelSpec, cfg) -> None:
+    """The spec against the run's data config (a ``TrainConfig``): at full resolution the bucket sides must be multiples
+    of the network's total stride, or its feature maps would end in ragged borders."""
+    if cfg.data.res == "full" and cfg.data.side_multiple % total_stride(spec):
+        raise ConfigError(f"data.side_multiple={cfg.data.side_multiple} is not a multiple of model {cfg.model}'s total "
+                          f"stride {total_stride(spec)}: bucket sides would leave ragged borders; set data.side_multiple "
+                          f"to a multiple of it")
 
 
 def total_stride(spec: ModelSpec) -> int:

@@ -308,8 +308,10 @@ class EpochMeter:
     """An epoch's running sums, on the device (no sync per step), with its wall and data-wait time. Its state is
     checkpointed, so an epoch resumed in the middle reports whole-epoch numbers."""
 
-    def __init__(self, device: torch.device):
-        self.sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss*n, correct, grad norm
+    def __init__(self, device: torch.device, skips: bool = False):
+        self.sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss*n, correct, grad norm, skipped steps
+        self.skips = skips  # a GradScaler may skip steps (fp16): count them
+        self._none = torch.zeros((), dtype=torch.float64, device=device)  # no step skipped, made once
         self.last = torch.zeros((), device=device)
         self.count = self.steps = 0
         self.seconds = self.wait = 0.0
@@ -323,7 +325,15 @@ class EpochMeter:
         return b
 
     def add(self, loss: torch.Tensor, correct: torch.Tensor, gnorm: torch.Tensor, n: int) -> None:
-        self.sums += torch.stack([loss.double() * n, correct.double(), gnorm.double()])
+        if self.skips:
+            # A non-finite gradient norm is a step the GradScaler skipped (the scaled gradients overflowed: the scale is
+            # lowered and the weights stay): counted, and left out of the mean norm. Told on the device: no sync per step.
+            # Only with a scaler: 3 more operations per step, for a step that is host-bound at 256.
+            finite = torch.isfinite(gnorm)
+            self.sums += torch.stack([loss.double() * n, correct.double(), torch.where(finite, gnorm, 0).double(),
+                                      (~finite).double()])
+        else:
+            self.sums += torch.stack([loss.double() * n, correct.double(), gnorm.double(), self._none])
         self.last = loss
         self.count += n
         self.steps += 1
@@ -335,17 +345,19 @@ class EpochMeter:
         """The running numbers (a host sync: at log steps only)."""
         s = self.sums.tolist()
         return {"loss_last": float(self.last), "loss": s[0] / max(1, self.count), "top1": s[1] / max(1, self.count),
-                "grad_norm": s[2] / max(1, self.steps), "data_wait": self.wait / max(1e-9, self.elapsed())}
+                "grad_norm": s[2] / max(1, self.steps - s[3]), "skipped_steps": int(s[3]),
+                "data_wait": self.wait / max(1e-9, self.elapsed())}
 
     def row(self, world: int) -> dict:
         s, t = self.sync(), self.elapsed()
         return {"time_s": t, "images_per_s": self.count * world / t, "data_wait": s["data_wait"], "train_loss": s["loss"],
-                "train_top1": s["top1"], "grad_norm": s["grad_norm"]}
+                "train_top1": s["top1"], "grad_norm": s["grad_norm"], "skipped_steps": s["skipped_steps"]}
 
     def state_dict(self) -> dict:
         return {"sums": self.sums.cpu(), "count": self.count, "steps": self.steps, "seconds": self.elapsed(), "wait": self.wait}
 
     def load_state_dict(self, d: dict) -> None:
-        self.sums.copy_(d["sums"])
+        self.sums.zero_()
+        self.sums[: len(d["sums"])] = d["sums"]  # checkpoints from before the skipped-step count hold 3 sums
         self.count, self.steps, self.seconds, self.wait = d["count"], d["steps"], d["seconds"], d["wait"]
         self._t = time.perf_counter()

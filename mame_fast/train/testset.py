@@ -8,20 +8,29 @@ and the ledger say which weights and which epoch were looked at.
 
 Why a ledger: choosing a model by its test accuracy turns the test set into a validation set; the ledger
 keeps every look at it, with the time, so a report can show that it was looked at once.
+
+One look under any timing: a look holds the run's lock (``test.lock``, an exclusive ``flock``, released by the kernel
+if the process dies) from the check for an earlier look until its result and ledger line are written, so a second
+``test`` started meanwhile is refused instead of looking too. A run that has not ended (running, died, interrupted,
+failed) is refused unless asked (``--unfinished``): its ``best.pt`` is that moment's, and after the run finished the one
+look would already be spent.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
 import torch
 
 from ..config import load
+from ..errors import Expected
 from ..files import atomic_write_text
 from ..input import build_loader
-from ..records.records import append_jsonl, now, update_run_info
+from ..records.records import append_jsonl, now, read_run_info, run_status, update_run_info
 from ..records.rundir import RunDir
+from ..records.stats import wilson
 from . import checkpoint as ckpt
 from .evaluate import evaluate
 from .model import build
@@ -29,9 +38,15 @@ from .runtime import setup_runtime
 from .spec import spec_from_dict
 
 CHECKPOINTS = ("best", "last", "ema")
+FINAL = ("finished", "stopped", "diverged")  # a run in one of these states will not change its weights any more
+LOCK = "test.lock"
 
 
-class AlreadyTested(RuntimeError):
+class TestRefused(Expected, RuntimeError):
+    """A look at the test set that would not be the one look: another is in progress, or the run has not ended."""
+
+
+class AlreadyTested(Expected, RuntimeError):
     def __init__(self, previous: dict):
         self.previous = previous
         super().__init__(
@@ -49,17 +64,48 @@ def weights_to_test(run_dir: RunDir, which: str) -> tuple[dict, str, int, dict]:
     if which == "last":
         return state["model"], "model", state["epoch"], state
     if not state.get("ema"):
-        raise ValueError(f"{run_dir.path}: this run has no EMA weights (optim.ema was 0); use --checkpoint best or last")
+        raise TestRefused(f"{run_dir.path}: this run has no EMA weights (optim.ema was 0); use --checkpoint best or last")
     return {k.removeprefix("module."): v for k, v in state["ema"].items()}, "ema", state["epoch"], state
 
 
-def evaluate_test_set(run_dir: str | Path, which: str = "best", again: bool = False) -> dict:
+def evaluate_test_set(run_dir: str | Path, which: str = "best", again: bool = False, unfinished: bool = False) -> dict:
     run_dir = RunDir(run_dir)
-    result_path = run_dir / RunDir.TEST
-    if result_path.is_file() and not again:
-        raise AlreadyTested(json.loads(result_path.read_text()))
     if which not in CHECKPOINTS:
-        raise ValueError(f"--checkpoint must be one of {', '.join(CHECKPOINTS)}, got {which!r}")
+        raise TestRefused(f"--checkpoint must be one of {', '.join(CHECKPOINTS)}, got {which!r}")
+    if not (run_dir / RunDir.CONFIG).is_file():
+        raise TestRefused(f"{run_dir.path}: not a run folder (no {RunDir.CONFIG})")
+    with one_look(run_dir):
+        result_path = run_dir / RunDir.TEST
+        if result_path.is_file() and not again:
+            raise AlreadyTested(json.loads(result_path.read_text()))
+        status = run_status(read_run_info(run_dir))
+        if status not in FINAL and not unfinished:
+            raise TestRefused(
+                f"{run_dir.path} is {status}: its {RunDir.BEST} is that moment's, not the run's, and the one look at the "
+                f"test set would be spent on it. Finish it first (mame-fast train --resume {run_dir.path}), or pass "
+                f"--unfinished to test it as it is (recorded).")
+        return _look(run_dir, which, again, status)
+
+
+@contextlib.contextmanager
+def one_look(run_dir: RunDir):
+    """Hold the run's test lock, or refuse: another ``mame-fast test`` of this run is evaluating now."""
+    import fcntl
+
+    with open(run_dir / LOCK, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise TestRefused(f"{run_dir.path}: another `mame-fast test` of this run is evaluating it right now; its "
+                              f"result is the run's one look (see {run_dir / RunDir.TEST} when it ends)") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _look(run_dir: RunDir, which: str, again: bool, status: str) -> dict:
+    """Evaluate the test split with the weights ``which`` names; write test.json, the ledger line and run.json."""
     cfg = load(run_dir / RunDir.CONFIG)
     weights, kind, epoch, state = weights_to_test(run_dir, which)
     spec = spec_from_dict(state["spec"])
@@ -72,10 +118,16 @@ def evaluate_test_set(run_dir: str | Path, which: str = "best", again: bool = Fa
     if cfg.data.channels_last:
         model.to(memory_format=torch.channels_last)
     loader = build_loader(cfg.data, "test", False, cfg.seed, device=rt.device, dtype=rt.dtype)
-    m = evaluate(model, loader, rt, spec.num_classes)
-    result = {"time": now(), "checkpoint": which, "weights": kind, "epoch": epoch, "classes": state["classes"], **m}
-    atomic_write_text(result_path, json.dumps(result, indent=1))
+    try:
+        m = evaluate(model, loader, rt, spec.num_classes)
+    finally:
+        loader.close()
+    lo, hi = wilson(m["top1"], m["count"])
+    result = {"time": now(), "checkpoint": which, "weights": kind, "epoch": epoch, "run_status": status,
+              "classes": state["classes"], **m, "top1_interval": [lo, hi]}
+    atomic_write_text(run_dir / RunDir.TEST, json.dumps(result, indent=1))
     append_jsonl(run_dir.ledger, {"run": run_dir.path.name, "time": result["time"], "checkpoint": which, "weights": kind,
-                                  "epoch": epoch, "top1": m["top1"], "balanced_acc": m["balanced_acc"], "again": again})
-    update_run_info(run_dir, {"test_top1": m["top1"], "test_time": result["time"]})
+                                  "epoch": epoch, "top1": m["top1"], "top1_interval": [lo, hi], "count": m["count"],
+                                  "balanced_acc": m["balanced_acc"], "again": again, "run_status": status})
+    update_run_info(run_dir, {"test_top1": m["top1"], "test_count": m["count"], "test_time": result["time"]})
     return result
