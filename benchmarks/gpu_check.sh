@@ -140,7 +140,9 @@ echo "- in all: $((SECONDS - T0)) s (goal on a 16-core GPU machine: at most 360)
   fi
   if wanted demo; then
     printf '\n## demo\n\n```\n'
-    grep -E "^epoch +[0-9]+ |diagnosis|demo finished|batch shapes|error" "$OUT/logs/demo.log" | tail -n 8
+    # With the evidence pictures' costs (issue 36): the batches as fed, the gallery and maps, the range test.
+    grep -E "^epoch +[0-9]+ |diagnosis|demo finished|batch shapes|error|network is fed|where it errs|steepest descent" \
+      "$OUT/logs/demo.log" | tail -n 11
     printf '```\n'
   fi
   for f in "$OUT"/results/*.md; do

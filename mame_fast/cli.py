@@ -25,10 +25,32 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
+from typer.core import TyperCommand, TyperGroup
 
 from .files import STOP_SIGNALS, usable_cores
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="High-throughput from-scratch CNN training on MAMe.")
+
+class _NoHelpType:
+    """typer shows --help as taking a ``<bool>`` value, as it does any flag (see ``flag``): a metavar of none."""
+
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+
+class _Command(_NoHelpType, TyperCommand):
+    pass
+
+
+class _Group(_NoHelpType, TyperGroup):
+    pass
+
+
+app = typer.Typer(cls=_Group, add_completion=False, no_args_is_help=True,
+                  help="High-throughput from-scratch CNN training on MAMe.")
+command = functools.partial(app.command, cls=_Command)
 console = Console()
 EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_DIVERGED, EXIT_IO = 2, 3, 4, 5
 _options = {"debug": False}
@@ -84,6 +106,7 @@ _AFTER_INTERRUPT = {
     "shard": "the complete shards are kept and no partial one was left: run the same command again to resume",
     "sample": "nothing was published: run the same command again",
     "train": "no run had started: run the command again",
+    "lr_find": "the range test stopped before its result (its folder says interrupted): run the same command again",
 }
 
 
@@ -114,7 +137,7 @@ def expected_errors(fn):
     return wrapper
 
 
-@app.command()
+@command()
 @expected_errors
 def sample(
     out: Path = typer.Argument(..., help="Folder to write the miniature MAMe into (official layout)."),
@@ -148,7 +171,7 @@ def _counts(per_class: str) -> tuple[int, int, int]:
     return counts
 
 
-@app.command()
+@command()
 @expected_errors
 def shard(
     src: Path = typer.Argument(..., help="MAMe root (CSVs + data/ or data_256/) or the folder with the official zips; "
@@ -223,7 +246,7 @@ def _verify(folder: Path) -> None:
     console.print(f"[green]ok:[/] {n} samples in {tars} shards match the manifest and index")
 
 
-@app.command()
+@command()
 @expected_errors
 def demo(
     out: Path = typer.Option(Path("demo"), help="Folder for the sample data, shards, runs and report."),
@@ -236,7 +259,9 @@ def demo(
     from .config import load
     from .data import shard as sh
     from .records.diagnose import diagnose_run
+    from .records.records import read_run_info
     from .records.report import write_report
+    from .records.rundir import RunDir
 
     t0 = time.time()
     root = out / "mame"
@@ -249,8 +274,21 @@ def demo(
     if problems:
         _fail(f"shards do not verify: {problems[:3]}")
     console.print("[green]shards verified[/]")
-    run_dir = _train(cfg, "demo-tiny", None, {"after": [], "hypothesis": "A tiny CNN learns the generated stand-in images' "
-                                                "classes well above chance (3.4%) in a few CPU minutes."})
+    from .records.report import write_card
+    from .train.lrfind import run as range_test
+
+    lr_find = range_test(cfg, "lr-find", {"after": [], "hypothesis": "The range test shows where the demo's learning rate "
+                                                                       "lies: a rate that learns, below divergence."},
+                         console)
+    write_card(lr_find)
+    # The demo follows its own evidence, as a student should: it trains at the rate the range test suggests (the card's
+    # diff against #1 shows the change and where the rate lies in the suggested range). A --set optim.lr still wins.
+    suggested = read_run_info(lr_find)["lr_find"]["suggested_lr"]
+    if not any(s.split("=", 1)[0].strip() == "optim.lr" for s in set_):
+        cfg = load(None, [f"optim.lr={suggested!r}"], base=cfg)  # unrounded: inside the range
+    run_dir = _train(cfg, "demo-tiny", None, {"after": [RunDir(lr_find).number], "hypothesis": (
+        f"At the rate the range test #{RunDir(lr_find).number} suggests, a tiny CNN learns the generated stand-in "
+        "images' classes well above chance (3.4%) in a few CPU minutes.")})
     d = diagnose_run(run_dir)
     console.print(f"diagnosis: [bold]{d.verdict}[/]: {'; '.join(d.reasons)}\nnext: {d.next_step}")
     md, html = write_report(out / "runs", title="Demo on generated stand-in images (not MAMe photographs)")
@@ -258,7 +296,7 @@ def demo(
                   f"demo finished in {time.time() - t0:.0f} s")
 
 
-@app.command()
+@command()
 @expected_errors
 def train(
     config: Optional[str] = typer.Option(None, "--config", "-c", help="YAML config (a path, or a shipped one: demo, 256, full)."),
@@ -307,7 +345,67 @@ def _preflight(cfg) -> None:
     check_for_data(load_spec(cfg.model), cfg)
 
 
-@app.command()
+@command()
+@expected_errors
+def preview(
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="YAML config (a path, or a shipped one)."),
+    res: Optional[str] = typer.Option(None, help="'full' or '256' (default: both, where the shards allow full)."),
+    shards: Optional[Path] = typer.Option(None, help="Shard folder; same as --set data.shards=..."),
+    set_: List[str] = typer.Option([], "--set", help="Override a config key (repeatable)."),
+    out: Path = typer.Option(Path("preview"), help="Folder for preview_<res>.png."),
+) -> None:
+    """What the network is fed: real training batches (crops, flips, jitter, mixup/cutmix as applied; each bucket shape
+    at full resolution) and evaluation batches (padded), from the loader the run would use, de-normalized."""
+    from .config import load
+
+    sets = _train_sets(set_, res, shards)
+    cfg = load(config, sets)
+    _preflight(cfg)
+    from .data.format import load_manifest
+    from .records.evidence import preview as draw
+    from .train.runtime import setup_runtime
+
+    rt = setup_runtime(cfg.precision, training=False)
+    variant = load_manifest(Path(cfg.data.shards))["variant"]
+    for r in [res] if res else (["256", "full"] if variant == "full" else ["256"]):
+        path = draw(load(config, sets + [f"data.res={r}"]), out / f"preview_{r}.png", rt.device, rt.dtype)
+        console.print(f"{r}: {path}")
+
+
+@command("lr-find")
+@expected_errors
+def lr_find(
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="YAML config (a path, or a shipped one)."),
+    res: Optional[str] = typer.Option(None, help="'full' or '256'; same as --set data.res=..."),
+    shards: Optional[Path] = typer.Option(None, help="Shard folder; same as --set data.shards=..."),
+    set_: List[str] = typer.Option([], "--set", help="Override a config key (repeatable)."),
+    name: str = typer.Option("lr-find", help="Name of its folder (runs/<NNN>-<name>/)."),
+    after: List[int] = typer.Option([], "--after", help="Number(s) of the experiment(s) this one follows."),
+    hypothesis: str = typer.Option("", help="What the test is for (for its card)."),
+    start: float = typer.Option(1e-5, min=0, help="First learning rate, per 256 images."),
+    end: float = typer.Option(10.0, min=0, help="Last learning rate, per 256 images (the test stops sooner if the loss "
+                                               "diverges)."),
+    steps: int = typer.Option(100, min=5, help="Steps, the rate growing exponentially from --start to --end."),
+) -> None:
+    """The learning-rate range test through the trainer's own step: loss against an exponentially growing rate, a plot
+    and a suggested range, recorded as a numbered folder that a later run cites with --after N. No checkpoint."""
+    from .config import ConfigError, load
+    from .records.rundir import check_run_name
+
+    check_run_name(name)
+    if not 0 < start < end:
+        raise ConfigError(f"--start {start:g} and --end {end:g}: want 0 < start < end")
+    cfg = load(config, _train_sets(set_, res, shards))
+    _preflight(cfg)
+    from .records.report import write_card
+    from .train.lrfind import run as range_test
+
+    folder = range_test(cfg, name, {"after": list(after), "hypothesis": hypothesis}, console, start, end, steps)
+    write_card(folder)
+    console.print(f"run folder: {folder}\ncard: {folder / 'card.md'}")
+
+
+@command()
 @expected_errors
 def sweep(
     grid: List[str] = typer.Argument(..., help="KEY=V1,V2,... (one or more keys): the values to try, every combination."),
@@ -409,7 +507,7 @@ def _resume_hint(run_dir: Path) -> str:
     return f"{last} (epoch {st['epoch'] + 1}, step {st['step']}) is intact; continue with `mame-fast train --resume {run_dir}`."
 
 
-@app.command()
+@command()
 @expected_errors
 def model(
     specs: List[str] = typer.Argument(None, help="Model spec names (configs/models/) or YAML paths; default: the shipped ones."),
@@ -448,7 +546,7 @@ def _stage_table(name: str, rows: list[dict], crop: int, pixels: int) -> Table:
     return t
 
 
-@app.command("test")
+@command("test")
 @expected_errors
 def test_cmd(
     run_dir: Path = typer.Argument(..., help="Run folder."),
@@ -469,7 +567,7 @@ def test_cmd(
                   f"{r['balanced_acc']:.1%}  -> {run_dir / 'test.json'}", highlight=False)
 
 
-@app.command()
+@command()
 @expected_errors
 def diagnose(run_dir: Path = typer.Argument(..., help="Run folder.")) -> None:
     """Underfitting, overfitting, fitting, diverged, unstable or not converged, with the numbers and the next step."""
@@ -482,7 +580,7 @@ def diagnose(run_dir: Path = typer.Argument(..., help="Run folder.")) -> None:
     console.print(f"next: {d.next_step}")
 
 
-@app.command()
+@command()
 @expected_errors
 def note(run_dir: Path = typer.Argument(...), text: str = typer.Argument(..., help="An observation for the run's card.")) -> None:
     """Add an observation to a run (part 5 of its card)."""
@@ -492,7 +590,7 @@ def note(run_dir: Path = typer.Argument(...), text: str = typer.Argument(..., he
     console.print(f"noted in {run_dir / 'card.md'}")
 
 
-@app.command()
+@command()
 @expected_errors
 def runs(root: Path = typer.Option(Path("runs"), help="Folder holding the run folders.")) -> None:
     """A table of all runs: number, name, hypothesis, predecessor, best val, gap, diagnosis, epochs, images/s, test."""
@@ -509,7 +607,7 @@ def runs(root: Path = typer.Option(Path("runs"), help="Folder holding the run fo
     console.print(t)
 
 
-@app.command()
+@command()
 @expected_errors
 def compare(
     run_dirs: List[Path] = typer.Argument(..., help="Two or more run folders."),
@@ -528,7 +626,7 @@ def compare(
     console.print(f"figure: {path}")
 
 
-@app.command()
+@command()
 @expected_errors
 def report(root: Path = typer.Option(Path("runs"), help="Folder holding the run folders.")) -> None:
     """One Markdown and HTML document with every run's card in order, then the sweeps' family cards."""
@@ -546,7 +644,7 @@ def report(root: Path = typer.Option(Path("runs"), help="Folder holding the run 
     console.print(f"report: {md} and {html}")
 
 
-@app.command()
+@command()
 @expected_errors
 def explore(
     src: Optional[Path] = typer.Argument(None, help="MAMe root or folder of CSVs (default: the vendored real metadata)."),

@@ -182,6 +182,9 @@ class TrainConfig(_Checked):
     """Write each rank's per-epoch sample indices and final weights digest to rank<r>.json (checks)."""
     hist_epochs: int = 3
     """Save weight and activation histograms per stage at this many epochs (first, ..., last)."""
+    evidence: bool = True
+    """Draw the evidence pictures into plots/: the batches as fed (when the run starts), and from the best weights
+    (when it ends) the error gallery and the class activation maps (records/evidence.py)."""
     tensorboard: bool = False
     """Also log scalars, histograms and plots to TensorBoard (<run>/tb; needs `pip install tensorboard`)."""
     data: DataConfig = field(default_factory=DataConfig)

@@ -6,7 +6,7 @@ against the copy; a mutant survives when they all pass. The run prints and write
 and the survivors (``tests/mutants_report.md``). A survivor is either a gap to close with a test or a change
 that cannot alter behaviour (then it is removed from the list with a line saying why).
 
-    python tests/mutants.py [--only SUBSTRING] [--jobs 2] [--whole]
+    python tests/mutants.py [--only REGEX] [--jobs 2] [--whole]
 
 A new mutant is first run against the whole fast suite (``--whole``: every test not marked slow, which also names the
 test that killed it), so that its selection is what kills it, not a guess; the table then runs each one's selection.
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -221,6 +222,23 @@ MUTANTS = [
     M("a setting's interval over seeds takes Student's quantile", "mame_fast/records/stats.py",
       "    return m, (_T95[n - 2] if n - 1 <= len(_T95) else Z95) * sd / math.sqrt(n)",
       "    return m, (_T95[n - 1] if n <= len(_T95) else Z95) * sd / math.sqrt(n)", "tests/test_metrics.py"),
+    # -- the evidence pictures (records/evidence.py, train/lrfind.py) -----------------------------------------
+    M("a preview tile is the batch row as fed, de-normalized", "mame_fast/records/evidence.py",
+      "* torch.tensor(STD) + torch.tensor(MEAN)", "* torch.tensor(STD)", "tests/test_evidence.py -k preview_tile"),
+    M("the preview shows mixup and cutmix as the step applies them", "mame_fast/records/evidence.py",
+      "        x, target = mix(b.images.float(), target, cfg.optim, rng)", "        x = b.images.float()",
+      "tests/test_evidence.py -k mixing"),
+    M("every gallery image is a mistake", "mame_fast/records/evidence.py", "    wrong = pr[\"true\"] != pr[\"pred\"]",
+      "    wrong = pr[\"true\"] == pr[\"pred\"]", "tests/test_evidence.py -k gallery"),
+    M("a class activation map is zero on the padding", "mame_fast/records/evidence.py",
+      "    out = maps.clamp(0, 1).detach().cpu().numpy()\n    for k, (h, w) in enumerate(sizes.cpu().tolist()):\n"
+      "        out[k, h:], out[k, :, w:] = 0, 0",
+      "    out = maps.clamp(0, 1).detach().cpu().numpy()\n    for k, (h, w) in enumerate(sizes.cpu().tolist()):\n"
+      "        pass", "tests/test_evidence.py -k activation_map"),
+    M("the range test leaves the model as it found it", "mame_fast/train/lrfind.py",
+      "        model.load_state_dict(saved[0])", "        pass", "tests/test_evidence.py -k range_test"),
+    M("the range test suggests a rate it tried", "mame_fast/train/lrfind.py", "    peak = max(lrs[0], lrs[low] / 10)",
+      "    peak = lrs[low] * 10", "tests/test_evidence.py -k range_test"),
     # -- the shard writer (data/) ------------------------------------------------------------------------
     M("the same input and seed give byte-identical shards", "mame_fast/data/shard.py", "    info.mtime = 0  #",
       "    info.mtime = id(payload)  #", "tests/test_shard.py -k deterministic"),
@@ -245,8 +263,8 @@ def copy_repo(dst: Path) -> None:
     shutil.copytree(ROOT, dst, ignore=ignore, symlinks=True)
 
 
-WHOLE = "-m 'not slow' tests"  # the whole fast suite
-TIMEOUT_S = 900
+WHOLE = "-m 'not slow' -n 2 tests"  # the whole fast suite, on two processes (pytest -x stops it at the first failure)
+TIMEOUT_S = 600
 
 
 def try_mutant(m: Mutant, repo: Path, tests: str | None = None) -> tuple[bool, float, str]:
@@ -273,11 +291,11 @@ def try_mutant(m: Mutant, repo: Path, tests: str | None = None) -> tuple[bool, f
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default="", help="run the mutants whose promise contains this")
+    ap.add_argument("--only", default="", help="run the mutants whose promise matches this regular expression")
     ap.add_argument("--jobs", type=int, default=2, help="mutants tried at once, each on its own copy")
     ap.add_argument("--whole", action="store_true", help="run each mutant against the whole fast suite, not its selection")
     args = ap.parse_args()
-    chosen = [m for m in MUTANTS if args.only in m.promise]
+    chosen = [m for m in MUTANTS if re.search(args.only, m.promise)]
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         copies = []
@@ -289,7 +307,9 @@ def main() -> None:
         def job(m: Mutant):
             repo = free.pop()
             try:
-                return try_mutant(m, repo, WHOLE if args.whole else None)
+                killed, seconds, _ = result = try_mutant(m, repo, WHOLE if args.whole else None)
+                print(f"{'killed  ' if killed else 'SURVIVED'} {seconds:4.0f} s  {m.promise}", file=sys.stderr, flush=True)
+                return result  # (a whole-suite run takes an hour: a line per mutant as it ends)
             finally:
                 free.append(repo)
 
@@ -308,7 +328,7 @@ def main() -> None:
     lines += ["", "Survivors: " + ("; ".join(survivors) if survivors else "none") + "."]
     text = "\n".join(lines) + "\n"
     print(text)
-    if not args.only:
+    if not args.only or args.whole:  # a whole-suite run is kept whatever it chose: it is the record of a first run
         (ROOT / "tests" / ("mutants_whole_report.md" if args.whole else "mutants_report.md")).write_text(text)
     sys.exit(0 if not survivors else 1)
 

@@ -13,12 +13,12 @@ PKG = Path(__file__).resolve().parent.parent / "mame_fast"
 # Rank of each module in the data flow; a module may import only modules of the same or a lower rank.
 RANKS = [
     ("mame_fast.cli", 6), ("mame_fast.__main__", 6),
-    ("mame_fast.train.loop", 5), ("mame_fast.train.testset", 5),
+    ("mame_fast.train.loop", 5), ("mame_fast.train.testset", 5), ("mame_fast.train.lrfind", 5),
     ("mame_fast.records", 4),
     ("mame_fast.train", 3),  # model, runtime, evaluate, step, checkpoint
     ("mame_fast.input", 2),
     ("mame_fast.data", 1),
-    ("mame_fast.config", 0), ("mame_fast.files", 0), ("mame_fast.configs", 0), ("mame_fast", 0),
+    ("mame_fast.config", 0), ("mame_fast.errors", 0), ("mame_fast.files", 0), ("mame_fast.configs", 0), ("mame_fast", 0),
 ]
 
 

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from mame_fast.cli import app
 from mame_fast.config import load
 from mame_fast.records.rundir import list_runs
+from mame_fast.records.stats import pct
 from mame_fast.train.loop import run
 
 cli = CliRunner()
@@ -19,7 +22,7 @@ cli = CliRunner()
 def runs_root(shards, tmp_path_factory):
     root = tmp_path_factory.mktemp("cliruns")
     sets = [f"data.shards={shards}", f"out={root}", "data.res=256", "data.crop=48", "data.batch_size=16", "data.threads=1",
-            "epochs=2", "hist_epochs=0", "optim.name=adamw", "optim.lr=0.01"]
+            "epochs=2", "hist_epochs=0", "optim.name=adamw", "optim.lr=0.01", "evidence=false"]
     run(load(None, sets), name="a")
     run(load(None, sets + ["optim.lr=0.02"]), name="b", meta={"after": [1], "hypothesis": "a higher lr"})
     return root
@@ -43,9 +46,25 @@ def test_run_commands(runs_root, tmp_path):
     code, out = invoke("report", "--root", runs_root)
     assert code == 0 and (runs_root / "report.html").is_file()
     code, out = invoke("test", a)
-    assert code == 0 and "top-1" in out
+    assert code == 0 and re.search(r"top-1 \d+\.\d% \[\d+\.\d, \d+\.\d\] \(95% interval\)", out), out
     code, out = invoke("test", a)
     assert code == 2 and "already evaluated" in out
+    invoke("report", "--root", runs_root)  # the test top-1 and its interval on the card, in the table and the report
+    t = json.loads((a / "test.json").read_text())
+    shown = pct(t["top1"], t["count"])
+    assert "[" in shown and f"| TEST top-1 [95% interval] (run once) | {shown} |" in (a / "card.md").read_text()
+    assert (runs_root / "report.md").read_text().count(shown) >= 2  # the runs table and the card
+    code, out = invoke("runs", "--root", runs_root)
+    assert shown in " ".join(out.split())
+
+
+def test_flags_show_no_value_in_help():
+    """A flag takes no value (`--verify`, not `--verify true`, nor `--help`): no command's help shows one."""
+    code, out = invoke("shard", "--help")
+    assert code == 0 and "--verify" in out and not re.search(r"--(verify|reindex|skip-bad)\s+<bool>", out)
+    for name in ["", *sorted(c.name for c in typer.main.get_command(app).commands.values())]:
+        code, out = invoke(*name.split(), "--help")
+        assert code == 0 and "--help" in out and "<bool>" not in out, (name, out)
 
 
 def test_other_commands(shards, tmp_path):
@@ -61,11 +80,44 @@ def test_other_commands(shards, tmp_path):
     assert code == 2 and "no manifest.json" in out
 
 
+def test_preview_draws_what_the_network_is_fed_at_both_resolutions(shards, tmp_path):
+    sets = [f"data.shards={shards}", "data.pixels=3000", "data.crop=48", "data.batch_size=8", "data.threads=1"]
+    code, out = invoke("preview", "--out", tmp_path / "p", *[a for s in sets for a in ("--set", s)])
+    assert code == 0, out
+    assert (tmp_path / "p" / "preview_256.png").stat().st_size > 5000 and (tmp_path / "p" / "preview_full.png").is_file()
+
+
+def test_lr_find_is_recorded_for_a_later_runs_card(shards, tmp_path):
+    """The range test through the command line: a numbered folder with its plot and suggestion, no checkpoint, no change
+    to the shards; a run that follows it (--after) cites it in part 1 of its card."""
+    shard_files = lambda: {p.name: p.stat().st_mtime_ns for p in shards.iterdir() if not p.name.startswith(".")}  # noqa: E731
+    before = shard_files()  # (a hidden memo of verified checksums may be written by whichever run opens them first)
+    sets = [f"data.shards={shards}", f"out={tmp_path}", "data.res=256", "data.crop=48", "data.batch_size=16",
+            "data.threads=1", "epochs=1", "hist_epochs=0", "evidence=false"]
+    code, out = invoke("lr-find", "--steps", "12", *[a for s in sets for a in ("--set", s)])
+    assert code == 0, out
+    d = list_runs(tmp_path)[0].path
+    assert (d / "plots" / "lr_find.png").is_file() and not (d / "last.pt").exists() and not (d / "best.pt").exists()
+    assert "suggested optim.lr" in out and "learning-rate range test" in (d / "card.md").read_text()
+    found = json.loads((d / "run.json").read_text())["lr_find"]
+    assert re.search(rf"learning-rate range test: {found['steps']} steps, sgd lr growing exponentially from 1e-05 to 10 ",
+                     (d / "card.md").read_text())  # not the epochs and schedule that the test does not use
+    assert shard_files() == before
+    code, out = invoke("train", "--after", "1", "--name", "next", *[a for s in sets for a in ("--set", s)])
+    assert code == 0, out
+    card = (list_runs(tmp_path)[1] / "card.md").read_text()
+    assert "#1 (lr-find): learning-rate range test: the loss fell fastest at lr" in card
+    low, high = found["range"]
+    lr = load(list_runs(tmp_path)[1].path / "config.yaml").optim.lr
+    where = "below" if lr < low else "above" if lr > high else "inside"
+    assert f"optim.lr {lr:g} per 256 images lies {where} the range suggested by the range test #1 ({low:.3g} to " in card
+
+
 def test_sweep_runs_the_grid_and_writes_a_family_card(shards, tmp_path):
     """2 values x 2 seeds: four ordinary runs with their cards, and one family card with a mean, an interval and a
     verdict per value."""
     sets = [f"data.shards={shards}", f"out={tmp_path}", "data.res=256", "data.crop=48", "data.batch_size=16", "data.threads=1",
-            "epochs=1", "hist_epochs=0", "optim.name=adamw"]
+            "epochs=1", "hist_epochs=0", "optim.name=adamw", "evidence=false"]
     code, out = invoke("sweep", "optim.lr=0.001,0.01", "--repeats", "2", "--name", "lr", "--hypothesis", "a larger lr",
                        *[a for s in sets for a in ("--set", s)])
     assert code == 0, out
@@ -86,7 +138,7 @@ def test_sweep_runs_the_grid_and_writes_a_family_card(shards, tmp_path):
 def test_resume_auto_continues_the_unfinished_run_of_that_name(shards, tmp_path):
     """What a requeued cluster job does: the latest unfinished run of its --name continues; a finished one does not."""
     sets = [f"data.shards={shards}", f"out={tmp_path}", "data.res=256", "data.crop=48", "data.batch_size=16", "data.threads=1",
-            "epochs=2", "hist_epochs=0"]
+            "epochs=2", "hist_epochs=0", "evidence=false"]
     args = ["train", "--name", "job", "--resume", "auto"] + [a for s in sets for a in ("--set", s)]
     code, out = invoke(*args, "--set", "max_steps=3")  # nothing to resume yet: a new run, cut at step 3
     assert code == 0 and [r.path.name for r in list_runs(tmp_path)] == ["001-job"]

@@ -4,6 +4,7 @@ docs/configuration.md is what the config's field docs generate."""
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 from pathlib import Path
@@ -121,8 +122,9 @@ def test_the_configuration_page_is_generated_from_the_field_docs():
 
 @pytest.mark.slow
 def test_the_quick_starts_next_commands_run_as_printed(tmp_path):
-    """After the demo (here a smaller one, same folders), each command the README's quick start prints next runs as
-    written, from the folder where `make demo` ran."""
+    """After the demo (here a smaller one, same folders), its report shows the four evidence pictures (the range test,
+    the batches as fed, the error gallery, the class activation maps), and each command the README's quick start prints
+    next runs as written, from the folder where `make demo` ran."""
     import subprocess
     import sys
 
@@ -132,6 +134,12 @@ def test_the_quick_starts_next_commands_run_as_printed(tmp_path):
     r = run(sys.executable, "-m", "mame_fast", "demo", "--out", "demo", "--per-class", "3,1,1", "--set", "epochs=2",
             "--set", "data.crop=64")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    report = (tmp_path / "demo" / "runs" / "report.md").read_text()
+    for picture in ("lr_find", "batches", "errors", "activation_maps"):  # the four pictures of the evidence
+        assert f"plots/{picture}.png)" in report, picture
+    # The demo follows its own range test: run #2 trains at #1's suggested rate, and its card says so.
+    suggested = json.loads((tmp_path / "demo/runs/001-lr-find/run.json").read_text())["lr_find"]["suggested_lr"]
+    assert f"optim.lr {suggested:g} per 256 images lies inside the range" in report
     text = (ROOT / "README.md").read_text()
     block = text[text.index("## Quick start"):].split("```bash\n")[2].split("```")[0]
     lines = [line.split("#")[0].strip() for line in block.splitlines()]

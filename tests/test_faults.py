@@ -37,7 +37,7 @@ def leftovers(root: Path) -> list[Path]:
 
 def train_args(shards: Path, out: Path, *sets: str) -> list[str]:
     base = [f"data.shards={shards}", f"out={out}", "data.res=256", "data.crop=48", "data.batch_size=16", "data.threads=1",
-            "hist_epochs=0", "epochs=1", "optim.name=sgd", *sets]
+            "hist_epochs=0", "epochs=1", "optim.name=sgd", "evidence=false", *sets]
     return ["train"] + [a for s in base for a in ("--set", s)]
 
 

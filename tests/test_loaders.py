@@ -3,6 +3,7 @@ of the planned shapes, never deform an image, restore exactly, and fail clearly 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -552,15 +553,20 @@ def test_a_fallback_worker_ignores_signals_that_are_its_parents_to_handle(shards
     batches = L.epoch(0)
     next(batches)
     pids = _worker_pids(L)
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):  # sent by another process, as a terminal or SLURM does
-        subprocess.run(["kill", f"-{sig.name.removeprefix('SIG')}", *map(str, pids)], check=True)
-    assert sum(1 for _ in batches) == L.steps(0) - 1  # every worker still decodes
-    assert all(os.waitpid(pid, os.WNOHANG) == (0, 0) for pid in pids)
-    os.kill(pids[0], signal.SIGTERM)  # from the parent
-    worker = L._dl._iterator._workers[0]
-    worker.join(10)
-    assert worker.exitcode == 0
-    L.close()
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):  # sent by another process, as a terminal or SLURM does
+            subprocess.run(["kill", f"-{sig.name.removeprefix('SIG')}", *map(str, pids)], check=True)
+        assert sum(1 for _ in batches) == L.steps(0) - 1  # every worker still decodes
+        assert all(os.waitpid(pid, os.WNOHANG) == (0, 0) for pid in pids)
+        os.kill(pids[0], signal.SIGTERM)  # from the parent
+        worker = L._dl._iterator._workers[0]
+        worker.join(10)
+        assert worker.exitcode == 0
+    finally:
+        L.close()
+        for pid in pids:  # a worker that would not end (the failure looked for) must not hang the suite's exit
+            with contextlib.suppress(ProcessLookupError, ChildProcessError):
+                os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.parametrize("loader", LOADERS)
@@ -577,6 +583,18 @@ def test_a_finished_run_leaves_no_loader_behind(shards, tmp_path, loader):
             "data.threads=2", "epochs=1", "hist_epochs=1", f"data.loader={loader}"]
     run(load(None, sets), name="closed")
     assert {p.pid for p in multiprocessing.active_children()} - before == set()
+
+
+def test_auto_says_which_loader_it_took_and_why():
+    from mame_fast.input import choose_loader
+
+    kind, why = choose_loader("auto")
+    assert kind == ("dali" if dali_available() else "pil")
+    assert why.startswith("auto: ") and ("DALI is installed" in why if dali_available() else "DALI" in why)
+    assert choose_loader("pil") == ("pil", "as asked (data.loader=pil)")
+    if not dali_available():
+        with pytest.raises(LoaderError, match="data.loader=dali, but"):
+            choose_loader("dali")
 
 
 @pytest.mark.parametrize("method", ["spawn", "forkserver"])

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
 import pytest
 import torch
 import yaml
@@ -103,7 +100,7 @@ def test_plain_net_with_a_two_fc_head_trains_a_step():
     assert loss().item() < before
 
 
-def test_receptive_field_per_stage_matches_a_hand_count():
+def test_receptive_field_per_stage_matches_a_hand_count(tmp_path):
     """stem: a 3x3 conv of stride 2 (rf 3, jump 2); stage 1: a 2x2 max pool (rf 3+1*2=5, jump 4), then two 3x3 convs
     (5+2*4=13, then 21); stage 2: a residual block of 3x3 convs of dilation 2, the first of stride 2 (21+4*4=37, jump 8;
     then 37+4*8=69). The model table prints them and flags stage 2 at 64 px (69 > 64) but not at 96."""
@@ -117,7 +114,7 @@ def test_receptive_field_per_stage_matches_a_hand_count():
 
     from mame_fast.cli import app
 
-    path = Path(tempfile.mkdtemp()) / "rf.yaml"
+    path = tmp_path / "rf.yaml"
     path.write_text(yaml.safe_dump(spec_dict(spec)))
     r = CliRunner().invoke(app, ["model", str(path), "--crop", "64", "--pixels", str(96 * 96)])
     out = " ".join(r.output.split())

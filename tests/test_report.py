@@ -25,7 +25,7 @@ def _wilson(p: float, n: int) -> tuple[float, float]:
 
 def _cfg(shards, out, *sets):
     base = [f"data.shards={shards}", f"out={out}", "data.res=256", "data.crop=48", "data.batch_size=16", "data.threads=1",
-            "log_every=2", "hist_epochs=2", "optim.name=adamw", "optim.weight_decay=0"]
+            "log_every=2", "hist_epochs=2", "optim.name=adamw", "optim.weight_decay=0", "evidence=false"]
     return load(None, base + list(sets))
 
 
@@ -117,15 +117,18 @@ def test_explore_reproduces_the_real_counts(tmp_path):
 
 
 def test_explore_with_images(mame_root, tmp_path):
+    """The sample grid is a page, not a strip: 29 classes as panels in rows of 6, titles readable."""
     s = explore(mame_root, tmp_path)
-    assert s["splits"]["val"] == 29 and (tmp_path / "samples.png").is_file()
+    assert s["splits"]["val"] == 29
+    w, h = Image.open(tmp_path / "samples.png").size
+    assert w >= 1000 and 0.6 < w / h < 1.6, (w, h)
 
 
 def test_tensorboard_gets_the_same_scalars_histograms_and_plots(shards, tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    d = run(_cfg(shards, tmp_path, "model=tiny", "epochs=2", "optim.lr=0.01", "tensorboard=true"), name="tb")
+    d = run(_cfg(shards, tmp_path, "model=tiny", "epochs=2", "optim.lr=0.01", "tensorboard=true", "evidence=true"), name="tb")
     ea = EventAccumulator(str(d / "tb"), size_guidance={"images": 0, "histograms": 0, "scalars": 0})
     ea.Reload()
     tags = ea.Tags()
@@ -136,4 +139,4 @@ def test_tensorboard_gets_the_same_scalars_histograms_and_plots(shards, tmp_path
     assert vals == pytest.approx([r["val"]["top1"] for r in rows])
     assert {"train/loss_running", "train/lr", "epoch/images_per_s", "epoch/data_wait"} <= set(tags["scalars"])
     assert "weights/stage1" in tags["histograms"] and "activations/stage3" in tags["histograms"]
-    assert {"plots/curves", "plots/confusion"} <= set(tags["images"])
+    assert {"plots/curves", "plots/confusion", "plots/batches", "plots/errors", "plots/activation_maps"} <= set(tags["images"])

@@ -8,12 +8,14 @@ SIGTERM, to a training run with either loader, and to `mame-fast shard`."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -109,17 +111,25 @@ def test_a_loader_leaves_the_global_rng_alone(shards, loader):
 # -- through the command line, as a user meets it ------------------------------------------------------------
 
 
-def as_terminal(cmd: list[str], cwd: Path) -> subprocess.Popen:
+@contextlib.contextmanager
+def as_terminal(cmd: list[str], cwd: Path) -> Iterator[subprocess.Popen]:
     """Start ``cmd`` as a terminal starts a foreground job: its own process group, which a Ctrl-C reaches whole (the
     command and its worker processes), and SIGINT at its default disposition (a background job of a script inherits
-    it ignored, which would hide what a user meets)."""
+    it ignored, which would hide what a user meets). Whatever is left of the group when the test ends is killed: a
+    command that hangs on a signal (the failure these tests look for) must not outlive its test."""
 
     def foreground() -> None:
         os.setpgid(0, 0)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
 
-    return subprocess.Popen(cmd, env=cli_env(), cwd=cwd, preexec_fn=foreground, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    p = subprocess.Popen(cmd, env=cli_env(), cwd=cwd, preexec_fn=foreground, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    try:
+        yield p
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
 
 
 def wait_for(pattern: str, folder: Path, p: subprocess.Popen, timeout: float = 120) -> None:
@@ -140,7 +150,8 @@ def issue_spec(tmp_path_factory) -> Path:
 
 def train_cmd(shards: Path, out: Path, spec: Path, loader: str, *more: str) -> list[str]:
     sets = [f"data.shards={shards}", f"out={out}", "data.res=full", "data.pixels=40000", "data.batch_size=8",
-            "data.threads=2", "epochs=4", "optim.ema=0.9", f"model={spec}", f"data.loader={loader}", "hist_epochs=0", *more]
+            "data.threads=2", "epochs=4", "optim.ema=0.9", f"model={spec}", f"data.loader={loader}", "hist_epochs=0",
+            "evidence=false", *more]
     return [sys.executable, "-m", "mame_fast", "train", "--name", "t"] + [a for s in sets for a in ("--set", s)]
 
 
@@ -161,10 +172,10 @@ def test_a_signal_to_the_process_group_saves_and_resume_is_exact(shards, tmp_pat
     """Ctrl-C (to the whole process group, DataLoader's workers included) or SIGTERM early in epoch 2: a resumable
     checkpoint, status interrupted, the resume command printed, exit code 3, no traceback; `--resume` then ends bit for
     bit where the run that was never interrupted ended, model and EMA weights alike."""
-    p = as_terminal(train_cmd(shards, tmp_path, issue_spec, loader, "log_every=3"), tmp_path)
-    wait_for("*-t/metrics.jsonl", tmp_path, p)
-    os.killpg(p.pid, sig)
-    out = p.communicate(timeout=120)[0]
+    with as_terminal(train_cmd(shards, tmp_path, issue_spec, loader, "log_every=3"), tmp_path) as p:
+        wait_for("*-t/metrics.jsonl", tmp_path, p)
+        os.killpg(p.pid, sig)
+        out = p.communicate(timeout=120)[0]
     d = next(tmp_path.glob("*-t"))
     assert p.returncode == 3 and "Traceback" not in out and f"--resume {d}" in out.replace("\n", ""), out[-3000:]
     assert read_run_info(d)["status"] == "interrupted" and ckpt.load(d / "last.pt")["epoch"] >= 1
@@ -172,6 +183,27 @@ def test_a_signal_to_the_process_group_saves_and_resume_is_exact(shards, tmp_pat
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert_same_run(uninterrupted[loader], d)
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_a_range_test_cleanly(shards, tmp_path):
+    """Ctrl-C to `mame-fast lr-find` and its fallback loader's workers: exit code 3, no traceback, the folder says
+    interrupted and holds no checkpoint, and its diagnosis says to run the test again (there is nothing to resume)."""
+    from mame_fast.records.diagnose import diagnose_run
+
+    sets = [f"data.shards={shards}", f"out={tmp_path}", "data.res=256", "data.crop=48", "data.batch_size=8",
+            "data.loader=pil", "data.threads=2"]
+    cmd = [sys.executable, "-m", "mame_fast", "lr-find", "--start", "1e-7", "--end", "1e-6", "--steps", "100000",
+           *[a for s in sets for a in ("--set", s)]]  # a rate too small to diverge: it runs until stopped
+    with as_terminal(cmd, tmp_path) as p:
+        wait_for("*-lr-find/run.json", tmp_path, p)
+        time.sleep(1)  # into its steps
+        os.killpg(p.pid, signal.SIGINT)
+        out = p.communicate(timeout=60)[0]
+    d = next(tmp_path.glob("*-lr-find"))
+    assert p.returncode == 3 and "Traceback" not in out and "the range test stopped" in " ".join(out.split()), out[-3000:]
+    assert read_run_info(d)["status"] == "interrupted" and not list(d.glob("*.pt"))
+    assert "Run `mame-fast lr-find` again" in diagnose_run(d).next_step
 
 
 @pytest.mark.slow
@@ -186,11 +218,11 @@ def test_a_signal_stops_sharding_at_once_and_the_rerun_resumes(tmp_path, sig):
     write_sample(root, SampleSpec(per_class=(6, 0, 0), max_side=900, large=0, seed=3), workers=2)
     cmd = [sys.executable, "-m", "mame_fast", "shard", str(root), "--out", str(tmp_path / "s"), "--max-pixels", "300000",
            "--shard-size", "0.05", "--workers", "2", "--splits", "train"]
-    p = as_terminal(cmd, tmp_path)
-    wait_for("s/full/train-*.tar", tmp_path, p)
-    sent = time.time()
-    os.killpg(p.pid, sig)
-    out = p.communicate(timeout=60)[0]
+    with as_terminal(cmd, tmp_path) as p:
+        wait_for("s/full/train-*.tar", tmp_path, p)
+        sent = time.time()
+        os.killpg(p.pid, sig)
+        out = p.communicate(timeout=60)[0]
     assert p.returncode == 3 and time.time() - sent < 10 and "Traceback" not in out, out[-3000:]
     assert "interrupted: the complete shards are kept" in " ".join(out.split())
     folder = tmp_path / "s" / "full"

@@ -98,13 +98,16 @@ def _torchrun(tmp_path: Path, args: list[str]) -> list[str]:
 
 @pytest.mark.slow
 def test_torchrun_two_nodes_over_loopback(shards, tmp_path, dropout_spec):
-    """Two torchrun 'nodes' agree on the weights and split every epoch exactly; a run cut inside epoch 2 and resumed
-    under torchrun ends with the weights of the uninterrupted one (each rank's dropout RNG restored)."""
+    """Two torchrun 'nodes' agree on the weights and split every epoch exactly; rank 0 draws the evidence pictures over
+    the whole validation split; a run cut inside epoch 2 and resumed under torchrun ends with the weights of the
+    uninterrupted one (each rank's dropout RNG restored)."""
     sets = [f"data.shards={shards}", "data.res=full", "data.pixels=3000", "data.batch_size=8", "data.threads=1", "epochs=2",
-            "record_samples=true", "hist_epochs=0", f"model={dropout_spec}"]
+            "record_samples=true", "hist_epochs=0", f"model={dropout_spec}", "evidence=false"]
     args = lambda name, *more: ["train", "--name", name] + [a for s in sets + [f"out={tmp_path}", *more] for a in ("--set", s)]  # noqa: E731
-    _torchrun(tmp_path, args("ddp"))
+    _torchrun(tmp_path, args("ddp", "evidence=true"))
     d = next(tmp_path.glob("*-ddp"))
+    assert all((d / "plots" / f"{p}.png").is_file() for p in ("batches", "errors", "activation_maps"))
+    assert json.loads((d / "plots" / "evidence.json").read_text())["count"] == len(open_split(shards, "val"))
     r0, r1 = (json.loads((d / f"rank{r}.json").read_text()) for r in range(2))
     assert r0["weights_sha256"] == r1["weights_sha256"]
     n = len(open_split(shards, "train"))
@@ -122,7 +125,7 @@ def test_torchrun_two_nodes_over_loopback(shards, tmp_path, dropout_spec):
         assert json.loads((cut / f"rank{r}.json").read_text())["weights_sha256"] == r0["weights_sha256"], r
 def _train_cli(shards: Path, out: Path, name: str, *more: str) -> list[str]:
     sets = [f"data.shards={shards}", f"out={out}", "data.res=256", "data.crop=48", "data.batch_size=4", "data.threads=1",
-            "epochs=2", "hist_epochs=0", "log_every=1", *more]
+            "epochs=2", "hist_epochs=0", "log_every=1", "evidence=false", *more]
     return [sys.executable, "-m", "mame_fast", "train", "--name", name] + [a for s in sets for a in ("--set", s)]
 
 
@@ -168,6 +171,7 @@ def test_bf16_life_of_a_full_resolution_run(shards, tmp_path):
     assert all(f"{n}x{h}x{w}" in out for n, h, w in want["train"] + want["val"])
     assert sorted(p.name for p in (d / "hist").glob("*.npz")) == ["epoch_001.npz", "epoch_002.npz"]
     assert "val_ema" in read_metrics(d)[-1]
+    assert all((d / "plots" / f"{p}.png").is_file() for p in ("batches", "errors", "activation_maps"))  # in bf16 too
     r = cli.invoke(app, ["test", str(d)])
     assert r.exit_code == 0, r.output
     assert json.loads((d / "test.json").read_text())["count"] == len(open_split(shards, "test"))
@@ -206,7 +210,7 @@ def test_fp16_life_of_a_full_resolution_run(shards, tmp_path, monkeypatch, dropo
     from mame_fast.cli import app
 
     extra = {"epochs": 3, "precision": "fp16", "data.res": "full", "data.pixels": 3000, "optim.ema": 0.9, "hist_epochs": 2,
-             "model": dropout_spec, "optim.name": "sgd", "optim.lr": 0.1}
+             "model": dropout_spec, "optim.name": "sgd", "optim.lr": 0.1, "evidence": "true"}
     with monkeypatch.context() as m:
         inject_overflow(m, at_backward=3)
         ref = run(cfg_for(shards, tmp_path / "ref", **extra), name="fp16")
@@ -225,6 +229,7 @@ def test_fp16_life_of_a_full_resolution_run(shards, tmp_path, monkeypatch, dropo
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
     assert [r["val"] for r in rows] == [r["val"] for r in read_metrics(cut)]
     assert sorted(p.name for p in (ref / "hist").glob("*.npz")) == ["epoch_001.npz", "epoch_003.npz"]
+    assert all((ref / "plots" / f"{p}.png").is_file() for p in ("batches", "errors", "activation_maps"))  # in fp16 too
     cli = CliRunner()
     r = cli.invoke(app, ["test", str(ref)])
     assert r.exit_code == 0 and json.loads((ref / "test.json").read_text())["count"] == len(open_split(shards, "test"))

@@ -128,6 +128,13 @@ def overfitting(tl: np.ndarray, vl: np.ndarray, ta: np.ndarray, va: np.ndarray, 
     )
 
 
+def range_test_sentence(f: dict) -> str:
+    """What a learning-rate range test found, in one sentence."""
+    return (f"learning-rate range test: the loss fell fastest at lr {f['steepest_lr']:.3g} and was lowest at "
+            f"{f['min_loss_lr']:.3g} (per 256 images); suggested optim.lr {f['suggested_lr']:.3g} (range "
+            f"{f['range'][0]:.3g} to {f['range'][1]:.3g})")
+
+
 # Runs that did not end by training: what they need is not training advice.
 NOT_TRAINED = {
     "failed": "Fix what the error names (run.json has it), then start the run again or resume it from last.pt.",
@@ -141,6 +148,15 @@ def diagnose_run(run_dir: Path, **kw) -> Diagnosis:
     rows = [r for r in read_metrics(run_dir) if r.get("val")]
     info = read_run_info(run_dir)
     status = run_status(info)
+    if info.get("kind") == "lr-find" and info.get("lr_find"):
+        f = info["lr_find"]
+        return Diagnosis("range test", [range_test_sentence(f)],
+                         f"Train with optim.lr in [{f['range'][0]:.3g}, {f['range'][1]:.3g}] per 256 images (e.g. "
+                         f"{f['suggested_lr']:.3g}) and cite this test with --after.", {"epochs": 0})
+    if info.get("kind") == "lr-find":  # a range test without its result: it leaves no checkpoint to resume
+        why = f"the range test {status} before its result" + (f": {info['error']}" if info.get("error") else "")
+        return Diagnosis(status, [why], "Run `mame-fast lr-find` again with the same options: a range test has no "
+                         "checkpoint to resume.", {"epochs": 0})
     if status == "diverged":
         return Diagnosis("diverged", ["the run stopped on a non-finite loss"], NEXT["diverged"], {"epochs": len(rows)})
     if status in NOT_TRAINED:

@@ -23,7 +23,8 @@ def pyplot():
 
 
 def save_figure(fig, path: Path) -> Path:
-    fig.tight_layout()
+    if fig.get_layout_engine() is None:  # a figure made with layout="constrained" (subfigures) lays itself out
+        fig.tight_layout()
     fig.savefig(path, dpi=90)
     pyplot().close(fig)
     return path

@@ -87,20 +87,25 @@ def card_sections(run_dir: Path, root: Path) -> dict:
     return {"title": f"#{RunDir(run_dir).number}: {info.get('name', run_dir.name)}", "number": RunDir(run_dir).number,
             "previous": [previous_state(p) for p in preds] or ["None: this is a first experiment (no --after)."],
             "hypothesis": info.get("hypothesis") or "(not stated; give one with --hypothesis)",
-            "setup": _setup(run_dir, info), "diff": diff_rows, "diff_against": f"#{RunDir(preds[0]).number}" if preds else None,
-            "outcomes": _outcome_rows(outcomes(run_dir)), "plots": plots,
+            "setup": _setup(run_dir, info, preds), "diff": diff_rows,
+            "diff_against": f"#{RunDir(preds[0]).number}" if preds else None,
+            "outcomes": _outcome_rows(outcomes(run_dir)) if info.get("kind") != "lr-find" else
+            [(k.replace("_", " "), _number(v)) for k, v in info.get("lr_find", {}).items()],
+            "plots": plots,
             "observations": observations + [f"Note: {t}" for t in info.get("notes", [])]}
 
 
 def previous_state(p: Path) -> str:
     o, d = outcomes(p), diagnose_run(p)
     name = read_run_info(p).get("name", p.name)
+    if d.verdict == "range test":
+        return f"#{RunDir(p).number} ({name}): {d.reasons[0]}; plot `plots/lr_find.png`."
     return (f"#{RunDir(p).number} ({name}): best val top-1 {pct(o.get('best_val'), o.get('val_count'))} "
             f"at epoch {o.get('best_epoch', '-')}, train/val gap {pct(o.get('gap'))}, diagnosis **{d.verdict}** "
             f"({'; '.join(d.reasons)}).")
 
 
-def _setup(run_dir: Path, info: dict) -> list[str]:
+def _setup(run_dir: Path, info: dict, preds: list[Path] = ()) -> list[str]:
     cfg = run_config(run_dir)
     d, o = cfg.data, cfg.optim
     world = info.get("world_size", 1)
@@ -111,12 +116,25 @@ def _setup(run_dir: Path, info: dict) -> list[str]:
     lr = f"{o.name} lr {o.lr:g} per 256 images ({o.lr * d.batch_size * world / 256:.3g} at this run's batch)"
     chosen = info.get("precision", {}).get("chosen", cfg.precision)  # what auto chose, on the machine the run ran on
     precision = f"{chosen}{' (chosen by auto)' if cfg.precision == 'auto' and chosen != 'auto' else ''}"
+    found = info.get("lr_find")
+    if found:  # a range test ignores epochs, schedule and optim.lr: its rate is the thing that varies
+        schedule = (f"learning-rate range test: {found['steps']} steps, {o.name} lr growing exponentially from "
+                    f"{found.get('start', 1e-5):g} to {found.get('end', 10):g} per 256 images until the loss diverged")
+    else:
+        schedule = f"{cfg.epochs} epochs, {lr}, {o.schedule} schedule"
     lines = [
-        f"Model `{cfg.model}`; {data}, batch {d.batch_size} x {world} rank(s), {cfg.epochs} epochs, {lr}, weight decay "
-        f"{o.weight_decay}, {o.schedule} schedule, label smoothing {o.label_smoothing}, mixup {o.mixup}, cutmix {o.cutmix}, "
+        f"Model `{cfg.model}`; {data}, batch {d.batch_size} x {world} rank(s), {schedule}, weight decay "
+        f"{o.weight_decay}, label smoothing {o.label_smoothing}, mixup {o.mixup}, cutmix {o.cutmix}, "
         f"EMA {o.ema}, colour jitter {d.color_jitter}, scale_min {d.scale_min}; precision {precision}; seed {cfg.seed}.",
         "Full resolved configuration: `config.yaml`; model spec: `model.yaml`.",
     ]
+    for p in preds:  # the question the interview asks of a rate: where does it lie against the range test it cites?
+        test = read_run_info(p).get("lr_find")
+        if test and not found:
+            low, high = test["range"]
+            where = "below" if o.lr < low else "above" if o.lr > high else "inside"
+            lines.append(f"optim.lr {o.lr:g} per 256 images lies {where} the range suggested by the range test "
+                         f"#{RunDir(p).number} ({low:.3g} to {high:.3g}).")
     for r in info.get("resumes", []):
         changed = ", ".join(f"`{k}` {a} -> {b}" for k, (a, b) in r["changes"].items()) or "nothing changed"
         lines.append(f"Resumed at {r['time']}: {changed}.")
@@ -140,8 +158,16 @@ def _outcome_rows(oc: dict) -> list[tuple[str, str]]:
     return rows
 
 
+def _number(v) -> str:
+    """A measured value for a card: 3 significant digits; a pair as a range."""
+    if isinstance(v, (list, tuple)) and len(v) == 2:
+        return f"{v[0]:.3g} to {v[1]:.3g}"
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
 def _short(v) -> str:
-    s = yaml.safe_dump(v, default_flow_style=True).strip() if isinstance(v, (dict, list)) else str(v)
+    s = (yaml.safe_dump(v, default_flow_style=True).strip() if isinstance(v, (dict, list)) else
+         f"{v:g}" if isinstance(v, float) else str(v))
     return s if len(s) < 80 else s[:77] + "..."
 
 
@@ -212,7 +238,8 @@ def runs_table(root: Path) -> list[dict]:
         rows.append({"#": r.number, "name": info.get("name", r.path.name), "hypothesis": info.get("hypothesis", ""),
                      "after": ",".join(f"#{a}" for a in info.get("after", [])),
                      "best val [95%]": pct(oc.get("best_val"), oc.get("val_count")), "gap": pct(oc.get("gap")),
-                     "diagnosis": diagnose_run(r.path).verdict if oc["epochs"] else "-", "status": oc["status"],
+                     "diagnosis": diagnose_run(r.path).verdict if oc["epochs"] or info.get("kind") else "-",
+                     "status": oc["status"],
                      "epochs": oc["epochs"], "images/s": f"{oc.get('images_per_s', 0):.0f}",
                      "test [95%]": pct(oc.get("test"), oc.get("test_count"))})
     return rows

@@ -29,7 +29,7 @@ import yaml
 from .. import __version__
 from ..config import ConfigError, TrainConfig, diff, load, to_dict
 from ..input import Loader, build_loader
-from ..records import records
+from ..records import evidence, records
 from ..records.live import Progress, TensorBoard
 from ..records.plots import plot_run
 from ..records.rundir import RunDir
@@ -287,6 +287,8 @@ def train(s: Session, run_dir: RunDir, console, signalled) -> Stop:
         progress.say(f"warm-up: {cost:.2f} s for {len(shapes[0]) + len(shapes[1])} shapes")
         if rt.master:
             records.update_run_info(run_dir, {"warmup_s": cost})
+    if rt.master and cfg.evidence and st.global_step == 0:
+        tb.images(record_batches(s, run_dir, progress))
     # One validation batch, taken once and kept for every epoch's histograms (taking it later restarts the pipeline).
     hist_batch = next(iter(s.val_loader.epoch(0))) if rt.master and cfg.hist_epochs > 0 else None
     try:
@@ -302,11 +304,46 @@ def train(s: Session, run_dir: RunDir, console, signalled) -> Stop:
             if stop is not Stop.FINISHED:
                 return stop
         if rt.master:
-            tb.images(plot_run(run_dir.path, s.classes))
+            tb.images(plot_run(run_dir.path, s.classes) + record_evidence(s, run_dir, progress))
         return Stop.FINISHED
     finally:
         progress.close()
         tb.close()
+
+
+def record_batches(s: Session, run_dir: RunDir, progress: Progress) -> list[Path]:
+    """What the network is fed (plots/batches.png), when a run starts; its cost into run.json."""
+    t = time.perf_counter()
+    path = evidence.preview(s.cfg, run_dir / RunDir.PLOTS / "batches.png", s.rt.device, s.rt.dtype)
+    seconds = time.perf_counter() - t
+    records.update_run_info(run_dir, {"evidence_s": {"batches": round(seconds, 2)}})
+    progress.say(f"what the network is fed: {path} ({seconds:.1f} s)")
+    return [path]
+
+
+def record_evidence(s: Session, run_dir: RunDir, progress: Progress) -> list[Path]:
+    """The error gallery and class activation maps of best.pt's weights over the whole validation split (rank 0; with
+    one process its own validation loader), into plots/; their cost into run.json."""
+    best = run_dir / RunDir.BEST
+    if not (s.cfg.evidence and best.is_file()):
+        return []
+    t = time.perf_counter()
+    model = build_model(s.spec).to(s.rt.device)
+    model.load_state_dict(ckpt.load(best, s.rt.device)["model"])
+    if s.cfg.data.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    val = s.val_loader if s.rt.world == 1 else build_loader(s.cfg.data, "val", False, s.cfg.seed, device=s.rt.device,
+                                                             dtype=s.rt.dtype)
+    try:
+        paths = evidence.write_run_evidence(model, val, s.rt, s.classes, run_dir / RunDir.PLOTS)
+    finally:
+        if val is not s.val_loader:
+            val.close()
+    seconds = time.perf_counter() - t
+    info = records.read_run_info(run_dir)
+    records.update_run_info(run_dir, {"evidence_s": {**info.get("evidence_s", {}), "errors_and_maps": round(seconds, 2)}})
+    progress.say(f"where it errs and where it looks: {', '.join(str(p) for p in paths)} ({seconds:.1f} s)")
+    return paths
 
 
 def describe_shapes(shapes: list[tuple[int, int, int]]) -> str:

@@ -1,0 +1,172 @@
+"""Stage 4g: the learning-rate range test (`mame-fast lr-find`): the evidence for a learning rate.
+
+A short run whose learning rate grows exponentially, step by step, from ``start`` to ``end`` (per 256 images, as
+``optim.lr``), through the trainer's own step: the same loader, model, precision, optimizer, mixing and clipping. The
+loss is smoothed (a bias-corrected exponential mean) and the test stops once it diverges (above ``diverge`` times its
+minimum, or non-finite). Suggested: the rate where the smoothed loss fell fastest (against log lr), and a tenth of the
+rate at its minimum, an upper bound for the peak rate; ``optim.lr`` between the two is the usual choice.
+
+The model, optimizer, scaler, EMA and RNG states are restored afterwards: nothing the test learned leaks into a run
+(``range_test``). `mame-fast lr-find` records it as a numbered run folder of kind ``lr-find`` (config, ``lr_find.json``,
+``plots/lr_find.png``, a card), with no checkpoint, so that a later run's card cites it with ``--after N``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..records import records
+from ..records.plots import pyplot, save_figure
+from ..records.rundir import RunDir
+from . import checkpoint as ckpt
+from .step import train_step
+
+
+def range_test(s, start: float = 1e-5, end: float = 10.0, steps: int = 100, diverge: float = 4.0,
+               smooth: float = 0.9) -> dict:
+    """Run the test on session ``s`` (``loop.build``'s); returns the tested rates, raw and smoothed losses and the
+    suggestion. Every state it touches is restored."""
+    model, opt, rt, cfg = s.model, s.opt, s.rt, s.cfg
+    saved = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()), copy.deepcopy(rt.scaler.state_dict()),
+             copy.deepcopy(s.ema.state_dict()) if s.ema is not None else None, ckpt.rng_state())
+    scale = s.global_batch / 256  # rates are per 256 images; the optimizer's are at this batch
+    rates = [start * (end / start) ** (i / (steps - 1)) for i in range(steps)]
+    sched = _Held()  # the rate is set per step below
+    tried, raw, smoothed = [], [], []
+    mean, best = 0.0, math.inf
+    try:
+        model.train()
+        batches = _batches(s.train_loader)
+        for i, lr in enumerate(rates):
+            for g in opt.param_groups:
+                g["lr"] = lr * scale
+            batch = next(batches)
+            rng = np.random.default_rng([cfg.seed, 0, i, rt.rank])
+            loss = float(train_step(s.net, batch, opt, sched, s.ema, rt, cfg, rng, s.graphs)[0])  # a sync per step: fine
+            mean = smooth * mean + (1 - smooth) * loss
+            value = mean / (1 - smooth ** (i + 1))
+            tried.append(lr)
+            raw.append(loss)
+            smoothed.append(value)
+            best = min(best, value)
+            if not math.isfinite(value) or value > diverge * best:
+                break
+    finally:
+        model.load_state_dict(saved[0])
+        opt.load_state_dict(saved[1])
+        rt.scaler.load_state_dict(saved[2])
+        if s.ema is not None:
+            s.ema.load_state_dict(saved[3])
+        ckpt.set_rng_state(saved[4])
+        for p in model.parameters():
+            p.grad = None
+    return {"lr": tried, "loss": raw, "smoothed": smoothed, **suggest(tried, smoothed), "start": start, "end": end,
+            "global_batch": s.global_batch}
+
+
+def suggest(lrs: list[float], smoothed: list[float]) -> dict:
+    """The rate of steepest descent of the smoothed loss against log lr, and a tenth of the rate of its minimum."""
+    finite = [i for i, v in enumerate(smoothed) if math.isfinite(v)]
+    lo = finite[min(len(finite) - 1, len(finite) // 10)] if finite else 0  # skip the first tenth: the mean settling
+    low = min(finite, key=lambda i: smoothed[i]) if finite else 0
+    slopes = np.gradient(np.asarray(smoothed[: low + 1], float), np.log(lrs[: low + 1])) if low - lo >= 2 else None
+    steepest = lo + int(np.argmin(slopes[lo:])) if slopes is not None else low
+    peak = max(lrs[0], lrs[low] / 10)
+    return {"steepest_lr": lrs[steepest], "min_loss_lr": lrs[low], "suggested_lr": max(min(lrs[steepest], peak), lrs[0]),
+            "range": [min(lrs[steepest], peak), max(lrs[steepest], peak)]}
+
+
+class _Held:
+    """The step's scheduler during the test: the test sets each step's rate itself."""
+
+    def step(self) -> None:
+        pass
+
+
+def _batches(loader):
+    """Training batches without end: epoch after epoch."""
+    epoch = 0
+    while True:
+        yield from loader.epoch(epoch)
+        epoch += 1
+
+
+def plot(result: dict, path: Path) -> Path:
+    """Loss against learning rate (log axis), raw and smoothed, with the suggested range."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.plot(result["lr"], result["loss"], ".", alpha=0.35, label="loss per step")
+    ax.plot(result["lr"], result["smoothed"], "-", label="smoothed")
+    lo, hi = result["range"]
+    ax.axvspan(lo, hi, color="green", alpha=0.15, label=f"suggested range {lo:.2g} to {hi:.2g}")
+    ax.axvline(result["suggested_lr"], color="green", lw=1)
+    ax.set_xscale("log")
+    finite = [v for v in result["smoothed"] if math.isfinite(v)]
+    if finite:
+        ax.set_ylim(min(finite) * 0.95, min(max(finite), 3 * min(finite)) * 1.05)
+    ax.set(xlabel="learning rate per 256 images (optim.lr)", ylabel="training loss (cross-entropy)",
+           title=f"Learning-rate range test: steepest descent at {result['steepest_lr']:.2g}, lowest loss at "
+                 f"{result['min_loss_lr']:.2g}")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(loc="upper left", fontsize=8)
+    return save_figure(fig, path)
+
+
+def run(cfg, name: str = "lr-find", meta: dict | None = None, console=None, start: float = 1e-5, end: float = 10.0,
+        steps: int = 100) -> Path:
+    """`mame-fast lr-find`: the range test on ``cfg``'s data, model and optimizer, recorded as a numbered run folder of
+    kind lr-find (no checkpoint); returns the folder."""
+    import yaml
+
+    from ..config import ConfigError, to_dict
+    from ..records.live import Progress
+    from .loop import build
+    from .runtime import setup_runtime
+    from .spec import spec_dict
+
+    rt = setup_runtime(cfg.precision, cfg.cudnn_benchmark)
+    try:
+        if rt.world > 1:
+            raise ConfigError("lr-find runs in one process: start it without torchrun")
+        s = build(cfg, rt)
+        try:
+            run_dir = RunDir.create(cfg.out, name)
+            (run_dir / RunDir.CONFIG).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            (run_dir / RunDir.SPEC).write_text(yaml.safe_dump(spec_dict(s.spec), sort_keys=False))
+            records.write_run_info(run_dir, {**(meta or {}), "name": name, "kind": "lr-find", "created": records.now(),
+                                             "classes": s.classes, **records.running_status()})
+            try:
+                record(s, run_dir, Progress(rt.master, console, 1, steps), start, end, steps)
+            except BaseException as e:
+                status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"  # Ctrl-C, SIGTERM, SIGUSR1
+                records.update_run_info(run_dir, {"status": status, "error": f"{type(e).__name__}: {e}",
+                                                  "ended": records.now()})
+                raise
+            return run_dir.path
+        finally:
+            s.close()
+    finally:
+        rt.close()
+
+
+def record(s, run_dir: RunDir, progress, start: float, end: float, steps: int) -> None:
+    """The test, its numbers (lr_find.json), its plot and run.json's summary."""
+    t = time.perf_counter()
+    progress.say(f"learning-rate range test: up to {steps} steps from {start:g} to {end:g} per 256 images")
+    result = range_test(s, start, end, steps)
+    (run_dir / "lr_find.json").write_text(json.dumps(result, indent=1))
+    (run_dir / RunDir.PLOTS).mkdir(exist_ok=True)
+    plot(result, run_dir / RunDir.PLOTS / "lr_find.png")
+    summary = {k: result[k] for k in ("steepest_lr", "min_loss_lr", "suggested_lr", "range")}
+    records.update_run_info(run_dir, {"status": "finished", "ended": records.now(), "lr_find": {
+        **summary, "start": start, "end": end, "steps": len(result["lr"]), "seconds": round(time.perf_counter() - t, 1)}})
+    progress.say(f"steepest descent at lr {summary['steepest_lr']:.3g}, lowest loss at {summary['min_loss_lr']:.3g}: "
+                 f"suggested optim.lr {summary['suggested_lr']:.3g} (range {summary['range'][0]:.3g} to "
+                 f"{summary['range'][1]:.3g}); plot {run_dir / RunDir.PLOTS / 'lr_find.png'}")
+    progress.close()
