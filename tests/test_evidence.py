@@ -13,6 +13,7 @@ import torch
 
 from mame_fast.config import load
 from mame_fast.input import build_loader, dali_available
+from mame_fast.input.loader import MEAN, STD
 from mame_fast.records import evidence
 from mame_fast.records.records import read_run_info
 from mame_fast.train import checkpoint as ckpt
@@ -31,6 +32,13 @@ def data_cfg(shards, tmp_path, loader: str, res: str, **kw):
     return cfg_for(shards, tmp_path, **{"data.loader": loader, "data.res": res, "data.pixels": 3000, **kw})
 
 
+def assert_pixels_of(tiles: np.ndarray, images: torch.Tensor) -> None:
+    """The tiles are the pixels that the loader normalized into ``images`` (its own mean and std): normalizing them
+    again gives the batch back, to within the half a grey level that rounding to uint8 costs."""
+    again = (torch.from_numpy(tiles).float() - torch.tensor(MEAN)) / torch.tensor(STD)
+    assert torch.allclose(again.permute(0, 3, 1, 2), images.float(), atol=0.5 / min(STD) + 1e-4)
+
+
 @pytest.mark.parametrize("loader", LOADERS)
 @pytest.mark.parametrize("res", ["256", "full"])
 def test_a_preview_tile_is_the_loaders_batch_row_as_fed(shards, tmp_path, loader, res):
@@ -46,13 +54,15 @@ def test_a_preview_tile_is_the_loaders_batch_row_as_fed(shards, tmp_path, loader
     assert len(shown) == min(6, len(firsts))
     for s, b in zip(shown, firsts.values()):
         assert np.array_equal(s.tiles, evidence.denormalize(b.images[: len(s.tiles)]))
+        assert_pixels_of(s.tiles, b.images[: len(s.tiles)])
         assert s.labels == [classes[int(y)] for y in b.labels[: len(s.tiles)]]
     padded = 0
     for s, b in zip(evidence.eval_batches(val, classes), val.epoch(0)):
         n = len(s.tiles)
         assert np.array_equal(s.tiles, evidence.denormalize(b.images[:n], b.sizes[:n] if b.padded else None))
-        for tile, (h, w) in zip(s.tiles, b.sizes[:n].tolist()):
+        for k, (tile, (h, w)) in enumerate(zip(s.tiles, b.sizes[:n].tolist())):
             assert not tile[h:].any() and not tile[:, w:].any()
+            assert_pixels_of(tile[None, :h, :w], b.images[k : k + 1, :, :h, :w])
             padded += (h, w) != tile.shape[:2]
     assert padded or res == "256"  # full resolution evaluates whole images, padded
     train.close()
@@ -148,6 +158,8 @@ def test_the_range_test_leaves_the_run_as_it_was_and_suggests_a_rate_it_tried(sh
         assert torch.equal(torch.get_rng_state(), before[3])
         assert all(p.grad is None for p in s.model.parameters())
         assert 1e-4 <= r["range"][0] <= r["suggested_lr"] <= r["range"][1] <= r["lr"][-1] <= 100.0
+        # rates it tried, and below the one of the lowest loss: the loss still falls inside the suggested range
+        assert r["steepest_lr"] in r["lr"] and r["min_loss_lr"] in r["lr"] and r["range"][1] <= r["min_loss_lr"]
         assert r["lr"] == sorted(r["lr"]) and len(r["loss"]) == len(r["lr"]) <= 30
     finally:
         s.close()
