@@ -15,11 +15,13 @@ test that killed it), so that its selection is what kills it, not a guess; the t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -276,17 +278,23 @@ def try_mutant(m: Mutant, repo: Path, tests: str | None = None) -> tuple[bool, f
     path.write_text(src.replace(m.old, m.new))
     env = dict(os.environ, PYTHONPATH=str(repo), OMP_NUM_THREADS="1")
     t = time.time()
+    # Its own process group: on a timeout the whole of it goes (pytest, xdist's workers, their pools), not pytest alone,
+    # which left a hung worker's processes orphaned and busy for good.
+    p = subprocess.Popen([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *shlex.split(tests or m.tests)],
+                         cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        r = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *shlex.split(tests or m.tests)],
-                           cwd=repo, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+        out = p.communicate(timeout=TIMEOUT_S)[0]
     except subprocess.TimeoutExpired:  # a hang is a broken promise too (a loader that waits for a dead worker)
         return True, time.time() - t, f"timed out after {TIMEOUT_S} s"
     finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)  # whatever the run left behind
+        p.wait()
         path.write_text(src)
-    lines = r.stdout.strip().splitlines() or [""]
+    lines = out.strip().splitlines() or [""]
     last = next((x.split(" - ")[0] for x in lines if x.startswith("FAILED ")), lines[-1])  # the test that killed it
     # 4: pytest's usage error (a bad -k), 5: no test collected: neither tested the mutant, so neither kills it
-    return r.returncode not in (0, 4, 5), time.time() - t, last
+    return p.returncode not in (0, 4, 5), time.time() - t, last
 
 
 def main() -> None:
