@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..input.loader import MEAN, STD
+from ..input.loader import MEAN, STD, valid_mask
 from .plots import pyplot, save_figure
 
 MAX_TILES = 8  # rows shown of each previewed batch
@@ -31,12 +31,10 @@ MAX_TILES = 8  # rows shown of each previewed batch
 def denormalize(images: torch.Tensor, sizes: torch.Tensor | None = None) -> np.ndarray:
     """Normalized (n, 3, H, W) images back to uint8 (n, H, W, 3) pixels, as the loader produced them before normalizing;
     with ``sizes``, what lies outside each image's valid region (padding) is black."""
-    x = images.detach().float().cpu().permute(0, 2, 3, 1) * torch.tensor(STD) + torch.tensor(MEAN)
-    out = x.round().clamp(0, 255).to(torch.uint8).numpy()
+    x = images.detach().float().cpu() * torch.tensor(STD).view(3, 1, 1) + torch.tensor(MEAN).view(3, 1, 1)
     if sizes is not None:
-        for k, (h, w) in enumerate(sizes.cpu().tolist()):
-            out[k, h:], out[k, :, w:] = 0, 0
-    return out
+        x = x * valid_mask(sizes.cpu(), *x.shape[2:], x.dtype)
+    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 # -- what the network is fed ---------------------------------------------------------------------------------
@@ -211,11 +209,9 @@ def activation_maps(model, images: torch.Tensor, sizes: torch.Tensor, classes: l
         maps = cam(list(classes), scores)[0].float()
     if maps.dim() == 2:  # torchcam drops the batch axis of a single image
         maps = maps[None]
-    maps = torch.nn.functional.interpolate(maps[:, None], size=x.shape[2:], mode="bilinear", align_corners=False)[:, 0]
-    out = maps.clamp(0, 1).detach().cpu().numpy()
-    for k, (h, w) in enumerate(sizes.cpu().tolist()):
-        out[k, h:], out[k, :, w:] = 0, 0
-    return list(out)
+    maps = torch.nn.functional.interpolate(maps[:, None], size=x.shape[2:], mode="bilinear", align_corners=False)
+    maps = maps.clamp(0, 1) * valid_mask(sizes.to(maps.device), *x.shape[2:], maps.dtype)
+    return list(maps[:, 0].detach().cpu().numpy())
 
 
 def _valid(image: torch.Tensor, size: torch.Tensor) -> np.ndarray:

@@ -36,6 +36,7 @@ from ..records.rundir import RunDir
 from . import checkpoint as ckpt
 from .evaluate import evaluate
 from .model import build as build_model
+from .model import for_evaluation
 from .runtime import Runtime, setup_runtime
 from .spec import ModelSpec, check_for_data, load_spec, spec_dict
 from .step import Ema, EpochMeter, StepGraphs, make_optimizer, make_schedule, train_step, warm_up
@@ -328,10 +329,7 @@ def record_evidence(s: Session, run_dir: RunDir, progress: Progress) -> list[Pat
     if not (s.cfg.evidence and best.is_file()):
         return []
     t = time.perf_counter()
-    model = build_model(s.spec).to(s.rt.device)
-    model.load_state_dict(ckpt.load(best, s.rt.device)["model"])
-    if s.cfg.data.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = for_evaluation(s.spec, ckpt.load(best, s.rt.device)["model"], s.rt.device, s.cfg.data.channels_last)
     val = s.val_loader if s.rt.world == 1 else build_loader(s.cfg.data, "val", False, s.cfg.seed, device=s.rt.device,
                                                              dtype=s.rt.dtype)
     try:

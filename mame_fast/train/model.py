@@ -280,6 +280,15 @@ def build(spec: ModelSpec) -> Net:
     return Net(spec)
 
 
+def for_evaluation(spec: ModelSpec, weights: dict, device: torch.device, channels_last: bool) -> Net:
+    """A network with saved ``weights`` (best.pt's, last.pt's or the EMA's), on ``device`` in the memory format the
+    loader hands over, in eval mode: what the test set and the evidence pictures evaluate."""
+    model = build(spec)
+    model.load_state_dict(weights)
+    model = model.to(device)
+    return (model.to(memory_format=torch.channels_last) if channels_last else model).eval()
+
+
 def count_flops(model: nn.Module, h: int, w: int) -> int:
     """Forward FLOPs (multiply-add = 2) of one h x w image, by torch's FlopCounterMode."""
     from torch.utils.flop_counter import FlopCounterMode

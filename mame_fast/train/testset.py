@@ -22,8 +22,6 @@ import contextlib
 import json
 from pathlib import Path
 
-import torch
-
 from ..config import load
 from ..errors import Expected
 from ..files import atomic_write_text
@@ -33,7 +31,7 @@ from ..records.rundir import RunDir
 from ..records.stats import wilson
 from . import checkpoint as ckpt
 from .evaluate import evaluate
-from .model import build
+from .model import for_evaluation
 from .runtime import setup_runtime
 from .spec import spec_from_dict
 
@@ -109,14 +107,10 @@ def _look(run_dir: RunDir, which: str, again: bool, status: str) -> dict:
     cfg = load(run_dir / RunDir.CONFIG)
     weights, kind, epoch, state = weights_to_test(run_dir, which)
     spec = spec_from_dict(state["spec"])
-    model = build(spec)
-    model.load_state_dict(weights)
     # The one place that decides device and precision: the run's own precision, as in its validation (an fp16
     # run tested on a machine without a GPU is evaluated in fp32: evaluation needs no GradScaler).
     rt = setup_runtime(cfg.precision, training=False)
-    model.to(rt.device)
-    if cfg.data.channels_last:
-        model.to(memory_format=torch.channels_last)
+    model = for_evaluation(spec, weights, rt.device, cfg.data.channels_last)
     loader = build_loader(cfg.data, "test", False, cfg.seed, device=rt.device, dtype=rt.dtype)
     try:
         m = evaluate(model, loader, rt, spec.num_classes)
