@@ -49,9 +49,10 @@ from mame_fast.files import mp_context as _mp_context
 from mame_fast.files import usable_cores
 from mame_fast.input import build_loader, dali_available
 from mame_fast.input.fallback import decode_crop, jpeg_decoder_name
-from mame_fast.input.loader import MEAN, STD, keep_freed_memory, normalize_rows, resize_hwc, tail_one
+from mame_fast.input.loader import keep_freed_memory, normalize_rows, resize_hwc, tail_one
 from mame_fast.input.plan import BatchPlan
 from mame_fast.input.reader import open_split
+from mame_fast.tensors import MEAN, STD
 
 
 def prepare(per_class: int, workers: int) -> tuple[Path, dict[str, Path]]:

@@ -14,11 +14,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
-import os
 import signal
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Annotated, List, Optional
 
 import typer
 from rich.console import Console
@@ -54,6 +53,17 @@ command = functools.partial(app.command, cls=_Command)
 console = Console()
 EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_DIVERGED, EXIT_IO = 2, 3, 4, 5
 _options = {"debug": False}
+
+
+# The options every command that builds a run's config takes (train, lr-find, sweep, preview), declared once.
+ConfigOption = Annotated[Optional[str], typer.Option("--config", "-c", help="YAML config (a path, or a shipped one: demo, "
+                                                                            "256, full).")]
+ResOption = Annotated[Optional[str], typer.Option(help="'full' (variable shape) or '256' (fixed crops); same as --set "
+                                                       "data.res=...")]
+ShardsOption = Annotated[Optional[Path], typer.Option(help="Shard folder; same as --set data.shards=...")]
+SetOption = Annotated[List[str], typer.Option("--set", help="Override a config key: --set optim.lr=0.05 (repeatable).")]
+AfterOption = Annotated[List[int], typer.Option("--after", help="Number(s) of the experiment(s) this one follows (for "
+                                                                "its card).")]
 
 
 def flag(name: str, help: str):
@@ -256,75 +266,41 @@ def demo(
     set_: List[str] = typer.Option([], "--set", help="Override a key of the demo's training config (repeatable)."),
 ) -> None:
     """The README's main job: sample data -> shards -> training (tiny, CPU) -> diagnosis -> report."""
-    from .config import load
-    from .data import shard as sh
-    from .records.diagnose import diagnose_run
-    from .records.records import read_run_info
-    from .records.report import write_report
-    from .records.rundir import RunDir
+    from .demo import run as run_demo
 
-    t0 = time.time()
-    root = out / "mame"
-    cfg = load(config, [f"data.shards={out / 'shards' / 'full'}", f"out={out / 'runs'}", *set_])
-    if not (root / "MAMe_dataset.csv").exists():
-        sample(root, per_class=per_class, max_side=1000, large=2, seed=0, workers=workers, zip=False)
-    shard(root, out=out / "shards", res="full", max_side=None, max_pixels=None, quality=90, shard_size=32.0,
-          workers=workers, splits="train,val,test", seed=0, skip_bad=False, verify=False, reindex=False)
-    problems = sh.verify(out / "shards" / "full")
-    if problems:
-        _fail(f"shards do not verify: {problems[:3]}")
-    console.print("[green]shards verified[/]")
-    from .records.report import write_card
-    from .train.lrfind import run as range_test
-
-    lr_find = range_test(cfg, "lr-find", {"after": [], "hypothesis": "The range test shows where the demo's learning rate "
-                                                                       "lies: a rate that learns, below divergence."},
-                         console)
-    write_card(lr_find)
-    # The demo follows its own evidence, as a student should: it trains at the rate the range test suggests (the card's
-    # diff against #1 shows the change and where the rate lies in the suggested range). A --set optim.lr still wins.
-    suggested = read_run_info(lr_find)["lr_find"]["suggested_lr"]
-    if not any(s.split("=", 1)[0].strip() == "optim.lr" for s in set_):
-        cfg = load(None, [f"optim.lr={suggested!r}"], base=cfg)  # unrounded: inside the range
-    run_dir = _train(cfg, "demo-tiny", None, {"after": [RunDir(lr_find).number], "hypothesis": (
-        f"At the rate the range test #{RunDir(lr_find).number} suggests, a tiny CNN learns the generated stand-in "
-        "images' classes well above chance (3.4%) in a few CPU minutes.")})
-    d = diagnose_run(run_dir)
-    console.print(f"diagnosis: [bold]{d.verdict}[/]: {'; '.join(d.reasons)}\nnext: {d.next_step}")
-    md, html = write_report(out / "runs", title="Demo on generated stand-in images (not MAMe photographs)")
-    console.print(f"card: {run_dir / 'card.md'}\nreport: {md} ({html})\nplots: {run_dir / 'plots'}\n"
-                  f"demo finished in {time.time() - t0:.0f} s")
+    ended(run_demo(out, workers, config, _counts(per_class), set_, console,
+                   say=lambda line: console.print(line, highlight=False)))
 
 
 @command()
 @expected_errors
 def train(
-    config: Optional[str] = typer.Option(None, "--config", "-c", help="YAML config (a path, or a shipped one: demo, 256, full)."),
-    res: Optional[str] = typer.Option(None, help="'full' (variable shape) or '256' (fixed crops); same as --set data.res=..."),
-    shards: Optional[Path] = typer.Option(None, help="Shard folder; same as --set data.shards=..."),
-    set_: List[str] = typer.Option([], "--set", help="Override a config key: --set optim.lr=0.05 (repeatable)."),
+    config: ConfigOption = None, res: ResOption = None, shards: ShardsOption = None, set_: SetOption = [],  # noqa: B006
     resume: Optional[str] = typer.Option(None, help="A run folder to continue exactly where it stopped; 'auto': the latest "
                                                     "unfinished run of this --name in the runs folder, or a new run if none."),
     name: str = typer.Option("run", help="Run name (folder runs/<NNN>-<name>/)."),
-    after: List[int] = typer.Option([], "--after", help="Number(s) of the experiment(s) this one follows (for its card)."),
+    after: AfterOption = [],  # noqa: B006
     hypothesis: str = typer.Option("", help="What this experiment tests (for its card)."),
     tensorboard: bool = flag("--tensorboard", help="Also log to TensorBoard (<run>/tb): --set tensorboard=true."),
 ) -> None:
     """Train a spec-built CNN (single process, or under torchrun on one or many nodes)."""
-    from .config import load
-    from .records.rundir import check_run_name
+    from .config import ConfigError, load
+    from .records.rundir import RunDir, check_run_name
+    from .records.runrecord import resumable
 
     check_run_name(name)
-    sets = _train_sets(set_, res, shards) + (["tensorboard=true"] if tensorboard else [])
+    sets = option_sets(set_, res, shards) + (["tensorboard=true"] if tensorboard else [])
     cfg = load(config, sets)
-    folder = _resume_folder(resume, cfg, name)
+    folder = resumable(cfg.out, name) if resume == "auto" else Path(resume) if resume else None
     if folder is not None:
-        cfg = load(folder / "config.yaml", sets)
+        if not (folder / RunDir.CONFIG).is_file():
+            raise ConfigError(f"--resume {folder}: not a run folder (no {RunDir.CONFIG})")
+        cfg = load(folder / RunDir.CONFIG, sets)
     _preflight(cfg)
     _train(cfg, name, folder, {"after": list(after), "hypothesis": hypothesis})
 
 
-def _train_sets(set_: list[str], res: str | None, shards: Path | None) -> list[str]:
+def option_sets(set_: list[str], res: str | None, shards: Path | None) -> list[str]:
     """The --set overrides with --res and --shards as the data.res and data.shards they stand for; an option that
     contradicts a --set of the same key is refused rather than silently winning."""
     from .config import ConfigError, parse_sets
@@ -335,6 +311,15 @@ def _train_sets(set_: list[str], res: str | None, shards: Path | None) -> list[s
         if value is not None and key in given and str(given[key]) != str(value):
             raise ConfigError(f"{option} {value} contradicts --set data.{key}={given[key]}: give one of them")
     return list(set_) + ([f"data.res={res}"] if res else []) + ([f"data.shards={shards}"] if shards else [])
+
+
+def run_config(config: str | None, set_: list[str], res: str | None, shards: Path | None, extra: list[str] = ()):
+    """A run's config from the shared options (and ``extra`` overrides), checked before torch is imported."""
+    from .config import load
+
+    cfg = load(config, option_sets(set_, res, shards) + list(extra))
+    _preflight(cfg)
+    return cfg
 
 
 def _preflight(cfg) -> None:
@@ -348,19 +333,14 @@ def _preflight(cfg) -> None:
 @command()
 @expected_errors
 def preview(
-    config: Optional[str] = typer.Option(None, "--config", "-c", help="YAML config (a path, or a shipped one)."),
+    config: ConfigOption = None,
     res: Optional[str] = typer.Option(None, help="'full' or '256' (default: both, where the shards allow full)."),
-    shards: Optional[Path] = typer.Option(None, help="Shard folder; same as --set data.shards=..."),
-    set_: List[str] = typer.Option([], "--set", help="Override a config key (repeatable)."),
+    shards: ShardsOption = None, set_: SetOption = [],  # noqa: B006
     out: Path = typer.Option(Path("preview"), help="Folder for preview_<res>.png."),
 ) -> None:
     """What the network is fed: real training batches (crops, flips, jitter, mixup/cutmix as applied; each bucket shape
     at full resolution) and evaluation batches (padded), from the loader the run would use, de-normalized."""
-    from .config import load
-
-    sets = _train_sets(set_, res, shards)
-    cfg = load(config, sets)
-    _preflight(cfg)
+    cfg = run_config(config, set_, res, shards)
     from .data.format import load_manifest
     from .records.evidence import preview as draw
     from .train.runtime import setup_runtime
@@ -368,19 +348,16 @@ def preview(
     rt = setup_runtime(cfg.precision, training=False)
     variant = load_manifest(Path(cfg.data.shards))["variant"]
     for r in [res] if res else (["256", "full"] if variant == "full" else ["256"]):
-        path = draw(load(config, sets + [f"data.res={r}"]), out / f"preview_{r}.png", rt.device, rt.dtype)
+        path = draw(run_config(config, set_, None, shards, [f"data.res={r}"]), out / f"preview_{r}.png", rt.device, rt.dtype)
         console.print(f"{r}: {path}")
 
 
 @command("lr-find")
 @expected_errors
 def lr_find(
-    config: Optional[str] = typer.Option(None, "--config", "-c", help="YAML config (a path, or a shipped one)."),
-    res: Optional[str] = typer.Option(None, help="'full' or '256'; same as --set data.res=..."),
-    shards: Optional[Path] = typer.Option(None, help="Shard folder; same as --set data.shards=..."),
-    set_: List[str] = typer.Option([], "--set", help="Override a config key (repeatable)."),
+    config: ConfigOption = None, res: ResOption = None, shards: ShardsOption = None, set_: SetOption = [],  # noqa: B006
     name: str = typer.Option("lr-find", help="Name of its folder (runs/<NNN>-<name>/)."),
-    after: List[int] = typer.Option([], "--after", help="Number(s) of the experiment(s) this one follows."),
+    after: AfterOption = [],  # noqa: B006
     hypothesis: str = typer.Option("", help="What the test is for (for its card)."),
     start: float = typer.Option(1e-5, min=0, help="First learning rate, per 256 images."),
     end: float = typer.Option(10.0, min=0, help="Last learning rate, per 256 images (the test stops sooner if the loss "
@@ -389,20 +366,17 @@ def lr_find(
 ) -> None:
     """The learning-rate range test through the trainer's own step: loss against an exponentially growing rate, a plot
     and a suggested range, recorded as a numbered folder that a later run cites with --after N. No checkpoint."""
-    from .config import ConfigError, load
-    from .records.rundir import check_run_name
+    from .config import ConfigError
+    from .records.rundir import RunDir, check_run_name
 
     check_run_name(name)
     if not 0 < start < end:
         raise ConfigError(f"--start {start:g} and --end {end:g}: want 0 < start < end")
-    cfg = load(config, _train_sets(set_, res, shards))
-    _preflight(cfg)
-    from .records.report import write_card
+    cfg = run_config(config, set_, res, shards)
     from .train.lrfind import run as range_test
 
     folder = range_test(cfg, name, {"after": list(after), "hypothesis": hypothesis}, console, start, end, steps)
-    write_card(folder)
-    console.print(f"run folder: {folder}\ncard: {folder / 'card.md'}")
+    console.print(f"run folder: {folder}\ncard: {folder / RunDir.CARD}")
 
 
 @command()
@@ -410,70 +384,35 @@ def lr_find(
 def sweep(
     grid: List[str] = typer.Argument(..., help="KEY=V1,V2,... (one or more keys): the values to try, every combination."),
     repeats: int = typer.Option(1, min=1, help="Seeds per setting: seed, seed+1, ... (intervals need at least 2)."),
-    config: Optional[str] = typer.Option(None, "--config", "-c", help="YAML config (a path, or a shipped one)."),
-    res: Optional[str] = typer.Option(None, help="'full' or '256'; same as --set data.res=..."),
-    shards: Optional[Path] = typer.Option(None, help="Shard folder; same as --set data.shards=..."),
-    set_: List[str] = typer.Option([], "--set", help="Override a config key for every run (repeatable)."),
+    config: ConfigOption = None, res: ResOption = None, shards: ShardsOption = None, set_: SetOption = [],  # noqa: B006
     name: str = typer.Option("sweep", help="Sweep name: runs are <name>-<setting>-s<seed>, the card sweep-<name>.md."),
-    after: List[int] = typer.Option([], "--after", help="Number(s) of the experiment(s) this sweep follows."),
+    after: AfterOption = [],  # noqa: B006
     hypothesis: str = typer.Option("", help="What the sweep tests (for the family card and each run's card)."),
 ) -> None:
     """Run a grid of values times N seeds as ordinary runs, then one family card: mean +- 95% interval per setting, and
     which differences are conclusive."""
-    import re
+    from .records.sweep import label, parse_grid, plan, write_family
 
-    from .config import load
-    from .records.report import previous_state
-    from .records.rundir import check_run_name, find_run
-    from .records.sweep import family_card, label, parse_grid, settings
-
-    check_run_name(name)
-    sets = _train_sets(set_, res, shards)
-    base = load(config, sets)
+    base = run_config(config, set_, res, shards)
     g = parse_grid(grid)
-    plan = []  # every run's config, checked before the first one starts
-    for setting in settings(g):
-        tag = re.sub(r"[^A-Za-z0-9._+-]", "_", "-".join(f"{k.rsplit('.', 1)[-1]}{v}" for k, v in setting.items()))
-        for i in range(repeats):
-            cfg = load(config, sets + [f"{k}={v}" for k, v in setting.items()] + [f"seed={base.seed + i}"])
-            _preflight(cfg)
-            plan.append((setting, cfg, check_run_name(f"{name}-{tag}-s{cfg.seed}")))
-    members = []
-    for setting, cfg, run_name in plan:
+    # Every member's config is checked before the first one starts.
+    members = [(setting, run_config(config, set_, res, shards, [f"{k}={v}" for k, v in setting.items()] + [f"seed={seed}"]),
+                run_name) for setting, seed, run_name in plan(name, g, repeats, base.seed)]
+    done = []
+    for setting, cfg, run_name in members:
         meta = {"after": list(after), "hypothesis": f"{hypothesis} [{label(setting)}, seed {cfg.seed}]".strip(), "sweep": name}
-        members.append((setting, cfg.seed, _train(cfg, run_name, None, meta)))
-    previous = [previous_state(r.path) for r in (find_run(base.out, k) for k in after) if r is not None]
+        done.append((setting, cfg.seed, _train(cfg, run_name, None, meta)))
+    sets = option_sets(set_, res, shards)
     described = f"config {config or 'defaults'}" + (f" with {' '.join(sets)}" if sets else "")
-    card = family_card(Path(base.out) / f"sweep-{name}.md", name, g, members, hypothesis, previous, described)
+    card = write_family(Path(base.out), name, g, done, hypothesis, list(after), described)
     console.print(f"family card: {card}")
 
 
-def _resume_folder(resume: str | None, cfg, name: str) -> Path | None:
-    """The run folder to resume: the one given, or for 'auto' the latest of this name that did not finish."""
-    from .config import ConfigError
-    from .records.records import read_run_info, run_status
-    from .records.rundir import RunDir, list_runs
-
-    if resume is None:
-        return None
-    if resume != "auto":
-        folder = Path(resume)
-        if not (folder / RunDir.CONFIG).is_file():
-            raise ConfigError(f"--resume {folder}: not a run folder (no {RunDir.CONFIG})")
-        return folder
-    mine = [r for r in list_runs(cfg.out) if r.path.name.split("-", 1)[1] == name and (r / RunDir.LAST).is_file()]
-    open_ = [r for r in mine if run_status(read_run_info(r.path)) not in ("finished", "running")]
-    return open_[-1].path if open_ else None
-
-
 def _train(cfg, name: str, resume: Path | None, meta: dict) -> Path:
-    """Run the trainer; then, whatever happened, write the run's card (rank 0) and end with the status's exit code."""
-    from .records.records import read_run_info
-    from .records.report import write_card
+    """Run the trainer (it writes the run's card, whatever happens) and end with the status's exit code."""
     from .train.loop import TrainingDiverged, run
 
     started: list[Path] = []
-    master = int(os.environ.get("RANK", "0")) == 0
     try:
         run_dir = run(cfg, name=name, resume=resume, meta=meta, console=console, on_start=started.append)
     except TrainingDiverged as e:
@@ -482,16 +421,20 @@ def _train(cfg, name: str, resume: Path | None, meta: dict) -> Path:
         if _options["debug"] or not started:
             raise
         _fail(f"{io_sentence(e)} {_resume_hint(started[0])}", EXIT_IO)
-    finally:
-        if started and master:
-            with contextlib.suppress(Exception):  # a card that cannot be written must not hide why the run ended
-                write_card(started[0])
+    return ended(run_dir)
+
+
+def ended(run_dir: Path) -> Path:
+    """Say how a run ended (its master process only: the one that keeps its record); exit 3 if it was interrupted."""
+    from .records.records import read_run_info
+    from .train.runtime import is_master
+
     status = read_run_info(run_dir).get("status")
-    if master:
+    if is_master():
         console.print(f"run folder: {run_dir} ({status})")
-    if status == "interrupted":
-        if master:
+        if status == "interrupted":
             console.print(f"[yellow]interrupted: {_resume_hint(run_dir)}[/]")
+    if status == "interrupted":
         raise typer.Exit(EXIT_INTERRUPTED)
     return run_dir
 
@@ -571,7 +514,7 @@ def test_cmd(
 @expected_errors
 def diagnose(run_dir: Path = typer.Argument(..., help="Run folder.")) -> None:
     """Underfitting, overfitting, fitting, diverged, unstable or not converged, with the numbers and the next step."""
-    from .records.diagnose import diagnose_run
+    from .records.kinds import diagnose_run
 
     d = diagnose_run(run_dir)
     console.print(f"[bold]{d.verdict}[/]")
@@ -638,8 +581,9 @@ def report(root: Path = typer.Option(Path("runs"), help="Folder holding the run 
     if not list_runs(root):
         _fail(f"no runs in {root}{_elsewhere(root)}")
     for r in list_runs(root):
-        if not (r / RunDir.PLOTS).is_dir():
-            plot_run(r.path, read_run_info(r.path).get("classes") or [str(i) for i in range(29)])
+        classes = read_run_info(r.path).get("classes")  # as the run's shards named them
+        if classes and not (r / RunDir.PLOTS).is_dir():  # a run that ended before its plots were drawn
+            plot_run(r.path, classes)
     md, html = write_report(root)
     console.print(f"report: {md} and {html}")
 

@@ -102,15 +102,26 @@ def test_lr_find_is_recorded_for_a_later_runs_card(shards, tmp_path):
     found = json.loads((d / "run.json").read_text())["lr_find"]
     assert re.search(rf"learning-rate range test: {found['steps']} steps, sgd lr growing exponentially from 1e-05 to 10 ",
                      (d / "card.md").read_text())  # not the epochs and schedule that the test does not use
+    said = "until the loss diverged" if found["diverged"] else "without the loss diverging"  # what it recorded, in words
+    assert f"per 256 images {said}" in (d / "card.md").read_text()
     assert shard_files() == before
-    code, out = invoke("train", "--after", "1", "--name", "next", *[a for s in sets for a in ("--set", s)])
+    # Twice the top of the range, per 256 images: above it. At this batch of 16 the rate the optimizer uses is an eighth of
+    # that, inside or below the range: the card must judge the rate per 256 images, as the range is given.
+    low, high = found["range"]
+    code, out = invoke("train", "--after", "1", "--name", "next", *[a for s in sets for a in ("--set", s)],
+                       "--set", f"optim.lr={2 * high!r}")
     assert code == 0, out
     card = (list_runs(tmp_path)[1] / "card.md").read_text()
     assert "#1 (lr-find): learning-rate range test: the loss fell fastest at lr" in card
-    low, high = found["range"]
-    lr = load(list_runs(tmp_path)[1].path / "config.yaml").optim.lr
-    where = "below" if lr < low else "above" if lr > high else "inside"
-    assert f"optim.lr {lr:g} per 256 images lies {where} the range suggested by the range test #1 ({low:.3g} to " in card
+    assert f"optim.lr {2 * high:g} per 256 images lies above the range suggested by the range test #1 ({low:.3g} to " in card
+
+
+@pytest.mark.parametrize("lr, where", [(0.001, "below"), (0.01, "inside"), (0.05, "inside"), (0.1, "inside"),
+                                       (0.100001, "above"), (3.0, "above")])
+def test_a_rate_lies_below_inside_or_above_a_range(lr, where):
+    from mame_fast.records.facts import rate_position
+
+    assert rate_position(lr, {"range": [0.01, 0.1]}) == where
 
 
 def test_sweep_runs_the_grid_and_writes_a_family_card(shards, tmp_path):

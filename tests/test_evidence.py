@@ -13,15 +13,15 @@ import torch
 
 from mame_fast.config import load
 from mame_fast.input import build_loader, dali_available
-from mame_fast.input.loader import MEAN, STD
+from mame_fast.input.mixing import mix, soft_targets, step_rng
 from mame_fast.records import evidence
 from mame_fast.records.records import read_run_info
+from mame_fast.tensors import MEAN, STD
 from mame_fast.train import checkpoint as ckpt
 from mame_fast.train.loop import build, run
 from mame_fast.train.model import build as build_model
 from mame_fast.train.runtime import setup_runtime
 from mame_fast.train.spec import spec_from_dict
-from mame_fast.train.step import mix, soft_targets
 
 from .helpers import cfg_for
 
@@ -75,7 +75,7 @@ def test_mixing_is_shown_as_the_step_applies_it(shards, tmp_path):
     classes = loader.split.classes
     s = evidence.train_batches(cfg, loader, classes, shapes=1)[0]
     b = next(iter(loader.epoch(0)))
-    x, t = mix(b.images.float(), soft_targets(b.labels, len(classes), 0.0), cfg.optim, np.random.default_rng([cfg.seed, 0, 0, 0]))
+    x, t = mix(b.images.float(), soft_targets(b.labels, len(classes), 0.0), cfg.optim, step_rng(cfg.seed, 0, 0, 0))
     assert np.array_equal(s.tiles, evidence.denormalize(x[: len(s.tiles)]))
     assert all("+" in label for label in s.labels)  # two classes and their weights in every mixed tile
     loader.close()

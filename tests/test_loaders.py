@@ -382,8 +382,8 @@ def test_flips_mirror_the_planned_samples(shards, loader, res):
 def test_colour_jitter_factors_act_in_pixel_space():
     """Brightness scales pixel values, contrast scales their distance to the mean grey, saturation their distance
     to each pixel's grey; factors of 1 change nothing."""
-    from mame_fast.input.loader import MEAN, STD
     from mame_fast.input.loader import color_jitter as _color_jitter
+    from mame_fast.tensors import MEAN, STD
 
     mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
     px = torch.rand(4, 3, 8, 10) * 150 + 50

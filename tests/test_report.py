@@ -10,17 +10,18 @@ import pytest
 from PIL import Image
 
 from mame_fast.config import load
-from mame_fast.records.diagnose import diagnose_run
+from mame_fast.records.card import Table, plain_text
 from mame_fast.records.explore import explore
-from mame_fast.records.report import add_note, card_sections, runs_table, write_card, write_report
+from mame_fast.records.kinds import card_for, diagnose_run
+from mame_fast.records.report import add_note, runs_table, write_card, write_report
 from mame_fast.train.loop import run
+
+from .test_metrics import score_test_bounds
 
 
 def _wilson(p: float, n: int) -> tuple[float, float]:
-    """The Wilson score interval, written out here from its formula (z = 1.96), not taken from the code under test."""
-    z = 1.96
-    c, h = p + z * z / (2 * n), z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5
-    return max(0.0, (c - h) / (1 + z * z / n)), min(1.0, (c + h) / (1 + z * z / n))
+    """The 95% interval by inverting the score test numerically (test_metrics), not by the code's closed form."""
+    return score_test_bounds(round(p * n), n)
 
 
 def _cfg(shards, out, *sets):
@@ -60,8 +61,8 @@ def test_card_has_five_parts_right_numbers_and_diff(two_runs):
     assert text.startswith("## #2: small-over")
     assert "#1 (tiny-under)" in text and "underfitting" in text  # part 1 from the predecessor's outcomes
     assert "more capacity fits the training set" in text
-    s = card_sections(over, root)
-    diff = {k: (a, b) for k, a, b in s["diff"]}
+    changes = next(b for b in card_for(over, root).setup if isinstance(b, Table) and b.header == ("key", "before", "now"))
+    diff = {plain_text(k): (plain_text(a), plain_text(b)) for k, a, b in changes.rows}
     assert diff["model"] == ("tiny", "small") and diff["epochs"] == ("2", "25") and diff["data.flip"] == ("True", "False")
     assert "optim.weight_decay" not in diff  # same in both
     # Part 4, computed here from metrics.jsonl, not by the code that writes the card.

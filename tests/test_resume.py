@@ -189,7 +189,7 @@ def test_a_signal_to_the_process_group_saves_and_resume_is_exact(shards, tmp_pat
 def test_ctrl_c_stops_a_range_test_cleanly(shards, tmp_path):
     """Ctrl-C to `mame-fast lr-find` and its fallback loader's workers: exit code 3, no traceback, the folder says
     interrupted and holds no checkpoint, and its diagnosis says to run the test again (there is nothing to resume)."""
-    from mame_fast.records.diagnose import diagnose_run
+    from mame_fast.records.kinds import diagnose_run
 
     sets = [f"data.shards={shards}", f"out={tmp_path}", "data.res=256", "data.crop=48", "data.batch_size=8",
             "data.loader=pil", "data.threads=2"]

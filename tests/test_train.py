@@ -423,7 +423,7 @@ def test_a_run_with_cuda_graphs_trains_as_the_eager_one(shards, tmp_path):
 
 
 def test_label_smoothing_spreads_the_target():
-    from mame_fast.train.step import soft_targets
+    from mame_fast.input.mixing import soft_targets
 
     t = soft_targets(torch.tensor([0, 3, 28]), 29, 0.1)
     assert torch.allclose(t.sum(1), torch.ones(3))
@@ -437,7 +437,7 @@ def test_mixup_and_cutmix_mix_images_and_targets_alike():
     import numpy as np
 
     from mame_fast.config import OptimConfig
-    from mame_fast.train.step import mix, soft_targets
+    from mame_fast.input.mixing import mix, soft_targets
 
     x = torch.rand(6, 3, 12, 20)
     t = soft_targets(torch.arange(6), 29, 0.0)

@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 from ..config import DataConfig
-from .loader import MEAN, STD, Batch, Loader, LoaderError
+from ..tensors import MEAN, STD
+from .loader import Batch, Loader, LoaderError
 from .plan import BatchPlan, EpochPlans
 from .reader import Split
 

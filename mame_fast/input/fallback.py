@@ -23,7 +23,8 @@ import torch
 from PIL import Image
 
 from ..files import ignore_stop_signals, shared_memory_free, stop_signals_held
-from .loader import Batch, Loader, LoaderError, copy_fillers, normalize_rows, resize_hwc, start_copy, valid_mask
+from ..tensors import valid_mask
+from .loader import Batch, Loader, LoaderError, copy_fillers, normalize_rows, resize_hwc, start_copy
 from .plan import EpochPlans
 from .reader import Split
 

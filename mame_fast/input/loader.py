@@ -24,12 +24,9 @@ import torch
 from ..config import DataConfig
 from ..errors import Expected
 from ..files import usable_cores
+from ..tensors import MEAN, STD, valid_mask
 from .plan import BatchPlan, EpochPlans, PlanConfig, batch_shapes, make_buckets, square_bucket
 from .reader import Split
-
-# Normalization constants in 0-255 units (generic photographic statistics, no pretrained weights involved).
-MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
-STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
 
 class LoaderError(Expected, RuntimeError):
@@ -210,13 +207,6 @@ class Loader:
         images = images.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last else images.contiguous()
         return Batch(images=images, labels=rows["labels"][step], sizes=sizes, index=torch.from_numpy(p.samples),
                      padded=p.padded, real=p.real)
-
-
-def valid_mask(sizes: torch.Tensor, h: int, w: int, dtype: torch.dtype) -> torch.Tensor:
-    """(n, 1, h, w) mask of the real pixels of a batch whose images have valid sizes (n, 2), top-left aligned."""
-    hh = torch.arange(h, device=sizes.device).view(1, -1, 1) < sizes[:, 0].view(-1, 1, 1)
-    ww = torch.arange(w, device=sizes.device).view(1, 1, -1) < sizes[:, 1].view(-1, 1, 1)
-    return (hh & ww).unsqueeze(1).to(dtype)
 
 
 @functools.lru_cache(maxsize=8)

@@ -19,11 +19,8 @@ Verdicts, checked in this order (the first that holds wins):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
-
-from .records import read_metrics, read_run_info, run_status
 
 NEXT = {
     "diverged": "Lower the learning rate (e.g. /3), add warm-up or gradient clipping (optim.clip_grad=1), check the data.",
@@ -128,13 +125,6 @@ def overfitting(tl: np.ndarray, vl: np.ndarray, ta: np.ndarray, va: np.ndarray, 
     )
 
 
-def range_test_sentence(f: dict) -> str:
-    """What a learning-rate range test found, in one sentence."""
-    return (f"learning-rate range test: the loss fell fastest at lr {f['steepest_lr']:.3g} and was lowest at "
-            f"{f['min_loss_lr']:.3g} (per 256 images); suggested optim.lr {f['suggested_lr']:.3g} (range "
-            f"{f['range'][0]:.3g} to {f['range'][1]:.3g})")
-
-
 # Runs that did not end by training: what they need is not training advice.
 NOT_TRAINED = {
     "failed": "Fix what the error names (run.json has it), then start the run again or resume it from last.pt.",
@@ -144,47 +134,20 @@ NOT_TRAINED = {
 }
 
 
-def diagnose_run(run_dir: Path, **kw) -> Diagnosis:
-    rows = [r for r in read_metrics(run_dir) if r.get("val")]
-    info = read_run_info(run_dir)
-    status = run_status(info)
-    if info.get("kind") == "lr-find" and info.get("lr_find"):
-        f = info["lr_find"]
-        return Diagnosis("range test", [range_test_sentence(f)],
-                         f"Train with optim.lr in [{f['range'][0]:.3g}, {f['range'][1]:.3g}] per 256 images (e.g. "
-                         f"{f['suggested_lr']:.3g}) and cite this test with --after.", {"epochs": 0})
-    if info.get("kind") == "lr-find":  # a range test without its result: it leaves no checkpoint to resume
-        why = f"the range test {status} before its result" + (f": {info['error']}" if info.get("error") else "")
-        return Diagnosis(status, [why], "Run `mame-fast lr-find` again with the same options: a range test has no "
-                         "checkpoint to resume.", {"epochs": 0})
-    if status == "diverged":
-        return Diagnosis("diverged", ["the run stopped on a non-finite loss"], NEXT["diverged"], {"epochs": len(rows)})
-    if status in NOT_TRAINED:
-        why = f"the run {status}" + (f": {info['error']}" if info.get("error") else "") + f" after {len(rows)} validated epoch(s)"
-        return Diagnosis(status, [why], NOT_TRAINED[status], {"epochs": len(rows)})
-    d = diagnose_history([r["train_loss"] for r in rows], [r["val"]["loss"] for r in rows],
-                         [r["train_top1"] for r in rows], [r["val"]["top1"] for r in rows], **kw)
-    if d.verdict == "fitting" and rows:
-        d.next_step = low_resolution_tip(run_dir, rows, info) or d.next_step
-    return d
-
-
-def low_resolution_tip(run_dir: Path, rows: list[dict], info: dict, plateau: float = 0.01) -> str | None:
+def low_resolution_tip(cfg, rows: list[dict], info: dict, plateau: float = 0.01) -> str | None:
     """For a --res 256 run that fits with a plateaued val top-1: the low-resolution limit may be reached; --res full,
-    with the model's FLOPs at that budget and an epoch time estimated from this run's images/s."""
-    from ..config import load
-    from ..train.model import summary_rows
-    from ..train.spec import load_spec
-    from .rundir import RunDir
-
-    cfg = load(Path(run_dir) / RunDir.CONFIG)
+    with the model's FLOPs at that budget (as the trainer recorded them in run.json) and an epoch time estimated from
+    this run's images/s."""
     tops = [r["val"]["top1"] for r in rows]
     if cfg.data.res != "256" or len(tops) < 3 or max(tops[-3:]) - min(tops[-3:]) > plateau:
         return None
-    f = summary_rows(load_spec(Path(run_dir) / RunDir.SPEC), cfg.data.crop, 360_000)
-    ips = sum(r["images_per_s"] for r in rows[-3:]) / 3 * f["flops_256"] / f["flops_full"]  # images/s scale as 1/FLOPs
-    epoch_s = info.get("train_samples", 20_300) / max(ips, 1e-9)
-    return (f"The validation top-1 has plateaued at {tops[-1]:.3f} and the model fits: the low-resolution limit may be "
-            f"reached. Try --res full: this model costs {f['flops_full'] / 1e9:.1f} GFLOPs per image at ~360 kpx "
-            f"({f['flops_full'] / f['flops_256']:.1f}x its {cfg.data.crop} px cost), so an epoch of "
-            f"{info.get('train_samples', 20_300):,} images takes about {epoch_s / 60:.1f} min at this run's speed.")
+    tip = (f"The validation top-1 has plateaued at {tops[-1]:.3f} and the model fits: the low-resolution limit may be "
+           f"reached. Try --res full")
+    f = info.get("flops")
+    if not f:  # a run folder from before 0.2 has no recorded cost: `mame-fast model` states it
+        return tip + " (`mame-fast model` gives this model's cost at full resolution)."
+    ips = sum(r["images_per_s"] for r in rows[-3:]) / 3 * f["crop"] / f["full"]  # images/s scale as 1/FLOPs
+    samples = info.get("train_samples", 20_300)
+    return (f"{tip}: this model costs {f['full'] / 1e9:.1f} GFLOPs per image at ~{f['full_pixels']:,} px "
+            f"({f['full'] / f['crop']:.1f}x its {cfg.data.crop} px cost), so an epoch of {samples:,} images takes about "
+            f"{samples / max(ips, 1e-9) / 60:.1f} min at this run's speed.")

@@ -22,8 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..input.loader import MEAN, STD, valid_mask
+from ..files import atomic_write_text
+from ..tensors import MEAN, STD, valid_mask
+from .card import plain_text
+from .facts import data_sentence
 from .plots import pyplot, save_figure
+from .rundir import RunDir
 
 MAX_TILES = 8  # rows shown of each previewed batch
 
@@ -52,7 +56,7 @@ class Shown:
 def train_batches(cfg, loader, classes: list[str], epoch: int = 0, shapes: int = 6) -> list[Shown]:
     """The first training batch of each of up to ``shapes`` batch shapes of ``epoch``, as the step receives them: the
     loader's batch, then the step's mixup or cutmix with the draw the trainer makes at that step."""
-    from ..train.step import mix, soft_targets
+    from ..input.mixing import mix, soft_targets, step_rng
 
     shown, seen = [], set()
     for step, b in enumerate(loader.epoch(epoch)):
@@ -61,7 +65,7 @@ def train_batches(cfg, loader, classes: list[str], epoch: int = 0, shapes: int =
             continue
         seen.add(shape)
         target = soft_targets(b.labels, len(classes), 0.0)
-        rng = np.random.default_rng([cfg.seed, epoch, step, 0])  # the draw train_epoch makes (rank 0)
+        rng = step_rng(cfg.seed, epoch, step, 0)  # the draw train_epoch makes (rank 0)
         x, target = mix(b.images.float(), target, cfg.optim, rng)
         n = min(MAX_TILES, b.real)
         labels = [_target_label(target[k], classes) for k in range(n)]
@@ -132,9 +136,8 @@ def preview(cfg, path: Path, device: torch.device | None = None, dtype: torch.dt
     finally:
         train.close()
         val.close()
-    what = (f"{cfg.data.crop} px square crops (data.res=256)" if cfg.data.res == "256" else
-            f"full resolution, ~{cfg.data.pixels:,} px per image, batches by aspect ratio (data.res=full)")
-    return plot_preview(shown, path, f"What the network is fed: {what}, loader {train.describe()}")
+    return plot_preview(shown, path, f"What the network is fed: {plain_text(data_sentence(cfg.data))}, loader "
+                                     f"{train.describe()}")
 
 
 # -- where it errs, where it looks ----------------------------------------------------------------------------
@@ -269,7 +272,7 @@ def write_run_evidence(model, loader, rt, classes: list[str], out: Path) -> list
     cam_rows = [i for right, wrong in chosen["per_class"].values() for i in right + wrong]
     wanted = {i for _, _, ex in chosen["pairs"] for i in ex} | set(chosen["confident"]) | set(cam_rows)
     images = gather_images(loader, wanted, pr)
-    gallery, shown = error_gallery(pr, chosen, images, classes, out / "errors.png")
+    gallery, shown = error_gallery(pr, chosen, images, classes, out / RunDir.ERRORS)
     items = []
     for i in cam_rows:  # one image at a time: its own shape, as evaluated
         image, size = images[i]
@@ -279,8 +282,8 @@ def write_run_evidence(model, loader, rt, classes: list[str], out: Path) -> list
             f"{classes[t]}\ntaken for {classes[p]} ({pr['prob'][i]:.0%})"
         items.append((int(pr["index"][i]), _valid(image, size), cam, label))
     items.sort(key=lambda it: it[0])
-    cams = plot_activation_maps([it[1:] for it in items], out / "activation_maps.png")
-    (out / "evidence.json").write_text(json.dumps({"gallery": shown, "count": len(pr["index"]),
-                                                   "mistakes": int((pr["true"] != pr["pred"]).sum())}, indent=1))
+    cams = plot_activation_maps([it[1:] for it in items], out / RunDir.MAPS)
+    atomic_write_text(out / RunDir.EVIDENCE, json.dumps({"gallery": shown, "count": len(pr["index"]),
+                                                         "mistakes": int((pr["true"] != pr["pred"]).sum())}, indent=1))
     return [gallery, cams]
 

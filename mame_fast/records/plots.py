@@ -4,10 +4,12 @@ per-class accuracy, histograms. Drawn at the end of a run and by ``mame-fast rep
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 
+from ..files import atomic_write
 from .records import load_histograms, read_metrics
 from .rundir import RunDir
 
@@ -23,11 +25,14 @@ def pyplot():
 
 
 def save_figure(fig, path: Path) -> Path:
+    """The figure as a PNG, published atomically (a report or a slide deck never reads half a picture)."""
     if fig.get_layout_engine() is None:  # a figure made with layout="constrained" (subfigures) lays itself out
         fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
     pyplot().close(fig)
-    return path
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write(path, lambda f: f.write(buf.getbuffer()))
 
 
 def plot_run(run_dir: str | Path, classes: list[str]) -> list[Path]:
@@ -38,13 +43,14 @@ def plot_run(run_dir: str | Path, classes: list[str]) -> list[Path]:
         return []
     out = run / RunDir.PLOTS
     out.mkdir(exist_ok=True)
-    written = [plot_curves(rows, classes, out / "curves.png"), plot_training(rows, out / "training.png")]
+    written = [plot_curves(rows, classes, out / RunDir.CURVES), plot_training(rows, out / RunDir.TRAINING)]
     last = next((r for r in reversed(rows) if r.get("val")), None)
     if last:
-        written += [plot_confusion(last, classes, out / "confusion.png"), plot_per_class(last, classes, out / "per_class.png")]
+        written += [plot_confusion(last, classes, out / RunDir.CONFUSION),
+                    plot_per_class(last, classes, out / RunDir.PER_CLASS)]
     hists = sorted((run / RunDir.HIST).glob("epoch_*.npz"))
     if hists:
-        written.append(plot_histograms(hists, out / "histograms.png"))
+        written.append(plot_histograms(hists, out / RunDir.HISTOGRAMS))
     return written
 
 

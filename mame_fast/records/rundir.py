@@ -37,7 +37,16 @@ class RunDir:
     CARD = "card.md"
     TEST = "test.json"  # the one look at the test set
     HIST, PLOTS, TB = "hist", "plots", "tb"  # folders
-    LEDGER = "test_ledger.jsonl"  # in the runs folder: every look at the test set, of every run
+    LOCK = "run.lock"  # held by the one process working on the run: its trainer, range test or test look (runrecord.py)
+    LR_FIND = "lr_find.json"  # a range test's rates and losses
+    # Pictures, in plots/.
+    CURVES, TRAINING, CONFUSION, PER_CLASS = "curves.png", "training.png", "confusion.png", "per_class.png"
+    HISTOGRAMS, BATCHES, ERRORS, MAPS = "histograms.png", "batches.png", "errors.png", "activation_maps.png"
+    LR_PLOT = "lr_find.png"
+    EVIDENCE = "evidence.json"  # what errors.png and activation_maps.png show, as numbers
+    # In the runs folder.
+    LEDGER = "test_ledger.jsonl"  # every look at the test set, of every run
+    REPORT = "report"  # report.md and report.html
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -60,6 +69,10 @@ class RunDir:
     def root(self) -> Path:
         return self.path.parent
 
+    def plot(self, name: str) -> Path:
+        """A picture of the run (one of the names above), in plots/."""
+        return self.path / self.PLOTS / name
+
     def hist_file(self, epoch: int) -> Path:
         return self.path / self.HIST / f"epoch_{epoch:03d}.npz"
 
@@ -69,6 +82,11 @@ class RunDir:
     @property
     def ledger(self) -> Path:
         return self.root / self.LEDGER
+
+    @staticmethod
+    def sweep_file(root: str | Path, name: str, suffix: str = ".json") -> Path:
+        """A sweep's numbers (.json) and its family card (.md), in the runs folder."""
+        return Path(root) / f"sweep-{name}{suffix}"
 
     @classmethod
     def create(cls, root: str | Path, name: str) -> RunDir:

@@ -1,22 +1,31 @@
-"""Stage 5f: sweeps: a grid of config values times N seeds, run as ordinary runs, and one family card that says which
+"""Stage 5i: sweeps: a grid of config values times N seeds, run as ordinary runs, and one family card that says which
 differences are conclusive.
 
 A single run's val top-1 carries a binomial interval (``stats.py``); a setting run with several seeds carries
 the interval of its mean over seeds, which also holds the seed-to-seed spread. The family card, in the lab's
 five-part form, shows both, and calls a difference between two settings conclusive when the intervals of
 their means do not overlap.
+
+On disk a sweep is numbers (``sweep-<name>.json``: the grid, each member's folder, setting, seed and best val top-1,
+each setting's mean and half-width); its card is built from them (``sweep_card``) and rendered like any card.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import math
+import re
 from pathlib import Path
 
 from ..config import ConfigError
 from ..files import atomic_write_text
-from .report import card_markdown, outcomes
-from .rundir import RunDir
+from . import card as cards
+from .card import Bullets, Card, Para, Span, code, ref, table, text
+from .facts import outcomes
+from .kinds import previous_state
+from .records import now
+from .rundir import RunDir, check_run_name, find_run
 from .stats import mean_interval, pct
 
 
@@ -42,37 +51,86 @@ def label(setting: dict[str, str]) -> str:
     return ", ".join(f"{k}={v}" for k, v in setting.items())
 
 
-def family_card(path: Path, name: str, grid: dict[str, list[str]], members: list[tuple[dict, int, Path]], hypothesis: str,
-                previous: list[str], base: str) -> Path:
-    """The family card: ``members`` are (setting, seed, run folder). Writes ``path`` (.md) and its .json beside."""
-    groups: dict[str, list[tuple[int, Path, dict]]] = {}
-    for setting, seed, run_dir in members:
-        groups.setdefault(label(setting), []).append((seed, run_dir, outcomes(run_dir)))
-    rows, stats = [], {}
-    for lab, runs in groups.items():
-        tops = [o["best_val"] for _, _, o in runs if "best_val" in o]
-        m, half = mean_interval(tops) if tops else (float("nan"), float("inf"))
-        stats[lab] = (m, half)
-        each = "; ".join(f"#{RunDir(d).number} seed {s}: {pct(o.get('best_val'), o.get('val_count'))}" for s, d, o in runs)
-        rows.append([lab, len(runs), f"{100 * m:.1f}% +- {100 * half:.1f}", each])
-    seeds = len(next(iter(groups.values())))
-    sections = {
-        "title": f"Sweep: {name}", "previous": previous or ["(none given)"],
-        "hypothesis": hypothesis or "(not stated; give one with --hypothesis)",
-        "setup": [f"Base: {base}. The runs differ only in the grid's keys and the seed.",
-                  "Grid: " + "; ".join(f"`{k}` in {v}" for k, v in grid.items()) + f"; {seeds} seed(s) each."],
-        "diff_against": None, "diff": [],
-        "outcomes_note": "Best val top-1 per setting: mean +- the 95% t interval over seeds; then each run with its "
-                         "binomial 95% interval.",
-        "outcome_header": ["setting", "runs", "mean +- 95%", "runs [95% interval]"], "outcomes": rows, "plots": [],
-        "observations": verdicts(stats),
-    }
-    atomic_write_text(path, card_markdown(sections))
-    family = {"name": name, "grid": grid, "members": [{"setting": s, "seed": seed, "run": str(d)} for s, seed, d in members],
-              "mean_top1": {k: v[0] for k, v in stats.items()}, "half_width": {k: v[1] for k, v in stats.items()},
-              "card": sections}
-    atomic_write_text(path.with_suffix(".json"), json.dumps(family, indent=1))
-    return path
+def plan(name: str, grid: dict[str, list[str]], repeats: int, base_seed: int) -> list[tuple[dict, int, str]]:
+    """(setting, seed, run name) of every member, in order: each setting times ``repeats`` seeds from ``base_seed``."""
+    check_run_name(name)
+    out = []
+    for setting in settings(grid):
+        tag = re.sub(r"[^A-Za-z0-9._+-]", "_", "-".join(f"{k.rsplit('.', 1)[-1]}{v}" for k, v in setting.items()))
+        for i in range(repeats):
+            out.append((setting, base_seed + i, check_run_name(f"{name}-{tag}-s{base_seed + i}")))
+    return out
+
+
+def family_numbers(members: list[dict], root: Path) -> dict:
+    """Each member's best val top-1 (from its folder) and each setting's mean and 95% half-width over seeds."""
+    groups: dict[str, list[float]] = {}
+    for m in members:
+        o = outcomes(member_folder(m, root))
+        m["best_val"], m["val_count"] = o.get("best_val"), o.get("val_count")
+        if m["best_val"] is not None:
+            groups.setdefault(label(m["setting"]), []).append(m["best_val"])
+        else:
+            groups.setdefault(label(m["setting"]), [])
+    stats = {k: mean_interval(v) if v else (math.nan, math.inf) for k, v in groups.items()}
+    return {"mean_top1": {k: v[0] for k, v in stats.items()}, "half_width": {k: v[1] for k, v in stats.items()}}
+
+
+def write_family(root: Path, name: str, grid: dict[str, list[str]], members: list[tuple[dict, int, Path]],
+                 hypothesis: str, after: list[int], base: str) -> Path:
+    """The sweep's numbers (sweep-<name>.json) and its family card (sweep-<name>.md) in the runs folder ``root``;
+    ``members`` are (setting, seed, run folder)."""
+    family = {"name": name, "grid": grid, "hypothesis": hypothesis, "after": list(after), "base": base,
+              "created": now(), "members": [{"setting": s, "seed": seed, "run": Path(d).name, "number": RunDir(d).number}
+                                           for s, seed, d in members]}
+    family.update(family_numbers(family["members"], root))
+    atomic_write_text(RunDir.sweep_file(root, name), json.dumps(family, indent=1))
+    return atomic_write_text(RunDir.sweep_file(root, name, ".md"), cards.markdown(sweep_card(family, root)))
+
+
+def read_families(root: Path) -> list[dict]:
+    """Every sweep of a runs folder, by name."""
+    return [json.loads(p.read_text()) for p in sorted(Path(root).glob(RunDir.sweep_file("", "*").name))]
+
+
+def member_folder(m: dict, root: Path) -> Path:
+    """A member's run folder: by name in ``root`` (a sweep file from before 0.2 recorded an absolute path)."""
+    return Path(root) / Path(m["run"]).name
+
+
+def sweep_card(family: dict, root: Path) -> Card:
+    """The family card of a sweep, from its numbers and its members' folders."""
+    root = Path(root)
+    groups: dict[str, list[dict]] = {}
+    for m in family["members"]:
+        groups.setdefault(label(m["setting"]), []).append(m)
+    numbers = family_numbers([dict(m) for m in family["members"]], root)
+    stats = {k: (numbers["mean_top1"][k], numbers["half_width"][k]) for k in groups}
+    rows = []
+    for lab, ms in groups.items():
+        each: list = []
+        for m in ms:
+            o = outcomes(member_folder(m, root))
+            each += (["; "] if each else []) + [ref(RunDir(member_folder(m, root)).number),
+                                                 f" seed {m['seed']}: {pct(o.get('best_val'), o.get('val_count'))}"]
+        m_, half = stats[lab]
+        rows.append((lab, str(len(ms)), f"{100 * m_:.1f}% +- {100 * half:.1f}", text(*each)))
+    seeds = len(next(iter(groups.values()))) if groups else 0
+    after = [r.path for r in (find_run(root, k) for k in family.get("after", [])) if r is not None]
+    previous = tuple(previous_state(p) for p in after) or tuple(_legacy(t) for t in family.get("card", {}).get(
+        "previous", [])) or (text("(none given)"),)
+    grid = [x for k, v in family["grid"].items() for x in (code(k), f" in {v}; ")]
+    return Card(
+        title=f"Sweep: {family['name']}", kind="sweep",
+        previous=(Bullets(previous),),
+        hypothesis=(Para(text(family.get("hypothesis") or "(not stated; give one with --hypothesis)")),),
+        setup=(Para(text(f"Base: {family.get('base') or _legacy_base(family)}. The runs differ only in the grid's keys "
+                         "and the seed.")),
+               Para(text("Grid: ", *grid, f"{seeds} seed(s) each."))),
+        outcomes=(Para(text("Best val top-1 per setting: mean +- the 95% t interval over seeds; then each run with its "
+                            "binomial 95% interval.")),
+                  table(["setting", "runs", "mean +- 95%", "runs [95% interval]"], rows)),
+        observations=(Bullets(tuple(text(v) for v in verdicts(stats))),))
 
 
 def verdicts(stats: dict[str, tuple[float, float]]) -> list[str]:
@@ -88,3 +146,13 @@ def verdicts(stats: dict[str, tuple[float, float]]) -> list[str]:
             out.append(f"{b} vs {a}: {100 * (mb - ma):+.1f} points, not conclusive (the intervals overlap: add seeds or a "
                        f"larger difference).")
     return out or ["A single setting: nothing to compare."]
+
+
+def _legacy(s: str) -> cards.Text:
+    """A sentence a sweep file from before 0.2 saved as Markdown: its **bold** parts as bold spans."""
+    return tuple(Span(p, "bold" if i % 2 else "plain") for i, p in enumerate(s.split("**")) if p)
+
+
+def _legacy_base(family: dict) -> str:
+    setup = family.get("card", {}).get("setup", [""])[0]
+    return setup.removeprefix("Base: ").split(". The runs differ")[0] or "(not recorded)"

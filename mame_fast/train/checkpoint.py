@@ -2,7 +2,7 @@
 
 ``TrainState`` holds the model, optimizer, grad scaler, EMA, the epoch's running sums, the position (epoch and
 step within it, global step), the best validation result so far, and the RNG states of every rank, with one
-symmetric ``state_dict`` / ``load_state_dict`` pair. The loader needs nothing else: its order and
+symmetric ``snapshot`` / ``restore`` pair. The loader needs nothing else: its order and
 augmentation are functions of (seed, epoch), so resuming at (epoch, step) replays the exact batches an
 uninterrupted run would have seen; the learning rate is a function of the global step (``step.make_schedule``).
 
@@ -12,6 +12,7 @@ EMA's), with which and at which epoch, for the one look at the test set.
 
 from __future__ import annotations
 
+import copy as _copy
 import io
 import random
 from pathlib import Path
@@ -45,22 +46,29 @@ def set_rng_state(s: dict) -> None:
 
 
 class TrainState:
-    """Everything a resume needs (see the module docstring)."""
+    """Everything a resume needs (see the module docstring). ``snapshot`` / ``restore`` are the one pair that reads
+    and sets it all: a checkpoint is a snapshot written to disk, and the range test takes one in memory and restores
+    it afterwards, so that nothing it learned leaks into a run."""
 
     def __init__(self, model: torch.nn.Module, opt, scaler, ema, meter):
         self.model, self.opt, self.scaler, self.ema, self.meter = model, opt, scaler, ema, meter
         self.epoch = self.step = self.global_step = 0  # epoch and step within it: where the next batch comes from
         self.best = {"top1": -1.0, "weights": None, "epoch": 0}  # the validation winner so far
 
-    def state_dict(self, rngs: list[dict]) -> dict:
-        """``rngs``: the RNG state of every rank, in rank order (each rank draws its own dropout masks)."""
-        return {
+    def snapshot(self, rngs: list[dict] | None = None, copy: bool = False) -> dict:
+        """Every stateful part. ``rngs``: the RNG state of every rank, in rank order (each rank draws its own dropout
+        masks); by default this process's. ``copy``: detached from the live tensors (an in-memory snapshot that later
+        steps do not change); a checkpoint is serialized at once and needs no copy."""
+        state = {
             "model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None, "meter": self.meter.state_dict(),
-            "epoch": self.epoch, "step": self.step, "global_step": self.global_step, "best": dict(self.best), "rng": rngs,
+            "epoch": self.epoch, "step": self.step, "global_step": self.global_step, "best": dict(self.best),
+            "rng": rngs if rngs is not None else [rng_state()],
         }
+        return _copy.deepcopy(state) if copy else state
 
-    def load_state_dict(self, d: dict, rank: int) -> None:
+    def restore(self, d: dict, rank: int = 0) -> None:
+        """Set every part from a snapshot (rank ``rank``'s RNG); gradients are cleared, as after a step."""
         self.model.load_state_dict(d["model"])
         self.opt.load_state_dict(d["optimizer"])
         self.scaler.load_state_dict(d["scaler"])
@@ -71,6 +79,8 @@ class TrainState:
         self.meter.load_state_dict(d["meter"])
         self.epoch, self.step, self.global_step, self.best = d["epoch"], d["step"], d["global_step"], dict(d["best"])
         set_rng_state(d["rng"][rank])
+        for p in self.model.parameters():
+            p.grad = None
 
 
 def save(path: Path, state: dict) -> None:

@@ -24,24 +24,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 from .. import __version__
 from ..config import ConfigError, TrainConfig, diff, load, to_dict
 from ..input import Loader, build_loader
+from ..input.mixing import step_rng
 from ..records import evidence, records
 from ..records.live import Progress, TensorBoard
 from ..records.plots import plot_run
 from ..records.rundir import RunDir
+from ..records.runrecord import RunRecord
 from . import checkpoint as ckpt
 from .evaluate import evaluate
 from .model import build as build_model
-from .model import for_evaluation
+from .model import count_flops, for_evaluation
 from .runtime import Runtime, setup_runtime
 from .spec import ModelSpec, check_for_data, load_spec, spec_dict
 from .step import Ema, EpochMeter, StepGraphs, make_optimizer, make_schedule, train_step, warm_up
-
-HEARTBEAT_S = 60  # how often a running run refreshes run.json's heartbeat (records.STALE_AFTER_S reads it)
 
 
 class Stop(str, Enum):
@@ -51,7 +50,7 @@ class Stop(str, Enum):
 
 
 class TrainingDiverged(RuntimeError):
-    pass
+    run_status = "diverged"  # what the run record writes when it ends the run
 
 
 @dataclass
@@ -71,12 +70,12 @@ class Session:
     state: ckpt.TrainState
     sched: object = None
     saved_at: float = field(default_factory=time.monotonic)
-    beat_at: float = field(default_factory=time.monotonic)
     seen: list[list[int]] = field(default_factory=list)  # sample indices per epoch (record_samples)
     compile_watch: CompileWatch | None = None  # with compile=true: what torch.compile did, for run.json
     graphs: StepGraphs | None = None  # with cuda_graphs=true: the step's captured graphs
     reported: dict[str, dict] = field(default_factory=dict)  # what report_changed last wrote to run.json, per key
     notices: list[str] = field(default_factory=list)  # said when training starts (what a resume repaired)
+    record: RunRecord | None = None  # the run folder's life: lock, status, heartbeat (set by start)
 
     @property
     def global_batch(self) -> int:
@@ -98,23 +97,20 @@ def run(cfg: TrainConfig, name: str = "run", resume: Path | None = None, meta: d
         cleanup.callback(rt.close)
         # From here on a stop signal sets a flag that the loop reads, also while the loaders and the model are built.
         signalled = cleanup.enter_context(signal_flag())
+        # A resume takes the folder first: a second trainer of a live run is refused before the seconds of building.
+        resumed = RunRecord.reopen(resume, "train", rt.master) if resume else None
+        if resumed is not None:
+            cleanup.callback(resumed.release)
         s = build(cfg, rt)
         cleanup.callback(s.close)
-        run_dir = start(s, name, resume, meta or {})
-        if on_start is not None:
-            on_start(run_dir.path)
-        status, error = "failed", None
-        try:
-            status = train(s, run_dir, console, signalled).value
-        except TrainingDiverged as e:
-            status, error = "diverged", str(e)
-            raise
-        except BaseException as e:
-            error = f"{type(e).__name__}: {e}"
-            raise
-        finally:
-            finish(s, run_dir, status, error)
-        return run_dir.path
+        with start(s, name, resumed, meta or {}) as record:
+            if on_start is not None:
+                on_start(record.path)
+            try:
+                record.finish(train(s, record.dir, console, signalled).value)
+            finally:
+                record_samples(s, record.dir)
+        return record.path
 
 
 def build(cfg: TrainConfig, rt: Runtime) -> Session:
@@ -211,38 +207,45 @@ def report_changed(s: Session, run_dir: RunDir, progress: Progress, key: str, no
         progress.say(describe(now))
 
 
-def start(s: Session, name: str, resume: Path | None, meta: dict) -> RunDir:
-    """The run folder: a new one with the resolved config, or the resumed one with its state loaded and the
-    overrides of this resume recorded."""
+def start(s: Session, name: str, resumed: RunRecord | None, meta: dict) -> RunRecord:
+    """The run's record: a new folder with the resolved config, or the resumed one with its state loaded and the
+    overrides of this resume recorded; then marked running, on this machine."""
     cfg, rt = s.cfg, s.rt
-    if resume:
-        run_dir = RunDir(resume)
-        state = ckpt.load(run_dir / RunDir.LAST, rt.device)
-        check_resumable(state, s, run_dir)
-        s.state.load_state_dict(state, rt.rank)
+    if resumed is not None:
+        record = resumed
+        state = ckpt.load(record.dir / RunDir.LAST, rt.device)
+        check_resumable(state, s, record.dir)
+        s.state.restore(state, rt.rank)
         if rt.master:
-            if (cut := records.repair_jsonl(run_dir / RunDir.METRICS)) is not None:
-                s.notices.append(f"{run_dir / RunDir.METRICS}: cut a torn last line (a crash while it was written): "
+            if (cut := records.repair_jsonl(record.dir / RunDir.METRICS)) is not None:
+                s.notices.append(f"{record.dir / RunDir.METRICS}: cut a torn last line (a crash while it was written): "
                                  f"{cut[:60]!r}")
-            record_resume(run_dir, cfg)
+            record_resume(record, cfg)
     else:
-        run_dir = RunDir(rt.broadcast(str(RunDir.create(cfg.out, name).path) if rt.master else None))
-        if rt.master:
-            (run_dir / RunDir.CONFIG).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-            (run_dir / RunDir.SPEC).write_text(yaml.safe_dump(spec_dict(s.spec), sort_keys=False))
-            shapes = {"train": s.train_loader.shapes(), "val": s.val_loader.shapes()}
-            records.write_run_info(run_dir, {
-                **meta, "name": name, "created": records.now(), "world_size": rt.world, "device": str(rt.device),
-                "version": __version__, "torch": torch.__version__, "classes": s.classes,
-                "train_samples": len(s.train_loader.split), "batch_shapes": shapes,
-                "shape_count": {k: len(v) for k, v in shapes.items()}})
-    if rt.master:
-        # What this process runs on (a resume may run on another machine, in another precision or loader).
-        records.update_run_info(run_dir, {**records.running_status(), "device": str(rt.device),
-                                          "precision": {"chosen": rt.precision, "why": rt.precision_reason},
-                                          "loader": {"chosen": s.train_loader.describe(), "why": s.train_loader.why}})
+        shapes = {"train": s.train_loader.shapes(), "val": s.val_loader.shapes()}
+        made = RunRecord.create(cfg.out, name, to_dict(cfg), spec_dict(s.spec), {
+            **meta, "world_size": rt.world, "device": str(rt.device), "version": __version__, "torch": torch.__version__,
+            "classes": s.classes, "train_samples": len(s.train_loader.split), "batch_shapes": shapes,
+            "shape_count": {k: len(v) for k, v in shapes.items()}, "flops": model_cost(s.spec, cfg.data)}) \
+            if rt.master else None
+        path = rt.broadcast(str(made.path) if made else None)
+        record = made or RunRecord(path, master=False)
+    # What this process runs on (a resume may run on another machine, in another precision or loader).
+    record.start({"device": str(rt.device), "precision": {"chosen": rt.precision, "why": rt.precision_reason},
+                  "loader": {"chosen": s.train_loader.describe(), "why": s.train_loader.why}})
+    record.on_end = lambda: best_facts(s.state)
+    s.record = record
     s.sched = make_schedule(s.opt, cfg, s.train_loader.steps(0), s.global_batch, start_step=s.state.global_step)
-    return run_dir
+    return record
+
+
+def model_cost(spec: ModelSpec, data) -> dict:
+    """Forward FLOPs per image at the run's crop and at its full-resolution budget, for the card and the diagnosis
+    (counted on the meta device: no memory, no compute)."""
+    with torch.device("meta"):
+        m = build_model(spec)
+    side = int(data.pixels**0.5)
+    return {"crop": count_flops(m, data.crop, data.crop), "full": count_flops(m, side, side), "full_pixels": data.pixels}
 
 
 def check_resumable(state: dict, s: Session, run_dir: RunDir) -> None:
@@ -258,14 +261,13 @@ def check_resumable(state: dict, s: Session, run_dir: RunDir) -> None:
                           f"{s.cfg.data.shards}. A resume trains on the same classes: use the shards it was trained on")
 
 
-def record_resume(run_dir: RunDir, cfg: TrainConfig) -> None:
+def record_resume(record: RunRecord, cfg: TrainConfig) -> None:
     """config.yaml becomes the config now in effect; run.json keeps what each resume changed (when, key, from, to)."""
-    old = to_dict(load(run_dir / RunDir.CONFIG))
+    old = to_dict(load(record.dir / RunDir.CONFIG))
     changes = {k: [a, b] for k, (a, b) in diff(old, to_dict(cfg)).items()}
-    info = records.read_run_info(run_dir)
-    records.update_run_info(run_dir, {"resumes": info.get("resumes", []) + [{"time": records.now(), "changes": changes}]})
+    record.update({"resumes": record.info().get("resumes", []) + [{"time": records.now(), "changes": changes}]})
     if changes:
-        (run_dir / RunDir.CONFIG).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        record.write_config(to_dict(cfg))
 
 
 def train(s: Session, run_dir: RunDir, console, signalled) -> Stop:
@@ -315,7 +317,7 @@ def train(s: Session, run_dir: RunDir, console, signalled) -> Stop:
 def record_batches(s: Session, run_dir: RunDir, progress: Progress) -> list[Path]:
     """What the network is fed (plots/batches.png), when a run starts; its cost into run.json."""
     t = time.perf_counter()
-    path = evidence.preview(s.cfg, run_dir / RunDir.PLOTS / "batches.png", s.rt.device, s.rt.dtype)
+    path = evidence.preview(s.cfg, run_dir.plot(RunDir.BATCHES), s.rt.device, s.rt.dtype)
     seconds = time.perf_counter() - t
     records.update_run_info(run_dir, {"evidence_s": {"batches": round(seconds, 2)}})
     progress.say(f"what the network is fed: {path} ({seconds:.1f} s)")
@@ -357,7 +359,7 @@ def train_epoch(s: Session, run_dir: RunDir, progress: Progress, tb: TensorBoard
     batches = iter(s.train_loader.epoch(st.epoch, st.step))
     seen: list[int] = []
     while (batch := st.meter.next(batches)) is not None:
-        rng = np.random.default_rng([cfg.seed, st.epoch, st.step, rt.rank])  # mixup draws: no state to resume
+        rng = step_rng(cfg.seed, st.epoch, st.step, rt.rank)  # mixup draws: no state to resume
         st.meter.add(*train_step(s.net, batch, s.opt, s.sched, s.ema, rt, cfg, rng, s.graphs), batch.real)
         seen += batch.index.tolist() if cfg.record_samples else []
         st.step, st.global_step = st.step + 1, st.global_step + 1
@@ -387,9 +389,7 @@ def check_in(s: Session, run_dir: RunDir, progress: Progress, tb: TensorBoard, s
     lr = s.sched.get_last_lr()[0]
     progress.update(st.epoch, st.step, stats, lr)
     tb.step(st.global_step, stats, lr)
-    if rt.master and time.monotonic() - s.beat_at > HEARTBEAT_S:
-        records.update_run_info(run_dir, {"heartbeat": records.now()})
-        s.beat_at = time.monotonic()
+    s.record.beat()
     if signalled:
         return Stop.INTERRUPTED
     if at_limit:
@@ -443,23 +443,24 @@ def save_last(s: Session, run_dir: RunDir) -> None:
     """A resumable last.pt at the state's position (every rank's RNG gathered: each draws its own dropout masks)."""
     rngs = s.rt.gather(ckpt.rng_state())
     if s.rt.master:
-        ckpt.save(run_dir / RunDir.LAST, {**s.state.state_dict(rngs), "config": to_dict(s.cfg), "classes": s.classes,
+        ckpt.save(run_dir / RunDir.LAST, {**s.state.snapshot(rngs), "config": to_dict(s.cfg), "classes": s.classes,
                                           "spec": spec_dict(s.spec)})
     s.saved_at = time.monotonic()
 
 
-def finish(s: Session, run_dir: RunDir, status: str, error: str | None) -> None:
-    """The run's final status, whatever happened; never raises over the error that ended the run."""
-    rt = s.rt
+def best_facts(st: ckpt.TrainState) -> dict:
+    """What run.json says of the validation winner, whatever the ending."""
+    best = st.best
+    return {"best_val_top1": best["top1"] if best["top1"] >= 0 else None, "best_weights": best["weights"],
+            "best_epoch": best["epoch"] or None}
+
+
+def record_samples(s: Session, run_dir: RunDir) -> None:
+    """With ``record_samples``: each rank's sample indices per epoch and its weights' digest (the tests' evidence that
+    every sample came once and the ranks agree); never raises over the error that ended the run."""
     with contextlib.suppress(Exception):
         if s.cfg.record_samples:
-            run_dir.rank_file(rt.rank).write_text(json.dumps({"seen": s.seen, "weights_sha256": weights_digest(s.model)}))
-    if rt.master:
-        with contextlib.suppress(Exception):
-            best = s.state.best
-            records.update_run_info(run_dir, {"status": status, "error": error, "ended": records.now(),
-                                              "best_val_top1": best["top1"] if best["top1"] >= 0 else None,
-                                              "best_weights": best["weights"], "best_epoch": best["epoch"] or None})
+            run_dir.rank_file(s.rt.rank).write_text(json.dumps({"seen": s.seen, "weights_sha256": weights_digest(s.model)}))
 
 
 def weights_digest(model) -> str:

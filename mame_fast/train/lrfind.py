@@ -13,18 +13,21 @@ The model, optimizer, scaler, EMA and RNG states are restored afterwards: nothin
 
 from __future__ import annotations
 
-import copy
 import json
 import math
+import textwrap
 import time
 from pathlib import Path
 
 import numpy as np
 
-from ..records import records
+from ..files import atomic_write_text
+from ..input.mixing import step_rng
+from ..records.card import plain_text
+from ..records.facts import range_test_sentence
 from ..records.plots import pyplot, save_figure
 from ..records.rundir import RunDir
-from . import checkpoint as ckpt
+from ..records.runrecord import RunRecord
 from .step import train_step
 
 
@@ -33,13 +36,12 @@ def range_test(s, start: float = 1e-5, end: float = 10.0, steps: int = 100, dive
     """Run the test on session ``s`` (``loop.build``'s); returns the tested rates, raw and smoothed losses and the
     suggestion. Every state it touches is restored."""
     model, opt, rt, cfg = s.model, s.opt, s.rt, s.cfg
-    saved = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()), copy.deepcopy(rt.scaler.state_dict()),
-             copy.deepcopy(s.ema.state_dict()) if s.ema is not None else None, ckpt.rng_state())
+    saved = s.state.snapshot(copy=True)
     scale = s.global_batch / 256  # rates are per 256 images; the optimizer's are at this batch
     rates = [start * (end / start) ** (i / (steps - 1)) for i in range(steps)]
     sched = _Held()  # the rate is set per step below
     tried, raw, smoothed = [], [], []
-    mean, best = 0.0, math.inf
+    mean, best, diverged = 0.0, math.inf, False
     try:
         model.train()
         batches = _batches(s.train_loader)
@@ -47,7 +49,7 @@ def range_test(s, start: float = 1e-5, end: float = 10.0, steps: int = 100, dive
             for g in opt.param_groups:
                 g["lr"] = lr * scale
             batch = next(batches)
-            rng = np.random.default_rng([cfg.seed, 0, i, rt.rank])
+            rng = step_rng(cfg.seed, 0, i, rt.rank)
             loss = float(train_step(s.net, batch, opt, sched, s.ema, rt, cfg, rng, s.graphs)[0])  # a sync per step: fine
             mean = smooth * mean + (1 - smooth) * loss
             value = mean / (1 - smooth ** (i + 1))
@@ -56,18 +58,12 @@ def range_test(s, start: float = 1e-5, end: float = 10.0, steps: int = 100, dive
             smoothed.append(value)
             best = min(best, value)
             if not math.isfinite(value) or value > diverge * best:
+                diverged = True
                 break
     finally:
-        model.load_state_dict(saved[0])
-        opt.load_state_dict(saved[1])
-        rt.scaler.load_state_dict(saved[2])
-        if s.ema is not None:
-            s.ema.load_state_dict(saved[3])
-        ckpt.set_rng_state(saved[4])
-        for p in model.parameters():
-            p.grad = None
+        s.state.restore(saved)
     return {"lr": tried, "loss": raw, "smoothed": smoothed, **suggest(tried, smoothed), "start": start, "end": end,
-            "global_batch": s.global_batch}
+            "global_batch": s.global_batch, "diverged": diverged}
 
 
 def suggest(lrs: list[float], smoothed: list[float]) -> dict:
@@ -110,9 +106,8 @@ def plot(result: dict, path: Path) -> Path:
     finite = [v for v in result["smoothed"] if math.isfinite(v)]
     if finite:
         ax.set_ylim(min(finite) * 0.95, min(max(finite), 3 * min(finite)) * 1.05)
-    ax.set(xlabel="learning rate per 256 images (optim.lr)", ylabel="training loss (cross-entropy)",
-           title=f"Learning-rate range test: steepest descent at {result['steepest_lr']:.2g}, lowest loss at "
-                 f"{result['min_loss_lr']:.2g}")
+    ax.set(xlabel="learning rate per 256 images (optim.lr)", ylabel="training loss (cross-entropy)")
+    ax.set_title(textwrap.fill(plain_text(range_test_sentence(result)), 100), fontsize=9)
     ax.grid(alpha=0.3, which="both")
     ax.legend(loc="upper left", fontsize=8)
     return save_figure(fig, path)
@@ -122,8 +117,6 @@ def run(cfg, name: str = "lr-find", meta: dict | None = None, console=None, star
         steps: int = 100) -> Path:
     """`mame-fast lr-find`: the range test on ``cfg``'s data, model and optimizer, recorded as a numbered run folder of
     kind lr-find (no checkpoint); returns the folder."""
-    import yaml
-
     from ..config import ConfigError, to_dict
     from ..records.live import Progress
     from .loop import build
@@ -136,37 +129,27 @@ def run(cfg, name: str = "lr-find", meta: dict | None = None, console=None, star
             raise ConfigError("lr-find runs in one process: start it without torchrun")
         s = build(cfg, rt)
         try:
-            run_dir = RunDir.create(cfg.out, name)
-            (run_dir / RunDir.CONFIG).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-            (run_dir / RunDir.SPEC).write_text(yaml.safe_dump(spec_dict(s.spec), sort_keys=False))
-            records.write_run_info(run_dir, {**(meta or {}), "name": name, "kind": "lr-find", "created": records.now(),
-                                             "classes": s.classes, **records.running_status()})
-            try:
-                record(s, run_dir, Progress(rt.master, console, 1, steps), start, end, steps)
-            except BaseException as e:
-                status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"  # Ctrl-C, SIGTERM, SIGUSR1
-                records.update_run_info(run_dir, {"status": status, "error": f"{type(e).__name__}: {e}",
-                                                  "ended": records.now()})
-                raise
-            return run_dir.path
+            with RunRecord.create(cfg.out, name, to_dict(cfg), spec_dict(s.spec),
+                                  {**(meta or {}), "kind": "lr-find", "classes": s.classes}, command="lr-find") as record:
+                record.start()
+                record.finish("finished", lr_find=measure(s, record.dir, Progress(rt.master, console, 1, steps), start,
+                                                          end, steps))
+            return record.path
         finally:
             s.close()
     finally:
         rt.close()
 
 
-def record(s, run_dir: RunDir, progress, start: float, end: float, steps: int) -> None:
-    """The test, its numbers (lr_find.json), its plot and run.json's summary."""
+def measure(s, run_dir: RunDir, progress, start: float, end: float, steps: int) -> dict:
+    """The test, its numbers (lr_find.json) and its plot; returns run.json's summary of it."""
     t = time.perf_counter()
     progress.say(f"learning-rate range test: up to {steps} steps from {start:g} to {end:g} per 256 images")
     result = range_test(s, start, end, steps)
-    (run_dir / "lr_find.json").write_text(json.dumps(result, indent=1))
-    (run_dir / RunDir.PLOTS).mkdir(exist_ok=True)
-    plot(result, run_dir / RunDir.PLOTS / "lr_find.png")
-    summary = {k: result[k] for k in ("steepest_lr", "min_loss_lr", "suggested_lr", "range")}
-    records.update_run_info(run_dir, {"status": "finished", "ended": records.now(), "lr_find": {
-        **summary, "start": start, "end": end, "steps": len(result["lr"]), "seconds": round(time.perf_counter() - t, 1)}})
-    progress.say(f"steepest descent at lr {summary['steepest_lr']:.3g}, lowest loss at {summary['min_loss_lr']:.3g}: "
-                 f"suggested optim.lr {summary['suggested_lr']:.3g} (range {summary['range'][0]:.3g} to "
-                 f"{summary['range'][1]:.3g}); plot {run_dir / RunDir.PLOTS / 'lr_find.png'}")
+    atomic_write_text(run_dir / RunDir.LR_FIND, json.dumps(result, indent=1))
+    plot(result, run_dir.plot(RunDir.LR_PLOT))
+    summary = {**{k: result[k] for k in ("steepest_lr", "min_loss_lr", "suggested_lr", "range", "diverged")},
+               "start": start, "end": end, "steps": len(result["lr"]), "seconds": round(time.perf_counter() - t, 1)}
+    progress.say(f"{plain_text(range_test_sentence(summary))}; plot {run_dir.plot(RunDir.LR_PLOT)}")
     progress.close()
+    return summary

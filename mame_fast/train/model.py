@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import ConvNormAct, DropPath, SEModule, SeparableConvNormAct, create_act_layer, get_act_layer, get_norm_layer
 
-from ..input.loader import valid_mask
+from ..tensors import valid_mask
 from .spec import ModelSpec, StageSpec, receptive_fields
 
 

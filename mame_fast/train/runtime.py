@@ -137,10 +137,19 @@ def choose_precision(request: str, device: str, capability: tuple[int, int] | No
     return request, "as asked"
 
 
+def ranks() -> tuple[int, int, int]:
+    """(rank, local rank, world size) of this process: torchrun's environment, or one process."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_master() -> bool:
+    """Whether this process is the one that writes (rank 0), without setting anything up."""
+    return ranks()[0] == 0
+
+
 def setup_runtime(precision: str = "auto", cudnn_benchmark: bool = False, training: bool = True) -> Runtime:
     """Devices, ranks and precision for this process (from torchrun's environment when present)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    rank, local_rank, world = ranks()
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     p, why = choose_precision(precision, device.type, torch.cuda.get_device_capability(device) if cuda else None, training)

@@ -18,32 +18,9 @@ import torch
 import torch.nn.functional as F
 from timm.utils import ModelEmaV3
 
-from ..config import ConfigError, OptimConfig, TrainConfig
+from ..config import ConfigError, TrainConfig
+from ..input.mixing import mix, soft_targets
 from .runtime import Runtime
-
-
-def soft_targets(y: torch.Tensor, n: int, smoothing: float) -> torch.Tensor:
-    # scatter_, not F.one_hot: one_hot may check the labels' range on the host, a sync in the step.
-    onehot = torch.zeros(len(y), n, device=y.device).scatter_(1, y.view(-1, 1), 1.0)
-    return onehot * (1 - smoothing) + smoothing / n
-
-
-def mix(x: torch.Tensor, t: torch.Tensor, cfg: OptimConfig, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mixup or CutMix with the batch reversed as partner; training batches are never padded."""
-    if not (cfg.mixup or cfg.cutmix):
-        return x, t
-    use_cut = bool(cfg.cutmix) and (not cfg.mixup or rng.random() < 0.5)
-    lam = float(rng.beta(cfg.cutmix, cfg.cutmix) if use_cut else rng.beta(cfg.mixup, cfg.mixup))
-    if use_cut:
-        H, W = x.shape[2:]
-        ch, cw = int(H * math.sqrt(1 - lam)), int(W * math.sqrt(1 - lam))
-        y0, x0 = int(rng.integers(0, H - ch + 1)), int(rng.integers(0, W - cw + 1))
-        x = x.clone()
-        x[:, :, y0 : y0 + ch, x0 : x0 + cw] = x.flip(0)[:, :, y0 : y0 + ch, x0 : x0 + cw]
-        lam = 1 - ch * cw / (H * W)
-    else:
-        x = x * lam + x.flip(0) * (1 - lam)
-    return x, t * lam + t.flip(0) * (1 - lam)
 
 
 def train_step(model, batch, opt, sched, ema, rt: Runtime, cfg: TrainConfig, rng: np.random.Generator,

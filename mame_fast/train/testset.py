@@ -9,16 +9,15 @@ and the ledger say which weights and which epoch were looked at.
 Why a ledger: choosing a model by its test accuracy turns the test set into a validation set; the ledger
 keeps every look at it, with the time, so a report can show that it was looked at once.
 
-One look under any timing: a look holds the run's lock (``test.lock``, an exclusive ``flock``, released by the kernel
-if the process dies) from the check for an earlier look until its result and ledger line are written, so a second
-``test`` started meanwhile is refused instead of looking too. A run that has not ended (running, died, interrupted,
-failed) is refused unless asked (``--unfinished``): its ``best.pt`` is that moment's, and after the run finished the one
-look would already be spent.
+One look under any timing: a look holds the run folder's lock (``records/runrecord.py``: an exclusive ``flock``,
+released by the kernel if the process dies) from the check for an earlier look until its result and ledger line are
+written, so a second ``test`` started meanwhile is refused instead of looking too, and so is a trainer resuming the
+run. A run that has not ended (running, died, interrupted, failed) is refused unless asked (``--unfinished``): its
+``best.pt`` is that moment's, and after the run finished the one look would already be spent.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from ..files import atomic_write_text
 from ..input import build_loader
 from ..records.records import append_jsonl, now, read_run_info, run_status, update_run_info
 from ..records.rundir import RunDir
+from ..records.runrecord import RunRecord
 from ..records.stats import wilson
 from . import checkpoint as ckpt
 from .evaluate import evaluate
@@ -37,7 +37,6 @@ from .spec import spec_from_dict
 
 CHECKPOINTS = ("best", "last", "ema")
 FINAL = ("finished", "stopped", "diverged")  # a run in one of these states will not change its weights any more
-LOCK = "test.lock"
 
 
 class TestRefused(Expected, RuntimeError):
@@ -72,34 +71,19 @@ def evaluate_test_set(run_dir: str | Path, which: str = "best", again: bool = Fa
         raise TestRefused(f"--checkpoint must be one of {', '.join(CHECKPOINTS)}, got {which!r}")
     if not (run_dir / RunDir.CONFIG).is_file():
         raise TestRefused(f"{run_dir.path}: not a run folder (no {RunDir.CONFIG})")
-    with one_look(run_dir):
+    with RunRecord.reopen(run_dir.path, "test", owns_status=False):
         result_path = run_dir / RunDir.TEST
         if result_path.is_file() and not again:
             raise AlreadyTested(json.loads(result_path.read_text()))
         status = run_status(read_run_info(run_dir))
         if status not in FINAL and not unfinished:
+            # Never advise a second trainer on a live run: a running one finishes by itself.
+            finish = ("Wait for it to finish" if status == "running" else
+                      f"Finish it first (mame-fast train --resume {run_dir.path})")
             raise TestRefused(
                 f"{run_dir.path} is {status}: its {RunDir.BEST} is that moment's, not the run's, and the one look at the "
-                f"test set would be spent on it. Finish it first (mame-fast train --resume {run_dir.path}), or pass "
-                f"--unfinished to test it as it is (recorded).")
+                f"test set would be spent on it. {finish}, or pass --unfinished to test it as it is (recorded).")
         return _look(run_dir, which, again, status)
-
-
-@contextlib.contextmanager
-def one_look(run_dir: RunDir):
-    """Hold the run's test lock, or refuse: another ``mame-fast test`` of this run is evaluating now."""
-    import fcntl
-
-    with open(run_dir / LOCK, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise TestRefused(f"{run_dir.path}: another `mame-fast test` of this run is evaluating it right now; its "
-                              f"result is the run's one look (see {run_dir / RunDir.TEST} when it ends)") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _look(run_dir: RunDir, which: str, again: bool, status: str) -> dict:
