@@ -284,17 +284,15 @@ def train(
     tensorboard: bool = flag("--tensorboard", help="Also log to TensorBoard (<run>/tb): --set tensorboard=true."),
 ) -> None:
     """Train a spec-built CNN (single process, or under torchrun on one or many nodes)."""
-    from .config import ConfigError, load
-    from .records.rundir import RunDir, check_run_name
+    from .config import load
+    from .records.rundir import RunDir, check_run_name, existing_run
     from .records.runrecord import resumable
 
     check_run_name(name)
     sets = option_sets(set_, res, shards) + (["tensorboard=true"] if tensorboard else [])
     cfg = load(config, sets)
-    folder = resumable(cfg.out, name) if resume == "auto" else Path(resume) if resume else None
+    folder = resumable(cfg.out, name) if resume == "auto" else existing_run(resume).path if resume else None
     if folder is not None:
-        if not (folder / RunDir.CONFIG).is_file():
-            raise ConfigError(f"--resume {folder}: not a run folder (no {RunDir.CONFIG})")
         cfg = load(folder / RunDir.CONFIG, sets)
     _preflight(cfg)
     _train(cfg, name, folder, {"after": list(after), "hypothesis": hypothesis})
@@ -323,11 +321,16 @@ def run_config(config: str | None, set_: list[str], res: str | None, shards: Pat
 
 
 def _preflight(cfg) -> None:
-    """What can be checked of a run's config without torch (the model spec against the data), before the seconds of
-    importing it: a typo is reported at once."""
+    """What can be checked of a run's config without torch (the shard folder, the model spec against the data), before
+    the seconds of importing it: a typo is reported at once."""
+    from .config import ConfigError
     from .train.spec import check_for_data, load_spec
 
-    check_for_data(load_spec(cfg.model), cfg)
+    spec = load_spec(cfg.model)
+    if not Path(cfg.data.shards).is_dir():
+        raise ConfigError(f"data.shards {cfg.data.shards}: no such folder; make shards with `mame-fast shard SRC --out "
+                          f"DIR` and give DIR/full or DIR/256 (--shards)")
+    check_for_data(spec, cfg)
 
 
 @command()
@@ -373,9 +376,13 @@ def lr_find(
     if not 0 < start < end:
         raise ConfigError(f"--start {start:g} and --end {end:g}: want 0 < start < end")
     cfg = run_config(config, set_, res, shards)
+    from .train.lrfind import NoUsableRange
     from .train.lrfind import run as range_test
 
-    folder = range_test(cfg, name, {"after": list(after), "hypothesis": hypothesis}, console, start, end, steps)
+    try:
+        folder = range_test(cfg, name, {"after": list(after), "hypothesis": hypothesis}, console, start, end, steps)
+    except NoUsableRange as e:
+        _fail(str(e), EXIT_DIVERGED)
     console.print(f"run folder: {folder}\ncard: {folder / RunDir.CARD}")
 
 
@@ -447,7 +454,8 @@ def _resume_hint(run_dir: Path) -> str:
     if not last.is_file():
         return "No checkpoint was written: start the run again."
     st = ckpt.load(last)
-    return f"{last} (epoch {st['epoch'] + 1}, step {st['step']}) is intact; continue with `mame-fast train --resume {run_dir}`."
+    where = f"the end of epoch {st['epoch']}" if st["step"] == 0 else f"epoch {st['epoch'] + 1}, step {st['step']}"
+    return f"{last} (at {where}) is intact; continue with `mame-fast train --resume {run_dir}`."
 
 
 @command()
@@ -501,10 +509,11 @@ def test_cmd(
                                                                 "interrupted, failed) as it is (recorded)."),
 ) -> None:
     """Evaluate a run on the test split, once."""
+    from .records.rundir import existing_run
     from .records.stats import pct
     from .train.testset import evaluate_test_set
 
-    r = evaluate_test_set(run_dir, checkpoint, again, unfinished)
+    r = evaluate_test_set(existing_run(run_dir).path, checkpoint, again, unfinished)
     console.print(f"test ({r['count']} images, {r['weights']} weights of epoch {r['epoch']}, checkpoint {checkpoint}): "
                   f"top-1 {pct(r['top1'], r['count'])} (95% interval)  top-5 {r['top5']:.1%}  balanced "
                   f"{r['balanced_acc']:.1%}  -> {run_dir / 'test.json'}", highlight=False)
@@ -515,8 +524,9 @@ def test_cmd(
 def diagnose(run_dir: Path = typer.Argument(..., help="Run folder.")) -> None:
     """Underfitting, overfitting, fitting, diverged, unstable or not converged, with the numbers and the next step."""
     from .records.kinds import diagnose_run
+    from .records.rundir import existing_run
 
-    d = diagnose_run(run_dir)
+    d = diagnose_run(existing_run(run_dir).path)
     console.print(f"[bold]{d.verdict}[/]")
     for r in d.reasons:
         console.print(f"  - {r}")
@@ -528,8 +538,9 @@ def diagnose(run_dir: Path = typer.Argument(..., help="Run folder.")) -> None:
 def note(run_dir: Path = typer.Argument(...), text: str = typer.Argument(..., help="An observation for the run's card.")) -> None:
     """Add an observation to a run (part 5 of its card)."""
     from .records.report import add_note
+    from .records.rundir import existing_run
 
-    add_note(run_dir, text)
+    add_note(existing_run(run_dir).path, text)
     console.print(f"noted in {run_dir / 'card.md'}")
 
 
@@ -538,8 +549,9 @@ def note(run_dir: Path = typer.Argument(...), text: str = typer.Argument(..., he
 def runs(root: Path = typer.Option(Path("runs"), help="Folder holding the run folders.")) -> None:
     """A table of all runs: number, name, hypothesis, predecessor, best val, gap, diagnosis, epochs, images/s, test."""
     from .records.report import runs_table
+    from .records.rundir import existing_root
 
-    rows = runs_table(root)
+    rows = runs_table(existing_root(root))
     if not rows:
         _fail(f"no runs in {root}{_elsewhere(root)}")
     t = Table()
@@ -554,12 +566,16 @@ def runs(root: Path = typer.Option(Path("runs"), help="Folder holding the run fo
 @expected_errors
 def compare(
     run_dirs: List[Path] = typer.Argument(..., help="Two or more run folders."),
-    out: Path = typer.Option(Path("compare.png"), help="Figure to write."),
+    out: Optional[Path] = typer.Option(None, help="Figure to write (default: compare-N-M.png beside the first run, in "
+                                                  "its runs folder)."),
 ) -> None:
     """Curves of several runs overlaid in one figure, plus each config's diff against the first."""
     from .records.report import compare as cmp
+    from .records.rundir import existing_run
 
-    path, diffs, verdicts = cmp(run_dirs, out)
+    runs = [existing_run(d) for d in run_dirs]
+    out = out or runs[0].root / f"compare-{'-'.join(str(r.number) for r in runs)}.png"
+    path, diffs, verdicts = cmp([r.path for r in runs], out)
     for k, d in diffs.items():
         console.print(f"[bold]{k}[/] vs {run_dirs[0].name}:")
         for key, (a, b) in d.items():
@@ -576,9 +592,9 @@ def report(root: Path = typer.Option(Path("runs"), help="Folder holding the run 
     from .records.plots import plot_run
     from .records.records import read_run_info
     from .records.report import write_report
-    from .records.rundir import RunDir, list_runs
+    from .records.rundir import RunDir, existing_root, list_runs
 
-    if not list_runs(root):
+    if not list_runs(existing_root(root)):
         _fail(f"no runs in {root}{_elsewhere(root)}")
     for r in list_runs(root):
         classes = read_run_info(r.path).get("classes")  # as the run's shards named them

@@ -34,3 +34,50 @@ class Dispatched(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops.append(str(func.overloadpacket))
         return func(*args, **(kwargs or {}))
+
+
+_BROKEN_IMAGES = """<script>window.addEventListener("load", () => { const bad = [...document.images]
+  .filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.getAttribute("src"));
+  document.body.setAttribute("data-broken", JSON.stringify(bad)); });</script>"""
+
+
+def chromium() -> str:
+    """The headless browser (Debian's chromium, tools/chromium.sh). Missing: the test skips, unless CI asks for it
+    (MAME_FAST_REQUIRE_BROWSER=1), where a missing browser fails instead of hiding the test."""
+    import shutil
+
+    import pytest
+
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found:
+        return found
+    if os.environ.get("MAME_FAST_REQUIRE_BROWSER") == "1":
+        pytest.fail("chromium is not installed: run tools/chromium.sh (CI must not skip the browser tests)")
+    pytest.skip("needs chromium (tools/chromium.sh installs it)")
+
+
+def open_in_browser(page: Path, screenshot: Path, width: int = 1280, height: int = 2400) -> list[str]:
+    """Load ``page`` in headless Chromium as a reader would (file://, its pictures beside it): a screenshot of the top
+    ``height`` px into ``screenshot``, and the src of every picture that did not load (a copy of the page with a
+    load-time check runs in the same folder, so that relative paths resolve the same)."""
+    import subprocess
+
+    browser = chromium()
+    flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--allow-file-access-from-files"]
+    probe = page.with_name(f".probe-{page.name}")
+    probe.write_text(page.read_text().replace("</body>", _BROKEN_IMAGES + "</body>"))
+    try:
+        dom = subprocess.run([*flags, "--virtual-time-budget=10000", "--dump-dom", probe.resolve().as_uri()],
+                             capture_output=True, text=True, timeout=120).stdout
+    finally:
+        probe.unlink()
+    shot = subprocess.run([*flags, f"--screenshot={screenshot}", f"--window-size={width},{height}", page.resolve().as_uri()],
+                          capture_output=True, text=True, timeout=120)
+    assert screenshot.is_file(), shot.stderr[-2000:]
+    import html
+    import json
+    import re
+
+    found = re.search(r'data-broken="([^"]*)"', dom)
+    assert found, f"the page did not finish loading: {dom[-500:]}"
+    return json.loads(html.unescape(found.group(1)))

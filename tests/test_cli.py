@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import typer
@@ -43,6 +44,8 @@ def test_run_commands(runs_root, tmp_path):
     assert code == 0 and re.search(r"│\s*1\s*│", out) and re.search(r"│\s*2\s*│", out)  # one row per run
     code, out = invoke("compare", a, b, "--out", tmp_path / "cmp.png")
     assert code == 0 and "optim.lr: 0.01 -> 0.02" in out and (tmp_path / "cmp.png").is_file()
+    code, out = invoke("compare", a, b)  # by default beside the runs, not in the folder it was started from
+    assert code == 0 and (runs_root / "compare-1-2.png").is_file() and not Path("compare.png").exists()
     code, out = invoke("report", "--root", runs_root)
     assert code == 0 and (runs_root / "report.html").is_file()
     code, out = invoke("test", a)

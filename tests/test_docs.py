@@ -5,6 +5,7 @@ docs/configuration.md is what the config's field docs generate."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 from pathlib import Path
@@ -15,6 +16,8 @@ import typer
 
 from mame_fast.cli import app
 from mame_fast.config import keys
+
+from .helpers import open_in_browser
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ["install", "shards", "input-pipeline", "models", "training", "configuration", "experiments", "benchmarks",
@@ -121,6 +124,7 @@ def test_the_configuration_page_is_generated_from_the_field_docs():
 
 
 @pytest.mark.slow
+@pytest.mark.browser
 def test_the_quick_starts_next_commands_run_as_printed(tmp_path):
     """After the demo (here a smaller one, same folders), its report shows the four evidence pictures (the range test,
     the batches as fed, the error gallery, the class activation maps), and each command the README's quick start prints
@@ -140,6 +144,9 @@ def test_the_quick_starts_next_commands_run_as_printed(tmp_path):
     # The demo follows its own range test: run #2 trains at #1's suggested rate, and its card says so.
     suggested = json.loads((tmp_path / "demo/runs/001-lr-find/run.json").read_text())["lr_find"]["suggested_lr"]
     assert f"optim.lr {suggested:g} per 256 images lies inside the range" in report
+    # The demo's report as a reader opens it: every picture loads in a browser (MAME_FAST_SHOTS keeps the screenshot).
+    shot = Path(os.environ.get("MAME_FAST_SHOTS", tmp_path)) / "demo_report.png"
+    assert open_in_browser(tmp_path / "demo" / "runs" / "report.html", shot) == []
     text = (ROOT / "README.md").read_text()
     block = text[text.index("## Quick start"):].split("```bash\n")[2].split("```")[0]
     lines = [line.split("#")[0].strip() for line in block.splitlines()]

@@ -67,7 +67,7 @@ def small_disk(tmp_path):
     ("data.res=fulll", "data.res: 'fulll' is not one of '256', 'full'"),
     ("optim.schedule=cosin", "optim.schedule: 'cosin' is not one of 'cosine', 'onecycle', 'constant'"),
     ("data.loader=dalli", "data.loader: 'dalli' is not one of 'auto', 'dali', 'pil'"),
-    ("data.shards=/nonexistent/shards", "/nonexistent/shards: no manifest.json"),
+    ("data.shards=/nonexistent/shards", "data.shards /nonexistent/shards: no such folder; make shards with"),
     ("model=nosuch", "model: 'nosuch' is neither a shipped spec"),
     ("data.batch_size=0", "data.batch_size: 0 is out of range; it must lie in [1, inf)"),
     ("data.batch_size=-1", "data.batch_size: -1 is out of range"),
@@ -133,7 +133,7 @@ def test_disk_full_while_training(shards, tmp_path, small_disk):
     code, out = invoke(*train_args(shards, disk, "epochs=2"))
     run = list_runs(disk)[0]
     assert code == 5 and "the disk is full" in out and "Traceback" not in out, out
-    assert f"{run / 'last.pt'} (epoch 2, step 0) is intact; continue with `mame-fast train --resume {run.path}`" in out
+    assert f"{run / 'last.pt'} (at the end of epoch 1) is intact; continue with `mame-fast train --resume {run.path}`" in out
     assert not leftovers(disk)
     info = read_run_info(run.path)
     assert info["status"] == "failed" and "No space left" in info["error"] and ckpt.load(run / "last.pt")["epoch"] == 1

@@ -145,3 +145,32 @@ def test_the_seeds_interval_is_students(values):
     assert m == pytest.approx(sum(values) / n)
     assert half == pytest.approx(t_quantile_975(n - 1) * sd / math.sqrt(n), rel=1e-3)
     assert mean_interval([0.5]) == (0.5, math.inf)
+
+
+@pytest.mark.parametrize("a, b, said", [(0.60, 0.70, "conclusive (better)"), (0.70, 0.60, "conclusive (worse)"),
+                                        (0.70, 0.71, "not conclusive")])
+def test_a_comparison_says_better_when_the_second_run_scores_higher(a, b, said):
+    """1,450 validation images each: 10 points apart is beyond noise, 1 point is not; the direction is the second's."""
+    from mame_fast.records.stats import verdict
+
+    text = verdict(a, 1450, b, 1450)
+    assert said in text and text.startswith(f"{100 * (b - a):+.1f} points")
+
+
+def test_metrics_csv_has_each_value_under_its_own_header(shards, tmp_path):
+    """metrics.csv, read back by its header, holds metrics.jsonl's numbers column by column."""
+    import csv
+
+    from mame_fast.records.records import read_metrics
+    from mame_fast.train.loop import run
+
+    from .helpers import cfg_for
+
+    d = run(cfg_for(shards, tmp_path, epochs=2, **{"optim.ema": 0.9}), name="csv")
+    rows = list(csv.DictReader((d / "metrics.csv").open()))
+    for got, want in zip(rows, read_metrics(d), strict=True):
+        assert float(got["epoch"]) == want["epoch"] and float(got["train_loss"]) == pytest.approx(want["train_loss"])
+        assert float(got["val_top1"]) == pytest.approx(want["val"]["top1"])
+        assert float(got["val_top5"]) == pytest.approx(want["val"]["top5"])
+        assert float(got["val_ema_balanced_acc"]) == pytest.approx(want["val_ema"]["balanced_acc"])
+        assert float(got["lr"]) == pytest.approx(want["lr"]) and float(got["images_per_s"]) == pytest.approx(want["images_per_s"])

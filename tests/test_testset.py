@@ -83,3 +83,33 @@ def test_test_evaluates_the_ema_weights_when_they_won(shards, tmp_path):
     assert r["top1"] == pytest.approx(_top1(d, "best")[0], abs=1e-9)
     ledger = json.loads((tmp_path / "test_ledger.jsonl").read_text().splitlines()[-1])
     assert (ledger["weights"], ledger["epoch"]) == ("ema", 1)
+
+
+def test_a_second_look_with_other_weights_is_still_a_second_look(shards, tmp_path):
+    """The one look is per run, not per checkpoint: --checkpoint last after a look with best is refused too."""
+    d = run(cfg_for(shards, tmp_path, epochs=1), name="once")
+    evaluate_test_set(d, "best")
+    for other in ("last", "best"):
+        with pytest.raises(AlreadyTested):
+            evaluate_test_set(d, other)
+    assert len((tmp_path / "test_ledger.jsonl").read_text().splitlines()) == 1
+
+
+def test_the_run_is_held_for_the_whole_look(shards, tmp_path, monkeypatch):
+    """While the test split is evaluated, the run folder's lock is held: a trainer or a second look started then is
+    refused (the lock is not let go between the check for an earlier look and the writing of this one)."""
+    from mame_fast.records.runrecord import RunBusy, RunRecord
+    from mame_fast.train import testset
+
+    d = run(cfg_for(shards, tmp_path, epochs=1), name="once")
+    seen, real = [], testset.evaluate
+
+    def evaluate_while_another_tries(*a, **kw):
+        with pytest.raises(RunBusy) as e:
+            RunRecord.reopen(d, "train")
+        seen.append(str(e.value))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(testset, "evaluate", evaluate_while_another_tries)
+    evaluate_test_set(d)
+    assert len(seen) == 1 and "another `mame-fast test` of this run is evaluating it on the test set" in seen[0]

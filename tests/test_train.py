@@ -584,3 +584,23 @@ def test_the_ema_averages_as_timms_in_two_operations():
             for (name, a), b in zip(ours.state_dict().items(), timms.state_dict().values(), strict=True):
                 assert torch.equal(a, b), (k, name)
         assert int(ours.module.stem[0].bn.num_batches_tracked) == 4  # copied from the model: its 4 forwards
+
+
+def test_fp16_skips_are_counted_in_every_epoch_and_the_scale_survives_a_resume(shards, tmp_path, monkeypatch):
+    """fp16 on the CPU, an overflow in epoch 2: the scaler skips it and epoch 2's row counts it (a new epoch's meter
+    still counts skips); a cut after it, resumed, continues at the halved scale, as the run never cut."""
+    extra = {"epochs": 2, "precision": "fp16", "optim.name": "sgd", "optim.lr": 0.05}
+    plain = run(cfg_for(shards, tmp_path / "plain", **extra), name="fp16")
+    per_epoch = ckpt.load(plain / "last.pt")["global_step"] // 2
+    with monkeypatch.context() as m:
+        inject_overflow(m, at_backward=per_epoch + 2)
+        ref = run(cfg_for(shards, tmp_path / "ref", **extra), name="fp16")
+    with monkeypatch.context() as m:
+        inject_overflow(m, at_backward=per_epoch + 2)
+        cut = run(cfg_for(shards, tmp_path / "cut", max_steps=per_epoch + 3, **extra), name="fp16")
+    assert ckpt.load(cut / "last.pt")["scaler"]["scale"] == 2.0**15  # the overflow came before the cut
+    run(load(cut / "config.yaml", ["max_steps=0"]), name="fp16", resume=cut)
+    assert [r["skipped_steps"] for r in read_metrics(ref)] == [0, 1]
+    a, b = ckpt.load(ref / "last.pt"), ckpt.load(cut / "last.pt")
+    assert a["scaler"] == b["scaler"] and a["scaler"]["scale"] == 2.0**15
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])

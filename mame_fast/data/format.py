@@ -124,7 +124,22 @@ def load_manifest(folder: Path) -> dict:
             f"{folder}: no manifest.json; this is not a complete shard folder. Run `mame-fast shard` "
             f"(again: it resumes) to finish it."
         )
-    m = json.loads(path.read_text())
-    if m.get("format") != FORMAT:
-        raise ShardError(f"{path}: not a mame-fast shard manifest")
+    redo = "run the same `mame-fast shard` command again: it keeps the complete shards and rewrites the manifest"
+    try:
+        m = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ShardError(f"{path}: damaged ({'empty' if not path.read_bytes().strip() else f'not JSON: {e}'}); {redo}") \
+            from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise ShardError(f"{path}: not a mame-fast shard manifest (no \"format\": {FORMAT!r}); {redo}")
+    # The fields the loaders and `shard --verify` read, each of the type they expect.
+    for key, kind in (("variant", str), ("classes", list), ("splits", dict), ("rejected", int)):
+        if not isinstance(m.get(key), kind):
+            raise ShardError(f"{path}: field {key!r} is {'missing' if key not in m else f'not a {kind.__name__}'}: the "
+                             f"manifest is damaged; {redo}")
+    for split, v in m["splits"].items():
+        for key, kind in (("count", int), ("shards", list), ("samples", dict)):
+            if not isinstance(v, dict) or not isinstance(v.get(key), kind):
+                raise ShardError(f"{path}: field splits.{split}.{key} is missing or not a {kind.__name__}: the manifest is "
+                                 f"damaged; {redo}")
     return m

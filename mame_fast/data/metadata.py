@@ -103,22 +103,24 @@ def parse_dataset(data: bytes, source: str) -> list[Row]:
         if None in rec or any(v is None for v in rec.values()):
             got = len([v for k, v in rec.items() if k is not None and v is not None]) + len(rec.get(None) or [])
             raise MetadataError(f"{source}:{lineno}: {got} field(s) where the header has {len(header)}; fix or remove the row")
-        try:
-            row = Row(
-                file=rec["Image file"].strip(),
-                medium=rec["Medium"].strip(),
-                museum=rec["Museum"].strip(),
-                instance_id=rec["Museum-based instance ID"].strip(),
-                subset=rec["Subset"].strip(),
-                width=int(float(rec["Width"])),
-                height=int(float(rec["Height"])),
-            )
-        except (TypeError, ValueError) as e:
-            raise MetadataError(f"{source}:{lineno}: bad value in {rec!r} ({e})") from e
+        sizes = {}
+        for column in ("Width", "Height"):  # the two numbers: name the column, the value and the image it belongs to
+            try:
+                sizes[column] = int(float(rec[column]))
+            except ValueError:
+                raise MetadataError(f"{source}:{lineno}: column {column} is {rec[column].strip()!r}, not a number of "
+                                    f"pixels (image {rec['Image file'].strip() or '?'}); fix the value or remove the "
+                                    f"row") from None
+        row = Row(file=rec["Image file"].strip(), medium=rec["Medium"].strip(), museum=rec["Museum"].strip(),
+                  instance_id=rec["Museum-based instance ID"].strip(), subset=rec["Subset"].strip(),
+                  width=sizes["Width"], height=sizes["Height"])
         if row.subset not in SPLITS:
             raise MetadataError(f"{source}:{lineno}: Subset {row.subset!r} is not one of {SPLITS}")
-        if not row.file or row.width <= 0 or row.height <= 0:
-            raise MetadataError(f"{source}:{lineno}: empty file name or non-positive size in {rec!r}")
+        if not row.file:
+            raise MetadataError(f"{source}:{lineno}: column Image file is empty; fix or remove the row")
+        if row.width <= 0 or row.height <= 0:
+            raise MetadataError(f"{source}:{lineno}: image {row.file} has size {row.width}x{row.height} (columns Width, "
+                                f"Height); sizes are positive: fix the values or remove the row")
         rows.append(row)
     return rows
 

@@ -26,6 +26,7 @@ class Span:
     text: str
     style: Literal["plain", "bold", "code"] = "plain"
     run: int | None = None
+    file: str | None = None  # a link to a file of the run folder (config.yaml), relative to it
 
 
 Text = tuple[Span, ...]
@@ -47,6 +48,11 @@ def code(s: str) -> Span:
 def ref(number: int) -> Span:
     """A link to experiment #number."""
     return Span(f"#{number}", run=number)
+
+
+def file_link(name: str) -> Span:
+    """A file of the run folder, linked (shown as code)."""
+    return Span(name, "code", file=name)
 
 
 def plain_text(t: Text) -> str:
@@ -129,18 +135,20 @@ MARKDOWN = (str, "`{}`", "**{}**", "[{}]({})")
 HTML = (_html.escape, "<code>{}</code>", "<b>{}</b>", '<a href="{1}">{0}</a>')
 
 
-def _span(s: Span, runs: dict[int, str], markup) -> str:
+def _span(s: Span, runs: dict[int, str], markup, prefix: str = "") -> str:
     escape, code_, bold_, link = markup
     t = escape(s.text)
     if s.style in ("code", "bold"):
         t = (code_ if s.style == "code" else bold_).format(t)
     if s.run is not None and s.run in runs:
         t = link.format(t, escape(runs[s.run]))
+    elif s.file is not None:
+        t = link.format(t, escape(prefix + s.file))
     return t
 
 
-def _md(t: Text, runs: dict[int, str], cell: bool = False) -> str:
-    out = "".join(_span(s, runs, MARKDOWN) for s in t)
+def _md(t: Text, runs: dict[int, str], cell: bool = False, prefix: str = "") -> str:
+    out = "".join(_span(s, runs, MARKDOWN, prefix) for s in t)
     return out.replace("|", "\\|").replace("\n", " ") if cell else out
 
 
@@ -154,9 +162,9 @@ def markdown(card: Card, link_prefix: str = "", runs: dict[int, str] | None = No
         for b in blocks:
             md.append("")
             if isinstance(b, Para):
-                md.append(_md(b.text, runs))
+                md.append(_md(b.text, runs, prefix=link_prefix))
             elif isinstance(b, Bullets):
-                md += [f"- {_md(t, runs)}" for t in b.items]
+                md += [f"- {_md(t, runs, prefix=link_prefix)}" for t in b.items]
             elif isinstance(b, Table):
                 md += table_markdown(b, runs)
             elif isinstance(b, Picture):
@@ -174,8 +182,8 @@ def table_markdown(t: Table, runs: dict[int, str] | None = None) -> list[str]:
 # -- HTML ------------------------------------------------------------------------------------------------------
 
 
-def _h(t: Text, runs: dict[int, str]) -> str:
-    return "".join(_span(s, runs, HTML) for s in t)
+def _h(t: Text, runs: dict[int, str], prefix: str = "") -> str:
+    return "".join(_span(s, runs, HTML, prefix) for s in t)
 
 
 def html(card: Card, link_prefix: str = "", runs: dict[int, str] | None = None) -> str:
@@ -189,9 +197,9 @@ def html(card: Card, link_prefix: str = "", runs: dict[int, str] | None = None) 
         h.append(f"<h4>{e(heading)}</h4>")
         for b in blocks:
             if isinstance(b, Para):
-                h.append(f"<p>{_h(b.text, runs)}</p>")
+                h.append(f"<p>{_h(b.text, runs, link_prefix)}</p>")
             elif isinstance(b, Bullets):
-                h.append("<ul>" + "".join(f"<li>{_h(t, runs)}</li>" for t in b.items) + "</ul>")
+                h.append("<ul>" + "".join(f"<li>{_h(t, runs, link_prefix)}</li>" for t in b.items) + "</ul>")
             elif isinstance(b, Table):
                 h.append(table_html(b, runs))
             elif isinstance(b, Picture):

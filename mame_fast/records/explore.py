@@ -6,6 +6,7 @@ of sample images per class when the images are there. Works on the real ``MAMe_d
 
 from __future__ import annotations
 
+import io
 import math
 from collections import Counter
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data import metadata as md
-from ..data.source import read_metadata
+from ..data.source import Source, SourceError, read_metadata
 from .plots import pyplot, save_figure
 
 
@@ -29,8 +30,9 @@ def explore(src: Path | None, out: Path, per_class: int = 4) -> dict:
                        out / "class_museum_counts.png"),
         size_histograms(meta, out / "sizes.png"),
     ]
-    if (root / "data").is_dir():
-        figs.append(sample_grid(meta, root / "data", out / "samples.png", per_class))
+    source = images_of(root)
+    if source is not None:  # the images' folder or the official zip: a sample grid either way
+        figs.append(sample_grid(meta, source, out / "samples.png", per_class))
     stats = summary(meta)
     (out / "explore.md").write_text(markdown(root, meta, stats, figs))
     return stats
@@ -93,7 +95,17 @@ def markdown(root: Path, meta: md.Metadata, stats: dict, figs: list[Path]) -> st
     return "\n".join(lines + [f"![{p.stem}]({p.name})" for p in figs]) + "\n"
 
 
-def sample_grid(meta: md.Metadata, data: Path, path: Path, per_class: int, cols: int = 6) -> Path:
+def images_of(root: Path):
+    """The images beside the metadata (data/ or MAMe_data.zip, else data_256/ or its zip), or None (CSVs only)."""
+    for variant in ("full", "256"):
+        try:
+            return Source(root, variant)
+        except SourceError:
+            continue
+    return None
+
+
+def sample_grid(meta: md.Metadata, source, path: Path, per_class: int, cols: int = 6) -> Path:
     """Each class as a panel of ``per_class`` of its images (a square montage, each image whole, never squashed), the
     panels in a grid ``cols`` wide, titled in a readable size: one page, not a strip of 29 rows."""
     from PIL import Image
@@ -104,11 +116,13 @@ def sample_grid(meta: md.Metadata, data: Path, path: Path, per_class: int, cols:
     fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.4, rows * 2.6), squeeze=False)
     for a in axes.flat:
         a.axis("off")
+    everything = [r.file for r in meta.rows]
+    have = set(everything) - set(source.missing(everything))  # one listing of the folder or the zip, not one per class
     for a, c in zip(axes.flat, meta.classes):
-        files = [r.file for r in meta.rows if r.medium == c and (data / r.file).is_file()][:per_class]
+        files = [r.file for r in meta.rows if r.medium == c and r.file in have][:per_class]
         montage = Image.new("RGB", (side * tile, side * tile), "white")
         for j, f in enumerate(files):
-            with Image.open(data / f) as im:
+            with Image.open(io.BytesIO(source.read(f))) as im:
                 im.draft("RGB", (tile, tile))
                 im = im.convert("RGB")
                 im.thumbnail((tile - 4, tile - 4))  # keeps the aspect ratio

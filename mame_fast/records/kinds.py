@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from ..config import TrainConfig, diff, load, to_dict
-from .card import Block, Bullets, Card, Para, Picture, Text, bold, code, plain_text, ref, table, text
+from .card import Block, Bullets, Card, Para, Picture, Text, bold, code, file_link, plain_text, ref, table, text
 from .diagnose import NEXT, NOT_TRAINED, Diagnosis, diagnose_history, low_resolution_tip
 from .facts import data_sentence, outcomes, range_test_sentence, range_test_setup, rate_position
 from .records import read_jsonl, read_metrics, read_run_info, run_status
@@ -73,10 +73,17 @@ class RunKind:
             why = f"the run {status}" + (f": {info['error']}" if info.get("error") else "") + \
                 f" after {len(rows)} validated epoch(s)"
             return Diagnosis(status, [why], NOT_TRAINED[status], {"epochs": len(rows)})
+        cfg = run_config(run_dir)
+        warm = 0.3 * cfg.epochs if cfg.optim.schedule == "onecycle" else cfg.optim.warmup_epochs
+        if rows and len(read_metrics(run_dir)) <= warm:  # the rate never reached its peak: capacity cannot be judged
+            why = (f"all {len(read_metrics(run_dir))} epoch(s) ran inside the learning-rate warm-up ({warm:g} epochs): the "
+                   f"rate never reached its peak, so the curves say nothing yet about the model's capacity")
+            return Diagnosis("not converged", [why], "Train for more epochs than the warm-up (optim.warmup_epochs) "
+                             "before judging capacity.", {"epochs": len(rows)})
         d = diagnose_history([r["train_loss"] for r in rows], [r["val"]["loss"] for r in rows],
                              [r["train_top1"] for r in rows], [r["val"]["top1"] for r in rows], **kw)
         if d.verdict == "fitting" and rows:
-            d.next_step = low_resolution_tip(run_config(run_dir), rows, info) or d.next_step
+            d.next_step = low_resolution_tip(cfg, rows, info) or d.next_step
         return d
 
     def previous_state(self, p: Path) -> Text:
@@ -103,7 +110,8 @@ class RunKind:
                       f"{self.schedule(cfg, info, world)}, weight decay {o.weight_decay}, label smoothing "
                       f"{o.label_smoothing}, mixup {o.mixup}, cutmix {o.cutmix}, EMA {o.ema}, colour jitter "
                       f"{d.color_jitter}, scale_min {d.scale_min}; precision {precision}; seed {cfg.seed}.")),
-            Para(text("Full resolved configuration: ", code(RunDir.CONFIG), "; model spec: ", code(RunDir.SPEC), ".")),
+            Para(text("Full resolved configuration: ", file_link(RunDir.CONFIG), "; model spec: ", file_link(RunDir.SPEC),
+                      ".")),
         ]
         for p in preds:  # the question the interview asks of a rate: where does it lie against the range test it cites?
             found = read_run_info(p).get("lr_find")
@@ -164,6 +172,9 @@ class RangeTest(RunKind):
                              f"{f['suggested_lr']:.3g}) and cite this test with --after.", {"epochs": 0})
         status = run_status(info)  # a range test without its result: it leaves no checkpoint to resume
         why = f"the range test {status} before its result" + (f": {info['error']}" if info.get("error") else "")
+        if status == "diverged":  # the loss did not fall before it diverged: the same options would do the same
+            return Diagnosis(status, [why], "Start the range test lower (--start) or end it higher (--end), so that the "
+                             "loss falls before it diverges.", {"epochs": 0})
         return Diagnosis(status, [why], "Run `mame-fast lr-find` again with the same options: a range test has no "
                          "checkpoint to resume.", {"epochs": 0})
 

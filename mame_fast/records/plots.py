@@ -70,6 +70,7 @@ def plot_curves(rows: list[dict], classes: list[str], path: Path) -> Path:
             if part == "val":
                 ax[1].plot(e, [x["top5"] for x in v], "s:", label="val top-5")
     ax[0].set(xlabel="epoch", ylabel="cross-entropy", title="Loss (train: on its smoothed or mixed targets)")
+    ax[0].set_ylim(bottom=0)  # from 0: a short run's small changes do not fill the axis and look large
     ax[1].axhline(1 / len(classes), color="grey", lw=0.8, ls="--", label="chance")
     ax[1].set(xlabel="epoch", ylabel="accuracy (fraction of images)", title="Accuracy", ylim=(0, 1))
     for a in ax:

@@ -108,6 +108,26 @@ class RunDir:
         return d
 
 
+def existing_run(path: str | Path) -> RunDir:
+    """A run folder a command was given, or a one-sentence refusal: nothing is read from, or written into, a path that
+    is not one (a verdict for a folder that does not exist would be a lie)."""
+    p = Path(path)
+    if not p.is_dir():
+        where = p.parent if str(p.parent) not in ("", ".") else Path("runs")
+        raise ConfigError(f"{p}: no such run folder; `mame-fast runs --root {where}` lists the runs there")
+    if not (p / RunDir.CONFIG).is_file():
+        raise ConfigError(f"{p}: not a run folder (it has no {RunDir.CONFIG}); give a folder that `mame-fast runs` lists")
+    return RunDir(p)
+
+
+def existing_root(root: str | Path) -> Path:
+    """A folder of runs a command was given, or a one-sentence refusal."""
+    if not Path(root).is_dir():
+        raise ConfigError(f"{root}: no such folder of runs (runs go to the config's `out`, `runs` by default; the demo's "
+                          f"are in demo/runs)")
+    return Path(root)
+
+
 def list_runs(root: str | Path, complete: bool = True) -> list[RunDir]:
     """The run folders in ``root`` by number (``complete``: only those whose run started, with a config)."""
     root = Path(root)

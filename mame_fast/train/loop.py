@@ -253,12 +253,19 @@ def check_resumable(state: dict, s: Session, run_dir: RunDir) -> None:
     deep inside load_state_dict (a size mismatch), or worse, load and train on mislabelled outputs."""
     last = run_dir / RunDir.LAST
     if state["spec"] != spec_dict(s.spec):
-        changes = "; ".join(f"{k}: {a} -> {b}" for k, (a, b) in list(diff(state["spec"], spec_dict(s.spec)).items())[:4])
+        changed = diff(state["spec"], spec_dict(s.spec))
+        changes = "; ".join(f"{k}: {_brief(a)} -> {_brief(b)}" for k, (a, b) in list(changed.items())[:3]) + \
+            (f"; {len(changed) - 3} more" if len(changed) > 3 else "")
         raise ConfigError(f"{last}: its model spec differs from model={s.cfg.model} ({changes}). A resume continues the "
                           f"same network: drop the model change, or start a new run (--after {run_dir.number})")
     if state["classes"] != s.classes:
         raise ConfigError(f"{last}: its {len(state['classes'])} classes differ from the {len(s.classes)} of "
                           f"{s.cfg.data.shards}. A resume trains on the same classes: use the shards it was trained on")
+
+
+def _brief(v, width: int = 40) -> str:
+    s = str(v)
+    return s if len(s) <= width else s[: width - 3] + "..."
 
 
 def record_resume(record: RunRecord, cfg: TrainConfig) -> None:

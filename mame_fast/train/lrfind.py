@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import Expected
 from ..files import atomic_write_text
 from ..input.mixing import step_rng
 from ..records.card import plain_text
@@ -67,15 +68,24 @@ def range_test(s, start: float = 1e-5, end: float = 10.0, steps: int = 100, dive
 
 
 def suggest(lrs: list[float], smoothed: list[float]) -> dict:
-    """The rate of steepest descent of the smoothed loss against log lr, and a tenth of the rate of its minimum."""
+    """The rate of steepest descent of the smoothed loss against log lr, and a tenth of the rate of its minimum; both
+    lie before the loss diverged. ``usable`` is False when the loss did not fall over at least three tested rates
+    first (a test that started too high): then there is no range to suggest."""
     finite = [i for i, v in enumerate(smoothed) if math.isfinite(v)]
     lo = finite[min(len(finite) - 1, len(finite) // 10)] if finite else 0  # skip the first tenth: the mean settling
     low = min(finite, key=lambda i: smoothed[i]) if finite else 0
+    usable = low - lo >= 2 and smoothed[low] < smoothed[0]
     slopes = np.gradient(np.asarray(smoothed[: low + 1], float), np.log(lrs[: low + 1])) if low - lo >= 2 else None
     steepest = lo + int(np.argmin(slopes[lo:])) if slopes is not None else low
     peak = max(lrs[0], lrs[low] / 10)
     return {"steepest_lr": lrs[steepest], "min_loss_lr": lrs[low], "suggested_lr": max(min(lrs[steepest], peak), lrs[0]),
-            "range": [min(lrs[steepest], peak), max(lrs[steepest], peak)]}
+            "range": [min(lrs[steepest], peak), max(lrs[steepest], peak)], "usable": usable}
+
+
+class NoUsableRange(Expected, RuntimeError):
+    """The loss did not fall before it diverged: the test started too high (or ended too low) to show a range."""
+
+    run_status = "diverged"  # what the run record writes
 
 
 class _Held:
@@ -148,6 +158,12 @@ def measure(s, run_dir: RunDir, progress, start: float, end: float, steps: int) 
     result = range_test(s, start, end, steps)
     atomic_write_text(run_dir / RunDir.LR_FIND, json.dumps(result, indent=1))
     plot(result, run_dir.plot(RunDir.LR_PLOT))
+    if not result["usable"]:
+        lrs, losses = result["lr"], result["loss"]
+        raise NoUsableRange(
+            f"no learning-rate range to suggest: the loss went from {losses[0]:.3g} at lr {lrs[0]:.3g} to {losses[-1]:.3g} "
+            f"at lr {lrs[-1]:.3g} in {len(lrs)} steps without falling first ({'it diverged' if result['diverged'] else 'flat'}"
+            f"; plot {run_dir.plot(RunDir.LR_PLOT)}). Start lower (--start {lrs[0] / 1e3:.3g}) or end higher (--end)")
     summary = {**{k: result[k] for k in ("steepest_lr", "min_loss_lr", "suggested_lr", "range", "diverged")},
                "start": start, "end": end, "steps": len(result["lr"]), "seconds": round(time.perf_counter() - t, 1)}
     progress.say(f"{plain_text(range_test_sentence(summary))}; plot {run_dir.plot(RunDir.LR_PLOT)}")

@@ -116,12 +116,18 @@ def spec_from_dict(data: dict) -> ModelSpec:
         data["fc"] = tuple(data["fc"] or ())
     spec = merge(ModelSpec(), data)
     if stages is not None:
+        if not isinstance(stages, list):
+            raise ConfigError(f"stages: {stages!r} is not a list of stages; write one mapping per stage, e.g. "
+                              f"stages: [{{width: 32, depth: 1, stride: 2}}, {{width: 64, depth: 2, stride: 2}}]")
         spec = replace(spec, stages=tuple(_stage(i, s) for i, s in enumerate(stages)))
     check(spec)
     return spec
 
 
 def _stage(i: int, s: dict) -> StageSpec:
+    if not isinstance(s, dict):
+        raise ConfigError(f"stages[{i}]: {s!r} is not a mapping of stage keys; write it as {{width: 32, depth: 1, "
+                          f"stride: 2}} (keys: {', '.join(f.name for f in fields(StageSpec))})")
     try:
         return merge(StageSpec(), s)
     except ConfigError as e:
