@@ -282,8 +282,11 @@ def train(
     after: AfterOption = [],  # noqa: B006
     hypothesis: str = typer.Option("", help="What this experiment tests (for its card)."),
     tensorboard: bool = flag("--tensorboard", help="Also log to TensorBoard (<run>/tb): --set tensorboard=true."),
+    slurm: bool = flag("--slurm", help="Submit the run as a SLURM job (the config's slurm section) instead of training "
+                                       "here; the job script is written to <runs>/jobs/<name>.sbatch."),
+    dry_run: bool = flag("--dry-run", help="With --slurm: print the job script, submit nothing."),
 ) -> None:
-    """Train a spec-built CNN (single process, or under torchrun on one or many nodes)."""
+    """Train a spec-built CNN (single process, under torchrun on one or many nodes, or submitted to SLURM)."""
     from .config import load
     from .records.rundir import RunDir, check_run_name, existing_run
     from .records.runrecord import resumable
@@ -295,7 +298,25 @@ def train(
     if folder is not None:
         cfg = load(folder / RunDir.CONFIG, sets)
     _preflight(cfg)
-    _train(cfg, name, folder, {"after": list(after), "hypothesis": hypothesis})
+    meta = {"after": list(after), "hypothesis": hypothesis}
+    if slurm or dry_run:
+        return _submit_run(cfg, name, meta, resume, dry_run)
+    _train(cfg, name, folder, meta)
+
+
+def _submit_run(cfg, name: str, meta: dict, resume: str | None, dry_run: bool) -> None:
+    from .config import ConfigError
+    from .slurm import submit_run
+
+    if resume not in (None, "auto"):
+        raise ConfigError("--slurm submits the run by name and its job continues it (--resume auto): give --name "
+                          f"{Path(resume).name.split('-', 1)[-1]} instead of --resume {resume}")
+    job, script, text = submit_run(cfg, name, meta, dry_run)
+    if dry_run:
+        console.print(text, highlight=False, markup=False, end="")
+        return
+    console.print(f"submitted job {job}: {script} (log {script.parent / name}-{job}.out); follow it with "
+                  f"`mame-fast runs --root {cfg.out}`", highlight=False)
 
 
 def option_sets(set_: list[str], res: str | None, shards: Path | None) -> list[str]:
@@ -389,40 +410,106 @@ def lr_find(
 @command()
 @expected_errors
 def sweep(
-    grid: List[str] = typer.Argument(..., help="KEY=V1,V2,... (one or more keys): the values to try, every combination."),
+    grid: Optional[List[str]] = typer.Argument(None, help="KEY=V1,V2,... (one or more keys): the values to try, every "
+                                                          "combination."),
     repeats: int = typer.Option(1, min=1, help="Seeds per setting: seed, seed+1, ... (intervals need at least 2)."),
     config: ConfigOption = None, res: ResOption = None, shards: ShardsOption = None, set_: SetOption = [],  # noqa: B006
     name: str = typer.Option("sweep", help="Sweep name: runs are <name>-<setting>-s<seed>, the card sweep-<name>.md."),
     after: AfterOption = [],  # noqa: B006
     hypothesis: str = typer.Option("", help="What the sweep tests (for the family card and each run's card)."),
+    parallel: int = typer.Option(1, min=1, help="Members run at once, each in a process of its own (one GPU each, or "
+                                                "the CPU cores split)."),
+    slurm: bool = flag("--slurm", help="Submit the sweep as one SLURM array job (a task per member) and its family "
+                                       "card as a job that runs when the last member ends."),
+    dry_run: bool = flag("--dry-run", help="With --slurm: print the job scripts, submit nothing."),
+    card: Optional[str] = typer.Option(None, "--card", help="Rebuild the family card of sweep NAME from what has ended "
+                                                            "(naming members queued, running, failed or cancelled)."),
+    root: Optional[Path] = typer.Option(None, help="With --card: the runs folder (default: the config's out)."),
 ) -> None:
     """Run a grid of values times N seeds as ordinary runs, then one family card: mean +- 95% interval per setting, and
     which differences are conclusive."""
-    from .records.sweep import label, parse_grid, plan, write_family
+    from .config import ConfigError
+    from .records.sweep import parse_grid
 
-    base = run_config(config, set_, res, shards)
+    if card is not None:
+        return _family_card(card, root or Path(run_config(config, set_, res, shards).out))
+    if not grid:
+        raise ConfigError("sweep: give the grid (KEY=V1,V2,...), or --card NAME to rebuild a sweep's family card")
     g = parse_grid(grid)
-    # Every member's config is checked before the first one starts.
-    members = [(setting, run_config(config, set_, res, shards, [f"{k}={v}" for k, v in setting.items()] + [f"seed={seed}"]),
-                run_name) for setting, seed, run_name in plan(name, g, repeats, base.seed)]
-    done = []
-    for setting, cfg, run_name in members:
-        meta = {"after": list(after), "hypothesis": f"{hypothesis} [{label(setting)}, seed {cfg.seed}]".strip(), "sweep": name}
-        done.append((setting, cfg.seed, _train(cfg, run_name, None, meta)))
+    members, base = _sweep_members(g, repeats, config, set_, res, shards, name, after, hypothesis)
     sets = option_sets(set_, res, shards)
     described = f"config {config or 'defaults'}" + (f" with {' '.join(sets)}" if sets else "")
-    card = write_family(Path(base.out), name, g, done, hypothesis, list(after), described)
-    console.print(f"family card: {card}")
+    family = (Path(base.out), name, g, [(m.setting, m.cfg.seed, m.name) for m in members], hypothesis, list(after), described)
+    if slurm or dry_run:
+        return _submit_sweep(name, members, family, dry_run)
+    from .launch import in_parallel, in_process
+    from .records.sweep import write_family
+
+    if parallel > 1:
+        in_parallel(members, parallel, say=lambda line: console.print(line, highlight=False))
+    else:
+        in_process(members, lambda cfg, n, meta: _train(cfg, n, None, meta, diverged_ends=False))
+    console.print(f"family card: {write_family(*family)}")
 
 
-def _train(cfg, name: str, resume: Path | None, meta: dict) -> Path:
-    """Run the trainer (it writes the run's card, whatever happens) and end with the status's exit code."""
+def _sweep_members(g, repeats, config, set_, res, shards, name, after, hypothesis):
+    """Every member's config, checked before the first one starts (or anything is submitted)."""
+    from .launch import Member
+    from .records.sweep import label, plan
+
+    base = run_config(config, set_, res, shards)
+    members = []
+    for setting, seed, run_name in plan(name, g, repeats, base.seed):
+        cfg = run_config(config, set_, res, shards, [f"{k}={v}" for k, v in setting.items()] + [f"seed={seed}"])
+        meta = {"after": list(after), "hypothesis": f"{hypothesis} [{label(setting)}, seed {seed}]".strip(), "sweep": name}
+        members.append(Member(setting, cfg, run_name, meta))
+    return members, base
+
+
+def _submit_sweep(name: str, members, family: tuple, dry_run: bool) -> None:
+    from .records.sweep import write_family
+    from .slurm import submit_sweep
+
+    jobs = submit_sweep(name, [(m.cfg, m.name, m.meta) for m in members], dry_run)
+    if dry_run:
+        for text in jobs["texts"]:
+            console.print(text, highlight=False, markup=False)
+        return
+    write_family(*family, jobs={"array": jobs["array"], "card": jobs["card"]})
+    console.print(f"submitted array job {jobs['array']} ({len(members)} member(s)) and the family card's job "
+                  f"{jobs['card']} (after the last member); scripts: {', '.join(map(str, jobs['scripts']))}. Follow "
+                  f"them with `mame-fast runs --root {family[0]}`; `mame-fast sweep --card {name}` rebuilds the card.",
+                  highlight=False)
+
+
+def _family_card(name: str, root: Path) -> None:
+    import json
+
+    from .config import ConfigError
+    from .records.rundir import RunDir, existing_root
+    from .records.sweep import write_card_of
+    from .slurm import job_states
+
+    path = RunDir.sweep_file(existing_root(root), name)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no sweep named {name!r} in {root}")
+    family = json.loads(path.read_text())
+    jobs = [f"{family['slurm']['array']}_{i}" for i in range(len(family["members"]))] if family.get("slurm") else []
+    console.print(f"family card: {write_card_of(root, family, job_states(jobs))}")
+
+
+def _train(cfg, name: str, resume: Path | None, meta: dict, diverged_ends: bool = True) -> Path:
+    """Run the trainer (it writes the run's card, whatever happens) and end with the status's exit code (a sweep's
+    member that diverged, ``diverged_ends=False``, is said and the sweep goes on)."""
     from .train.loop import TrainingDiverged, run
 
     started: list[Path] = []
     try:
         run_dir = run(cfg, name=name, resume=resume, meta=meta, console=console, on_start=started.append)
     except TrainingDiverged as e:
+        if not diverged_ends:
+            console.print(f"[yellow]{name} diverged:[/] {e}", highlight=False, soft_wrap=True)
+            raise
         _fail(str(e), EXIT_DIVERGED)
     except OSError as e:
         if _options["debug"] or not started:
@@ -514,7 +601,8 @@ def test_cmd(
     from .train.testset import evaluate_test_set
 
     r = evaluate_test_set(existing_run(run_dir).path, checkpoint, again, unfinished)
-    console.print(f"test ({r['count']} images, {r['weights']} weights of epoch {r['epoch']}, checkpoint {checkpoint}): "
+    val = f", val top-1 {r['val_top1']:.1%}" if r.get("val_top1") is not None else ""
+    console.print(f"test ({r['count']} images, {r['weights']} weights of epoch {r['epoch']}{val}, checkpoint {checkpoint}): "
                   f"top-1 {pct(r['top1'], r['count'])} (95% interval)  top-5 {r['top5']:.1%}  balanced "
                   f"{r['balanced_acc']:.1%}  -> {run_dir / 'test.json'}", highlight=False)
 
@@ -552,14 +640,40 @@ def runs(root: Path = typer.Option(Path("runs"), help="Folder holding the run fo
     from .records.rundir import existing_root
 
     rows = runs_table(existing_root(root))
-    if not rows:
+    waiting = _not_started(root, {r["name"] for r in rows})
+    if not rows and not waiting:
         _fail(f"no runs in {root}{_elsewhere(root)}")
-    t = Table()
-    for c in rows[0]:
-        t.add_column(c, overflow="fold")
-    for r in rows:
-        t.add_row(*[str(v) for v in r.values()])
-    console.print(t)
+    if rows:
+        t = Table()
+        for c in rows[0]:
+            t.add_column(c, overflow="fold")
+        for r in rows:
+            t.add_row(*[str(v) for v in r.values()])
+        console.print(t)
+    for line in waiting:
+        console.print(line, highlight=False)
+
+
+def _not_started(root: Path, started: set[str]) -> list[str]:
+    """Submitted runs and sweep members that have no folder yet, with SLURM's word on their job."""
+    import json
+
+    from .records.rundir import RunDir
+    from .slurm import job_states, submitted
+
+    waiting = []  # (name, job, what)
+    for s in submitted(root):
+        if s["kind"] == "run" and s["name"] not in started:
+            waiting.append((s["name"], s["job"], f"run {s['name']}"))
+        elif s["kind"] == "sweep" and (path := RunDir.sweep_file(root, s["name"])).is_file():
+            members = json.loads(path.read_text())["members"]
+            waiting += [(m["name"], f"{s['job']}_{i}", f"sweep {s['name']} member {m['name']}")
+                        for i, m in enumerate(members) if m["name"] not in started]
+    states = job_states([job for _, job, _ in waiting])
+    advice = {"PENDING": "queued", "RUNNING": "starting", "CANCELLED": "cancelled before it started: submit it again",
+              "FAILED": "failed before it started: see its log in the runs folder's jobs/"}
+    return [f"{what}: job {job} {advice.get(states.get(job, ''), states.get(job, 'state unknown (SLURM no longer knows it)'))}"
+            for _, job, what in waiting]
 
 
 @command()

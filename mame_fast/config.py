@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -38,7 +39,11 @@ RANGES: dict[str, tuple] = {
     "optim.ema": (0, 1, False, True),
     "epochs": (1, None, False, False), "log_every": (1, None, False, False), "eval_every": (1, None, False, False),
     "max_steps": (0, None, False, False), "hist_epochs": (0, None, False, False), "ckpt_every_min": (0, None, False, False),
+    "slurm.signal_s": (0, None, False, False), "slurm.gpus": (0, None, False, False), "slurm.nodes": (1, None, False, False),
+    "slurm.tasks_per_node": (1, None, False, False), "slurm.cpus_per_task": (1, None, False, False),
 }
+# SLURM's wall-clock formats: minutes, minutes:seconds, hours:minutes:seconds, days-hours[:minutes[:seconds]].
+SLURM_TIME = re.compile(r"\d+(:\d{1,2}){0,2}|\d+-\d{1,2}(:\d{1,2}){0,2}")
 
 
 def _in_range(key: str, v) -> None:
@@ -141,6 +146,39 @@ class OptimConfig(_Checked):
 
 
 @dataclass(frozen=True)
+class SlurmConfig(_Checked):
+    _section: ClassVar[str] = "slurm."
+    partition: str = ""
+    """SLURM partition (#SBATCH --partition); empty: the cluster's default."""
+    account: str = ""
+    """Account to charge (#SBATCH --account); empty: your default."""
+    qos: str = ""
+    """Quality of service (#SBATCH --qos); empty: the default."""
+    time: str = "02:00:00"
+    """Wall-clock limit of one job (HH:MM:SS, MM, D-HH:MM...; quote it in YAML: "12:00:00"); a run that needs longer is
+    requeued and resumes."""
+    signal_s: int = 300
+    """Seconds before the limit at which SLURM sends SIGUSR1: the run saves last.pt, exits 3 and is requeued."""
+    gpus: int = 1
+    """GPUs per node (#SBATCH --gres=gpu:N); 0: none (a CPU cluster, the tests)."""
+    nodes: int = 1
+    """Nodes of one run (#SBATCH --nodes)."""
+    tasks_per_node: int = 1
+    """Training processes per node, one per GPU (ranks from SLURM_PROCID, started by srun)."""
+    cpus_per_task: int = 8
+    """CPU cores per training process, for its loader (#SBATCH --cpus-per-task)."""
+    setup: tuple[str, ...] = ()
+    """Shell lines the job runs first: `module load ...`, `source .venv/bin/activate`."""
+    python: str = ""
+    """The Python that runs mame-fast in the job; empty: the one that submitted it."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not SLURM_TIME.fullmatch(self.time):
+            raise ConfigError(f"slurm.time: {self.time!r} is not a SLURM time limit (HH:MM:SS, MM, MM:SS or D-HH:MM:SS)")
+
+
+@dataclass(frozen=True)
 class TrainConfig(_Checked):
     model: str = "tiny"
     """Model spec: a name in configs/models/ or a path to a YAML spec."""
@@ -191,6 +229,8 @@ class TrainConfig(_Checked):
     """Shards, resolution and input pipeline."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     """Optimizer, schedule and regularization."""
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    """How `train --slurm` and `sweep --slurm` submit the run to a SLURM cluster (docs/training.md)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -224,6 +264,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}") from None
     if origin is Literal:
         return str(value) if all(isinstance(a, str) for a in typing.get_args(tp)) and isinstance(value, (int, float)) else value
+    if origin is tuple:  # tuple[X, ...]: each item as an X; one string given with --set is one item (a setup line)
+        item = typing.get_args(tp)[0]
+        return tuple(_coerce(v, item, key) for v in ([value] if isinstance(value, str) else value or ()))
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return None if value in (None, "none", "None") else _coerce(value, args[0], key)

@@ -81,3 +81,20 @@ def open_in_browser(page: Path, screenshot: Path, width: int = 1280, height: int
     found = re.search(r'data-broken="([^"]*)"', dom)
     assert found, f"the page did not finish loading: {dom[-500:]}"
     return json.loads(html.unescape(found.group(1)))
+
+
+def invoke(*args) -> tuple[int, str]:
+    """A `mame-fast` command in this process: its exit code and its output on one line, whatever the console's width."""
+    from typer.testing import CliRunner
+
+    from mame_fast.cli import app
+
+    r = CliRunner().invoke(app, [str(a) for a in args])
+    return r.exit_code, " ".join(r.output.split())
+
+
+def train_sets(shards: Path, out: Path, *more: str) -> list[str]:
+    """--set options of a tiny one-epoch run at 48 px crops (``more`` overrides them: a later --set wins)."""
+    base = [f"data.shards={shards}", f"out={out}", "data.res=256", "data.crop=48", "data.batch_size=16", "data.threads=1",
+            "hist_epochs=0", "epochs=1", "optim.name=sgd", "evidence=false", *more]
+    return [a for s in base for a in ("--set", s)]

@@ -20,7 +20,7 @@ LAYERS = [
     ("input", ("mame_fast.input",)),
     ("records", ("mame_fast.records",)),
     ("train", ("mame_fast.train",)),
-    ("commands", ("mame_fast.cli", "mame_fast.__main__", "mame_fast.demo")),
+    ("commands", ("mame_fast.cli", "mame_fast.__main__", "mame_fast.demo", "mame_fast.launch", "mame_fast.slurm")),
 ]
 
 

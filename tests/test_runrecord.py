@@ -14,29 +14,20 @@ import time
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from mame_fast.cli import app
 from mame_fast.input import dali_available
 from mame_fast.records.records import read_metrics, read_run_info
 from mame_fast.records.rundir import RunDir, list_runs
 from mame_fast.records.runrecord import RunBusy, RunRecord
 
-from .helpers import cli_env
+from .helpers import cli_env, invoke, train_sets
 
 PKG = Path(__file__).resolve().parent.parent / "mame_fast"
 LOADERS = [pytest.param("dali", marks=pytest.mark.skipif(not dali_available(), reason="needs DALI")), "pil"]
 
 
-def invoke(*args) -> tuple[int, str]:
-    r = CliRunner().invoke(app, [str(a) for a in args])
-    return r.exit_code, " ".join(r.output.split())
-
-
 def train_args(shards: Path, out: Path, *sets: str) -> list[str]:
-    base = [f"data.shards={shards}", f"out={out}", "data.res=256", "data.crop=48", "data.batch_size=16", "data.threads=1",
-            "hist_epochs=0", "epochs=2", "optim.name=sgd", "evidence=false", *sets]
-    return ["train"] + [a for s in base for a in ("--set", s)]
+    return ["train", *train_sets(shards, out, "epochs=2", *sets)]
 
 
 def make_record(root: Path, name: str = "r") -> RunRecord:

@@ -9,25 +9,15 @@ import time
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from mame_fast.cli import app
 from mame_fast.records.kinds import diagnose_run
 from mame_fast.records.records import read_run_info
 from mame_fast.records.rundir import list_runs
 
+from .helpers import invoke
+from .helpers import train_sets as sets
+
 FIXTURE = Path(__file__).parent / "fixtures" / "runs_629ef3b"
-
-
-def invoke(*args) -> tuple[int, str]:
-    r = CliRunner().invoke(app, [str(a) for a in args])
-    return r.exit_code, " ".join(r.output.split())
-
-
-def sets(shards: Path, out: Path, *more: str) -> list[str]:
-    base = [f"data.shards={shards}", f"out={out}", "data.res=256", "data.crop=48", "data.batch_size=16", "data.threads=1",
-            "hist_epochs=0", "epochs=1", "optim.name=sgd", "evidence=false", *more]
-    return [a for s in base for a in ("--set", s)]
 
 
 def one_sentence(code: int, out: str, want: int = 2) -> None:
@@ -165,3 +155,17 @@ def test_explore_on_the_official_zips_draws_the_sample_grid(tmp_path):
     grid = Image.open(tmp_path / "ex" / "samples.png").convert("L")
     assert grid.size[0] >= 1000 and sum(grid.histogram()[:200]) > 0.01 * grid.size[0] * grid.size[1]  # images drawn
     assert "samples.png" in (tmp_path / "ex" / "explore.md").read_text()
+
+
+def test_the_readme_workflow_keeps_its_promise_of_unsquashed_images():
+    """The workflow trains from the full-resolution shards (square crops at --res 256), never from the official 256
+    release, which its authors squashed; step 7 changes one thing (the model) and keeps step 6's rate."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    steps = readme[readme.index("## Your first experiments"):readme.index("## Commands")]
+    assert "--shards shards/256" not in steps and steps.count("--shards shards/full") >= 5
+    step7 = steps[steps.index("7. **Change one thing**"):steps.index("8. **")]
+    assert "--set optim.lr=RATE" in step7 and "--set model=medium" in step7
+    assert "squashed" in steps and "xdg-open" not in readme
+    from mame_fast.config import load
+
+    assert load("256").data.shards.endswith("shards/full")  # the shipped config follows the same path

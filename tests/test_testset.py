@@ -10,7 +10,7 @@ import torch
 
 from mame_fast.input import build_loader
 from mame_fast.input.reader import open_split
-from mame_fast.records.records import read_run_info
+from mame_fast.records.records import read_metrics, read_run_info
 from mame_fast.train import checkpoint as ckpt
 from mame_fast.train.loop import run
 from mame_fast.train.model import build
@@ -83,6 +83,13 @@ def test_test_evaluates_the_ema_weights_when_they_won(shards, tmp_path):
     assert r["top1"] == pytest.approx(_top1(d, "best")[0], abs=1e-9)
     ledger = json.loads((tmp_path / "test_ledger.jsonl").read_text().splitlines()[-1])
     assert (ledger["weights"], ledger["epoch"]) == ("ema", 1)
+    # What the table of runs and test.json show is the val top-1 of the weights that were tested: the EMA's.
+    ema_top1 = read_metrics(d)[0]["val_ema"]["top1"]
+    assert r["val_top1"] == ema_top1 == info["best_val_top1"]
+    from mame_fast.records.report import runs_table
+
+    assert runs_table(tmp_path)[0]["best val [95%]"].startswith(f"{100 * ema_top1:.1f}% [") and \
+        runs_table(tmp_path)[0]["best val [95%]"].endswith("(EMA)")
 
 
 def test_a_second_look_with_other_weights_is_still_a_second_look(shards, tmp_path):

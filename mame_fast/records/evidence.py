@@ -255,12 +255,16 @@ def plot_activation_maps(items: list[tuple[np.ndarray, np.ndarray, str]], path: 
     fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.3, rows * 2.5), squeeze=False, layout="constrained")
     for a in axes.flat:
         a.axis("off")
+    shown = None
     for a, (img, cam, label) in zip(axes.flat, items):
         a.imshow(img)
-        a.imshow(cam[: img.shape[0], : img.shape[1]], cmap="jet", alpha=0.45, vmin=0, vmax=1)
+        shown = a.imshow(cam[: img.shape[0], : img.shape[1]], cmap="jet", alpha=0.45, vmin=0, vmax=1)
         a.set_title(label, fontsize=7)
-    fig.suptitle("Where it looks: Grad-CAM of the predicted class on validation images (best weights); red = most "
-                 "evidence for it.\nDoes it look at the material, or at the frame, the background, a label?", fontsize=9)
+    if shown is not None:  # the scale the overlays share: 0 no evidence for the predicted class, 1 the most
+        fig.colorbar(shown, ax=axes, shrink=0.6, label="Grad-CAM evidence for the predicted class (0 to 1)")
+    fig.suptitle("Where it looks: Grad-CAM of the predicted class on validation images (best weights); the right ones "
+                 "first, then the mistakes.\nDoes it look at the material, or at the frame, the background, a label?",
+                 fontsize=9)
     return save_figure(fig, path)
 
 
@@ -281,7 +285,7 @@ def write_run_evidence(model, loader, rt, classes: list[str], out: Path) -> list
         label = f"{classes[t]}: right ({pr['prob'][i]:.0%})" if t == p else \
             f"{classes[t]}\ntaken for {classes[p]} ({pr['prob'][i]:.0%})"
         items.append((int(pr["index"][i]), _valid(image, size), cam, label))
-    items.sort(key=lambda it: it[0])
+    items.sort(key=lambda it: ("taken for" in it[3], it[0]))  # the right ones first, then the mistakes
     cams = plot_activation_maps([it[1:] for it in items], out / RunDir.MAPS)
     atomic_write_text(out / RunDir.EVIDENCE, json.dumps({"gallery": shown, "count": len(pr["index"]),
                                                          "mistakes": int((pr["true"] != pr["pred"]).sum())}, indent=1))

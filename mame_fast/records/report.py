@@ -53,12 +53,20 @@ def runs_table(root: Path) -> list[dict]:
         info, oc = read_run_info(r.path), outcomes(r.path)
         rows.append({"#": r.number, "name": info.get("name", r.path.name), "hypothesis": info.get("hypothesis", ""),
                      "after": ",".join(f"#{a}" for a in info.get("after", [])),
-                     "best val [95%]": pct(oc.get("best_val"), oc.get("val_count")), "gap": pct(oc.get("gap")),
+                     "best val [95%]": best_val(oc), "gap": pct(oc.get("gap")),
                      "diagnosis": diagnose_run(r.path).verdict if oc["epochs"] or info.get("kind") else "-",
-                     "status": oc["status"],
+                     "status": oc["status"] + (f", requeued {n}" if (n := info.get("slurm", {}).get("requeues")) else ""),
                      "epochs": oc["epochs"], "images/s": f"{oc.get('images_per_s', 0):.0f}",
                      "test [95%]": pct(oc.get("test"), oc.get("test_count"))})
     return rows
+
+
+def best_val(oc: dict) -> str:
+    """The best val top-1 of a run's weights, the model's or the EMA's, whichever won (best.pt holds those, and `test`
+    looks with them), with its interval."""
+    if oc.get("best_val_ema", -1.0) > (oc.get("best_val") if oc.get("best_val") is not None else -1.0):
+        return f"{pct(oc['best_val_ema'], oc.get('val_count'))} (EMA)"
+    return pct(oc.get("best_val"), oc.get("val_count"))
 
 
 def compare(runs: list[Path], out: Path) -> tuple[Path, dict, dict]:
@@ -73,8 +81,11 @@ def compare(runs: list[Path], out: Path) -> tuple[Path, dict, dict]:
         ax[0].plot([r["epoch"] for r in rows], [r["train_loss"] for r in rows], "-", label=lab)
         ax[1].plot(ep, [r["val"]["loss"] for r in rows if r.get("val")], "-", label=lab)
         ax[2].plot(ep, [r["val"]["top1"] for r in rows if r.get("val")], "-", label=lab)
-    for a, t in zip(ax, ("train loss", "val loss", "val top-1")):
-        a.set(title=t, xlabel="epoch")
+    from matplotlib.ticker import MaxNLocator
+
+    for a, t, y in zip(ax, ("train loss", "val loss", "val top-1"), ("cross-entropy", "cross-entropy", "accuracy")):
+        a.set(title=t, xlabel="epoch", ylabel=y)
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
         a.grid(alpha=0.3)
         a.legend(fontsize=8)
     path = save_figure(fig, Path(out))

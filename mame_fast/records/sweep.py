@@ -24,8 +24,8 @@ from . import card as cards
 from .card import Bullets, Card, Para, Span, code, ref, table, text
 from .facts import outcomes
 from .kinds import previous_state
-from .records import now
-from .rundir import RunDir, check_run_name, find_run
+from .records import now, read_run_info
+from .rundir import RunDir, check_run_name, find_run, list_runs
 from .stats import mean_interval, pct
 
 
@@ -63,10 +63,12 @@ def plan(name: str, grid: dict[str, list[str]], repeats: int, base_seed: int) ->
 
 
 def family_numbers(members: list[dict], root: Path) -> dict:
-    """Each member's best val top-1 (from its folder) and each setting's mean and 95% half-width over seeds."""
+    """Each member's best val top-1 (from its folder; none while it has none) and each setting's mean and 95%
+    half-width over seeds."""
     groups: dict[str, list[float]] = {}
     for m in members:
-        o = outcomes(member_folder(m, root))
+        folder = member_folder(m, root)
+        o = outcomes(folder) if folder is not None else {}
         m["best_val"], m["val_count"] = o.get("best_val"), o.get("val_count")
         if m["best_val"] is not None:
             groups.setdefault(label(m["setting"]), []).append(m["best_val"])
@@ -76,16 +78,28 @@ def family_numbers(members: list[dict], root: Path) -> dict:
     return {"mean_top1": {k: v[0] for k, v in stats.items()}, "half_width": {k: v[1] for k, v in stats.items()}}
 
 
-def write_family(root: Path, name: str, grid: dict[str, list[str]], members: list[tuple[dict, int, Path]],
-                 hypothesis: str, after: list[int], base: str) -> Path:
+def write_family(root: Path, name: str, grid: dict[str, list[str]], members: list[tuple[dict, int, str]],
+                 hypothesis: str, after: list[int], base: str, jobs: dict | None = None) -> Path:
     """The sweep's numbers (sweep-<name>.json) and its family card (sweep-<name>.md) in the runs folder ``root``;
-    ``members`` are (setting, seed, run folder)."""
+    ``members`` are (setting, seed, run name); ``jobs``: the SLURM jobs of a submitted sweep (its array's tasks by
+    member, the card's job)."""
     family = {"name": name, "grid": grid, "hypothesis": hypothesis, "after": list(after), "base": base,
-              "created": now(), "members": [{"setting": s, "seed": seed, "run": Path(d).name, "number": RunDir(d).number}
-                                           for s, seed, d in members]}
+              "created": now(), "members": [{"setting": s, "seed": seed, "name": n} for s, seed, n in members],
+              **({"slurm": jobs} if jobs else {})}
+    return write_card_of(root, family)
+
+
+def write_card_of(root: Path, family: dict, states: dict[str, str] | None = None) -> Path:
+    """(Re)write a sweep's numbers and family card from what its members have measured so far."""
+    for i, m in enumerate(family["members"]):
+        if (folder := member_folder(m, root)) is not None:
+            m.update(run=folder.name, number=RunDir(folder).number)
+        if family.get("slurm"):
+            m["job"] = f"{family['slurm']['array']}_{i}"
     family.update(family_numbers(family["members"], root))
-    atomic_write_text(RunDir.sweep_file(root, name), json.dumps(family, indent=1))
-    return atomic_write_text(RunDir.sweep_file(root, name, ".md"), cards.markdown(sweep_card(family, root)))
+    atomic_write_text(RunDir.sweep_file(root, family["name"]), json.dumps(family, indent=1))
+    return atomic_write_text(RunDir.sweep_file(root, family["name"], ".md"),
+                             cards.markdown(sweep_card(family, root, states or {})))
 
 
 def read_families(root: Path) -> list[dict]:
@@ -93,28 +107,51 @@ def read_families(root: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(Path(root).glob(RunDir.sweep_file("", "*").name))]
 
 
-def member_folder(m: dict, root: Path) -> Path:
-    """A member's run folder: by name in ``root`` (a sweep file from before 0.2 recorded an absolute path)."""
-    return Path(root) / Path(m["run"]).name
+def member_folder(m: dict, root: Path) -> Path | None:
+    """A member's run folder in ``root``: the one recorded (by name: a sweep file from before 0.2 recorded an absolute
+    path), else the latest run of the member's name (a submitted member's folder appears when its job starts)."""
+    if m.get("run"):
+        return Path(root) / Path(m["run"]).name
+    mine = [r.path for r in list_runs(root) if r.path.name.split("-", 1)[1] == m.get("name")]
+    return mine[-1] if mine else None
 
 
-def sweep_card(family: dict, root: Path) -> Card:
-    """The family card of a sweep, from its numbers and its members' folders."""
-    root = Path(root)
+# What a member that has not finished needs, by its state (run.json's status, or SLURM's for one without a folder).
+ADVICE = {
+    "running": "running: wait, then `mame-fast sweep --card {sweep}` again",
+    "PENDING": "queued (job {job}): wait, then `mame-fast sweep --card {sweep}` again",
+    "RUNNING": "starting (job {job})",
+    "interrupted": "interrupted with a resumable checkpoint: `mame-fast train --resume {folder}`",
+    "died": "its process ended without a word: `mame-fast train --resume {folder}`",
+    "failed": "failed ({error}): fix it, then `mame-fast train --resume {folder}`",
+    "diverged": "diverged: its loss became non-finite; lower optim.lr for this setting (or add optim.clip_grad)",
+    "stopped": "stopped at max_steps: `mame-fast train --resume {folder} --set max_steps=0`",
+}
+
+
+def sweep_card(family: dict, root: Path, states: dict[str, str] | None = None) -> Card:
+    """The family card of a sweep, from its numbers and its members' folders; ``states``: SLURM's state of members'
+    jobs (a member that never started has no folder: the card says where it is and what to do)."""
+    root, states = Path(root), states or {}
     groups: dict[str, list[dict]] = {}
     for m in family["members"]:
         groups.setdefault(label(m["setting"]), []).append(m)
     numbers = family_numbers([dict(m) for m in family["members"]], root)
     stats = {k: (numbers["mean_top1"][k], numbers["half_width"][k]) for k in groups}
-    rows = []
+    rows, pending = [], []
     for lab, ms in groups.items():
         each: list = []
         for m in ms:
-            o = outcomes(member_folder(m, root))
-            each += (["; "] if each else []) + [ref(RunDir(member_folder(m, root)).number),
-                                                 f" seed {m['seed']}: {pct(o.get('best_val'), o.get('val_count'))}"]
+            folder = member_folder(m, root)
+            o = outcomes(folder) if folder is not None else {"status": states.get(m.get("job", ""), "not started")}
+            if folder is not None and o.get("best_val") is not None:
+                each += (["; "] if each else []) + [ref(RunDir(folder).number),
+                                                     f" seed {m['seed']}: {pct(o.get('best_val'), o.get('val_count'))}"]
+            if o["status"] != "finished":
+                pending.append(_unfinished(m, folder, o["status"], family["name"]))
         m_, half = stats[lab]
-        rows.append((lab, str(len(ms)), f"{100 * m_:.1f}% +- {100 * half:.1f}", text(*each)))
+        mean = f"{100 * m_:.1f}% +- {100 * half:.1f}" if m_ == m_ else "-"
+        rows.append((lab, str(len(ms)), mean, text(*each) if each else text("-")))
     seeds = len(next(iter(groups.values()))) if groups else 0
     after = [r.path for r in (find_run(root, k) for k in family.get("after", [])) if r is not None]
     previous = tuple(previous_state(p) for p in after) or tuple(_legacy(t) for t in family.get("card", {}).get(
@@ -130,7 +167,18 @@ def sweep_card(family: dict, root: Path) -> Card:
         outcomes=(Para(text("Best val top-1 per setting: mean +- the 95% t interval over seeds; then each run with its "
                             "binomial 95% interval.")),
                   table(["setting", "runs", "mean +- 95%", "runs [95% interval]"], rows)),
-        observations=(Bullets(tuple(text(v) for v in verdicts(stats))),))
+        observations=(Bullets(tuple(pending) + tuple(text(v) for v in verdicts(
+            {k: v for k, v in stats.items() if v[0] == v[0]}))),))  # settings without a number yet: none
+
+
+def _unfinished(m: dict, folder: Path | None, status: str, sweep: str) -> cards.Text:
+    """A member that has not finished, by name, with what it needs."""
+    error = (read_run_info(folder).get("error") or "see its run.json") if folder is not None else ""
+    said = ADVICE.get(status, f"{status} (job {{job}}): it never started; resubmit the sweep's array task, or train "
+                              f"it by hand with the config in the runs folder's slurm/").format(
+        job=m.get("job", "?"), folder=folder, sweep=sweep, error=error)
+    who = [ref(RunDir(folder).number), f" {m.get('name')}"] if folder is not None else [f"{m.get('name')}"]
+    return text("Not in the numbers: ", *who, f" ({label(m['setting'])}, seed {m['seed']}): {said}.")
 
 
 def verdicts(stats: dict[str, tuple[float, float]]) -> list[str]:

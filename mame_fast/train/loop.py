@@ -38,7 +38,7 @@ from . import checkpoint as ckpt
 from .evaluate import evaluate
 from .model import build as build_model
 from .model import count_flops, for_evaluation
-from .runtime import Runtime, setup_runtime
+from .runtime import Runtime, scheduler_job, setup_runtime
 from .spec import ModelSpec, check_for_data, load_spec, spec_dict
 from .step import Ema, EpochMeter, StepGraphs, make_optimizer, make_schedule, train_step, warm_up
 
@@ -232,7 +232,8 @@ def start(s: Session, name: str, resumed: RunRecord | None, meta: dict) -> RunRe
         record = made or RunRecord(path, master=False)
     # What this process runs on (a resume may run on another machine, in another precision or loader).
     record.start({"device": str(rt.device), "precision": {"chosen": rt.precision, "why": rt.precision_reason},
-                  "loader": {"chosen": s.train_loader.describe(), "why": s.train_loader.why}})
+                  "loader": {"chosen": s.train_loader.describe(), "why": s.train_loader.why},
+                  **({"slurm": job} if (job := scheduler_job()) else {})})  # its job, and how often SLURM requeued it
     record.on_end = lambda: best_facts(s.state)
     s.record = record
     s.sched = make_schedule(s.opt, cfg, s.train_loader.steps(0), s.global_batch, start_step=s.state.global_step)

@@ -142,6 +142,16 @@ def ranks() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def scheduler_job() -> dict | None:
+    """The SLURM job this process runs in: its id (an array task as <array>_<task>) and how many times SLURM has
+    requeued it; None outside SLURM."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if job is None:
+        return None
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    return {"job": f"{array}_{task}" if array and task else job, "requeues": int(os.environ.get("SLURM_RESTART_COUNT", "0"))}
+
+
 def is_master() -> bool:
     """Whether this process is the one that writes (rank 0), without setting anything up."""
     return ranks()[0] == 0

@@ -102,6 +102,7 @@ def _look(run_dir: RunDir, which: str, again: bool, status: str) -> dict:
         loader.close()
     lo, hi = wilson(m["top1"], m["count"])
     result = {"time": now(), "checkpoint": which, "weights": kind, "epoch": epoch, "run_status": status,
+              "val_top1": state.get("top1") if which == "best" else None,  # what these weights scored on validation
               "classes": state["classes"], **m, "top1_interval": [lo, hi]}
     atomic_write_text(run_dir / RunDir.TEST, json.dumps(result, indent=1))
     append_jsonl(run_dir.ledger, {"run": run_dir.path.name, "time": result["time"], "checkpoint": which, "weights": kind,
