@@ -35,9 +35,11 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) -m mame_fast demo --out demo
 
-## The test suite (offline, CPU): lint, every test on two processes, then the fast part again without DALI. CI runs this.
+## The test suite (offline, CPU): lint, every test on two processes, the SLURM jobs on their own (they use the node's
+## cores, which the timed tests must not share), then the fast part again without DALI. CI runs this.
 test: $(VENV)/.installed lint
-	$(PY) -m pytest -q -n 2 --dist worksteal
+	$(PY) -m pytest -q -n 2 --dist worksteal -m "not slurm"
+	$(PY) -m pytest -q -m slurm -rs
 	$(MAKE) test-nodali
 
 ## The suite's fast part in an environment without DALI: the fallback serves every loader test, DALI's skip with a reason.
