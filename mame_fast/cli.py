@@ -267,9 +267,13 @@ def demo(
 ) -> None:
     """The README's main job: sample data -> shards -> training (tiny, CPU) -> diagnosis -> report."""
     from .demo import run as run_demo
+    from .train.loop import TrainingDiverged
 
-    ended(run_demo(out, workers, config, _counts(per_class), set_, console,
-                   say=lambda line: console.print(line, highlight=False)))
+    try:
+        ended(run_demo(out, workers, config, _counts(per_class), set_, console,
+                       say=lambda line: console.print(line, highlight=False)))
+    except TrainingDiverged as e:
+        _fail(str(e), EXIT_DIVERGED)
 
 
 @command()
@@ -431,8 +435,10 @@ def sweep(
     from .config import ConfigError
     from .records.sweep import parse_grid
 
-    if card is not None:
-        return _family_card(card, root or Path(run_config(config, set_, res, shards).out))
+    if card is not None:  # reads the runs folder only: no shards, no model
+        from .config import load
+
+        return _family_card(card, root or Path(load(config, option_sets(set_, res, shards)).out))
     if not grid:
         raise ConfigError("sweep: give the grid (KEY=V1,V2,...), or --card NAME to rebuild a sweep's family card")
     g = parse_grid(grid)

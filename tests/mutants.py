@@ -300,7 +300,7 @@ MUTANTS = [
     # -- runs and sweeps on SLURM (issue 41; their tests need tools/slurm.sh start) --------------------------
     M("run.json counts how often SLURM requeued the run", "scheduler_job",
       "\"requeues\": int(os.environ.get(\"SLURM_RESTART_COUNT\", \"0\"))", "\"requeues\": 0",
-      "tests/test_slurm.py -k time_limit"),
+      "tests/test_slurm.py -k cut_twice"),
     M("the family card names a member that never started, with what to do", "_unfinished",
       "    return text(\"Not in the numbers: \", *who,", "    return text(\"\", *who,", "tests/test_slurm.py -k cancelled"),
     M("a parallel sweep runs its members side by side", "in_parallel",

@@ -65,3 +65,15 @@ def test_old_run_folders_report(old):
     html = (old / "report.html").read_text()
     assert html.count('<section class="card"') == md.count("\n## ") == 6
     assert (old / "002-tiny" / "plots" / "curves.png").is_file()  # drawn again: the fixture keeps none
+
+
+def test_an_old_sweeps_family_card_is_rebuilt_by_name_without_shards(old):
+    """`sweep --card NAME` reads the runs folder only (no shards, no model): on the old sweep, by --root or by the
+    config's out."""
+    (old / "sweep-lr.md").unlink()
+    for args in (["--root", old], ["--set", f"out={old}"]):
+        code, out = invoke("sweep", "--card", "lr", *args)
+        assert code == 0 and (old / "sweep-lr.md").is_file(), out
+        assert "| optim.lr=0.02 | 1 | 10.3% +- inf | #3 seed 0: 10.3% [3.6, 26.4] |" in (old / "sweep-lr.md").read_text()
+    code, out = invoke("sweep", "--card", "nosuch", "--root", old)
+    assert code == 2 and "no sweep named 'nosuch'" in out

@@ -1,7 +1,7 @@
 """Runs and sweeps as SLURM jobs, on a real single-node SLURM (tools/slurm.sh start): cut by the time limit's signal,
 requeued, resumed exactly; a sweep as one array job with its family card; what a diverged, cancelled or refused
 member says; two tasks of one job train as torchrun's two processes do. Jobs run on this machine's cores, so each run
-is small; SLURM's own hold on a requeued job (BeginTime, about two minutes) is released by the test to keep it short."""
+is small; SLURM's own hold on a requeued job (BeginTime, about two minutes) is shortened by the test to 5 s."""
 
 from __future__ import annotations
 
@@ -54,16 +54,19 @@ def queue(user_filter: str = "") -> list[tuple[str, str, str]]:
 
 
 def wait_for(jobs: list[str], timeout: float = 500, on_running=None) -> None:
-    """Until none of ``jobs`` (ids or array ids) is queued or running; a requeued job's BeginTime hold is released at
-    once (SLURM holds it about two minutes); ``on_running(job)`` is called for each task seen running."""
-    t = time.monotonic()
+    """Until none of ``jobs`` (ids or array ids) is queued or running; a requeued job's BeginTime hold (about two
+    minutes) is released after 5 s, the time its previous start needs to be cleaned up on the node (released at once,
+    the node refuses the new start: "Job credential revoked"); ``on_running(job)`` is called for each task seen
+    running."""
+    t, held = time.monotonic(), {}
     while time.monotonic() - t < timeout:
         mine = [q for q in queue() if q[0].split("_")[0] in jobs]
         if not mine:
             return
         for job, state, reason in mine:
-            if state == "PENDING" and "BeginTime" in reason:
+            if state == "PENDING" and "BeginTime" in reason and time.monotonic() - held.setdefault(job, time.monotonic()) > 5:
                 subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
+                held.pop(job)
             if state == "RUNNING" and on_running is not None:
                 on_running(job)
         time.sleep(1)
@@ -78,26 +81,48 @@ def digest(run: Path) -> str:
     return json.loads((run / "rank0.json").read_text())["weights_sha256"]
 
 
-def test_a_run_cut_by_its_time_limit_is_requeued_and_ends_as_if_never_cut(cluster, shards, tmp_path):
-    """`train --slurm`: SIGUSR1 45 s before the 1-minute limit, last.pt, exit 3, the job requeues itself and resumes;
-    at least twice. It ends finished, run.json counts the requeues, and its weights equal those of the same config
-    trained without a cut, bit for bit."""
-    r = mame(tmp_path, "train", "--slurm", "--shards", shards, *RUN, "--set", "epochs=24", "--set", "out=runs",
-             "--name", "cut")
+def test_a_run_cut_twice_is_requeued_and_ends_as_if_never_cut(cluster, shards, tmp_path):
+    """`train --slurm`: the time limit's signal (SIGUSR1, sent here as SLURM sends it, by scancel, once the run has 4 and
+    then 12 epochs, so that the cuts do not depend on when SLURM checks its limits), last.pt, exit 3, the job requeues
+    itself and resumes; twice. It ends finished, run.json counts the requeues, and its weights equal those of the same
+    config trained without a cut, bit for bit."""
+    r = mame(tmp_path, "train", "--slurm", "--shards", shards, *RUN, "--set", "epochs=24", "--set", "slurm.time=5",
+             "--set", "out=runs", "--name", "cut")
     job = job_of(r.stdout)
     script = tmp_path / "runs" / "jobs" / "cut.sbatch"
     assert script.is_file() and "#SBATCH --signal=USR1@45" in script.read_text() and "--resume auto" in script.read_text()
-    wait_for([job], timeout=600)
+    sent: list[int] = []
+
+    def cut_at(_job: str) -> None:  # only while a trainer runs (its status is running): then its handler is in place
+        runs = list_runs(tmp_path / "runs")
+        if not runs or read_run_info(runs[0].path).get("status") != "running":
+            return
+        done = len(read_metrics(runs[0].path))
+        mark = next((m for m in (4, 12) if m not in sent), None)
+        if mark is not None and done >= mark:
+            subprocess.run(["scancel", "--signal=USR1", job], capture_output=True)
+            sent.append(mark)
+
+    wait_for([job], timeout=600, on_running=cut_at)
     run = list_runs(tmp_path / "runs")[0].path
     info = read_run_info(run)
-    assert info["status"] == "finished" and info["slurm"]["requeues"] >= 2, info
-    assert len(info["resumes"]) == info["slurm"]["requeues"] and [r["epoch"] for r in read_metrics(run)] == list(range(1, 25))
-    log = (tmp_path / "runs" / "jobs" / f"cut-{job}.out").read_text()
-    assert log.count("requeueing") == info["slurm"]["requeues"]
+    assert sent == [4, 12] and info["status"] == "finished" and info["slurm"]["requeues"] == 2, info
+    assert len(info["resumes"]) == 2 and [r["epoch"] for r in read_metrics(run)] == list(range(1, 25))
+    assert (tmp_path / "runs" / "jobs" / f"cut-{job}.out").read_text().count("requeueing") == 2
     mame(tmp_path, "train", "-c", tmp_path / "runs" / "jobs" / "cut.yaml", "--name", "ref")  # the same, never cut
     assert digest(run) == digest(list_runs(tmp_path / "runs")[1].path)
     out = " ".join(mame(tmp_path, "runs", "--root", "runs").stdout.split())
-    assert f"finished, requeued {info['slurm']['requeues']}" in out
+    assert "finished, requeued 2" in out
+
+
+def test_the_time_limit_itself_cuts_a_run_that_then_finishes(cluster, shards, tmp_path):
+    """A 30-epoch run (about 70 s) in jobs of 1 minute, signalled 45 s before the end: SLURM's own signal cuts it at
+    least once (a job never reaches its limit unsignalled), and the run finishes."""
+    r = mame(tmp_path, "train", "--slurm", "--shards", shards, *RUN, "--set", "epochs=30", "--set", "out=runs",
+             "--set", "record_samples=false", "--name", "limit")
+    wait_for([job_of(r.stdout)], timeout=600)
+    info = read_run_info(list_runs(tmp_path / "runs")[0].path)
+    assert info["status"] == "finished" and info["slurm"]["requeues"] >= 1, info
 
 
 def test_a_sweep_is_one_array_job_whose_family_card_equals_the_sweep_run_here(cluster, shards, tmp_path):
