@@ -500,7 +500,7 @@ def _family_card(name: str, root: Path) -> None:
     if not path.is_file():
         raise ConfigError(f"{path}: no sweep named {name!r} in {root}")
     family = json.loads(path.read_text())
-    jobs = [f"{family['slurm']['array']}_{i}" for i in range(len(family["members"]))] if family.get("slurm") else []
+    jobs = [m["job"] for m in family["members"] if m.get("job")]  # a submitted sweep's array tasks
     console.print(f"family card: {write_card_of(root, family, job_states(jobs))}")
 
 
@@ -673,8 +673,8 @@ def _not_started(root: Path, started: set[str]) -> list[str]:
             waiting.append((s["name"], s["job"], f"run {s['name']}"))
         elif s["kind"] == "sweep" and (path := RunDir.sweep_file(root, s["name"])).is_file():
             members = json.loads(path.read_text())["members"]
-            waiting += [(m["name"], f"{s['job']}_{i}", f"sweep {s['name']} member {m['name']}")
-                        for i, m in enumerate(members) if m["name"] not in started]
+            waiting += [(m["name"], m["job"], f"sweep {s['name']} member {m['name']}") for m in members
+                        if m["name"] not in started]
     states = job_states([job for _, job, _ in waiting])
     advice = {"PENDING": "queued", "RUNNING": "starting", "CANCELLED": "cancelled before it started: submit it again",
               "FAILED": "failed before it started: see its log in the runs folder's jobs/"}

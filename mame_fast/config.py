@@ -356,6 +356,16 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def save(cfg, path: str | Path) -> Path:
+    """A config (or a model spec), as a dict or a dataclass, written as YAML that ``load`` reads back; published
+    atomically."""
+    from .files import atomic_write_text
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    data = cfg if isinstance(cfg, dict) else to_dict(cfg)
+    return atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
+
+
 def diff(a: dict, b: dict, prefix: str = "") -> dict[str, tuple]:
     """Flat {key: (a, b)} of the leaves that differ between two config dicts."""
     out = {}

@@ -14,11 +14,9 @@ import sys
 import time
 from dataclasses import dataclass
 
-import yaml
-
 from . import slurm
-from .config import TrainConfig, to_dict
-from .files import atomic_write_text, usable_cores
+from .config import TrainConfig, save
+from .files import usable_cores
 
 
 @dataclass
@@ -44,14 +42,13 @@ def in_parallel(members: list[Member], n: int, say=print) -> list[int]:
     cores = max(1, usable_cores() // n)
     gpus = _gpus()
     folder = slurm.jobs_folder(members[0].cfg)
-    folder.mkdir(parents=True, exist_ok=True)
     waiting, running, codes = list(enumerate(members)), {}, [0] * len(members)
     while waiting or running:
         while waiting and len(running) < n:
             i, m = waiting.pop(0)
             slot = next(k for k in range(n) if k not in {s for s, *_ in running.values()})
             config = folder / f"{m.name}.yaml"
-            atomic_write_text(config, yaml.safe_dump(to_dict(m.cfg), sort_keys=False))
+            save(m.cfg, config)
             env = dict(os.environ, OMP_NUM_THREADS=str(cores))
             if gpus:
                 env["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
@@ -61,7 +58,6 @@ def in_parallel(members: list[Member], n: int, say=print) -> list[int]:
             running[p.pid] = (slot, p, log, i)
             say(f"started {m.name} (pid {p.pid}, {cores} core(s){', GPU ' + env['CUDA_VISIBLE_DEVICES'] if gpus else ''}); "
                 f"log {folder / f'{m.name}.out'}")
-            codes[i] = -1
         time.sleep(0.2)
         for pid, (_, p, log, i) in list(running.items()):
             if p.poll() is not None:

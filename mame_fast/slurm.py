@@ -26,12 +26,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import yaml
-
 from . import __version__
-from .config import TrainConfig, to_dict
+from .config import TrainConfig, save
 from .errors import Expected
 from .files import atomic_write_text
+from .records.records import now
 
 JOBS = "jobs"  # <runs>/jobs/: job scripts, the configs they train, their logs (SLURM and --parallel)
 
@@ -128,10 +127,10 @@ def submit_run(cfg: TrainConfig, name: str, meta: dict, dry_run: bool = False) -
     script, text = run_script(cfg, name, meta)
     if dry_run:
         return None, script, text
-    _write_config(cfg, script.with_suffix(".yaml"))
+    save(cfg, script.with_suffix(".yaml"))
     atomic_write_text(script, text)
     job = sbatch(script)
-    record(cfg, name, {"kind": "run", "name": name, "job": job, "script": str(script), "submitted": _now()})
+    record(cfg, name, {"kind": "run", "name": name, "job": job, "script": str(script), "submitted": now()})
     return job, script, text
 
 
@@ -142,7 +141,7 @@ def submit_sweep(name: str, members: list[tuple[TrainConfig, str, dict]], dry_ru
     if dry_run:
         return {"array": None, "card": None, "scripts": [array, card], "texts": [text, card_text]}
     for cfg, n, _ in members:
-        _write_config(cfg, jobs_folder(cfg) / f"{n}.yaml")
+        save(cfg, jobs_folder(cfg) / f"{n}.yaml")
     atomic_write_text(array, text)
     atomic_write_text(card, card_text)
     job = sbatch(array)
@@ -152,7 +151,7 @@ def submit_sweep(name: str, members: list[tuple[TrainConfig, str, dict]], dry_ru
         subprocess.run(["scancel", job], capture_output=True)
         raise
     record(members[0][0], f"sweep-{name}", {"kind": "sweep", "name": name, "job": job, "card_job": card_job,
-                                             "script": str(array), "submitted": _now()})
+                                             "script": str(array), "submitted": now()})
     return {"array": job, "card": card_job, "scripts": [array, card], "texts": [text, card_text]}
 
 
@@ -166,17 +165,6 @@ def sbatch(script: Path, dependency: str | None = None) -> str:
     if r.returncode != 0:
         raise SlurmError(f"sbatch refused {script}: {' '.join(r.stderr.split())}")
     return r.stdout.strip().split(";")[0]
-
-
-def _write_config(cfg: TrainConfig, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
-
-
-def _now() -> str:
-    import datetime as dt
-
-    return dt.datetime.now().isoformat(timespec="seconds")
 
 
 def record(cfg: TrainConfig, name: str, facts: dict) -> Path:

@@ -64,7 +64,8 @@ class RunKind:
     name = "train"
 
     def diagnose(self, run_dir: Path, **kw) -> Diagnosis:
-        rows = [r for r in read_metrics(run_dir) if r.get("val")]
+        every = read_metrics(run_dir)
+        rows = [r for r in every if r.get("val")]
         info = read_run_info(run_dir)
         status = run_status(info)
         if status == "diverged":
@@ -75,8 +76,8 @@ class RunKind:
             return Diagnosis(status, [why], NOT_TRAINED[status], {"epochs": len(rows)})
         cfg = run_config(run_dir)
         warm = 0.3 * cfg.epochs if cfg.optim.schedule == "onecycle" else cfg.optim.warmup_epochs
-        if rows and len(read_metrics(run_dir)) <= warm:  # the rate never reached its peak: capacity cannot be judged
-            why = (f"all {len(read_metrics(run_dir))} epoch(s) ran inside the learning-rate warm-up ({warm:g} epochs): the "
+        if rows and len(every) <= warm:  # the rate never reached its peak: capacity cannot be judged
+            why = (f"all {len(every)} epoch(s) ran inside the learning-rate warm-up ({warm:g} epochs): the "
                    f"rate never reached its peak, so the curves say nothing yet about the model's capacity")
             return Diagnosis("not converged", [why], "Train for more epochs than the warm-up (optim.warmup_epochs) "
                              "before judging capacity.", {"epochs": len(rows)})

@@ -25,12 +25,10 @@ import socket
 import time
 from pathlib import Path
 
-import yaml
-
+from ..config import save
 from ..errors import Expected
-from ..files import atomic_write_text
 from .records import now, read_run_info, run_status, running_status, update_run_info, write_run_info
-from .rundir import RunDir, list_runs
+from .rundir import RunDir, existing_run, list_runs
 
 HEARTBEAT_S = 60  # how often a running record refreshes run.json's heartbeat (records.STALE_AFTER_S reads it)
 
@@ -63,16 +61,14 @@ class RunRecord:
         record.acquire()
         record.write_config(config)
         if spec is not None:
-            atomic_write_text(record.dir / RunDir.SPEC, yaml.safe_dump(spec, sort_keys=False))
+            save(spec, record.dir / RunDir.SPEC)
         write_run_info(record.dir, {**info, "name": name, "created": now()})
         return record
 
     @classmethod
     def reopen(cls, path: str | Path, command: str = "train", master: bool = True, owns_status: bool = True) -> RunRecord:
         """An existing run folder, locked for this process (refused, naming the holder, if another holds it)."""
-        record = cls(path, master, command, owns_status)
-        if not (record.dir / RunDir.CONFIG).is_file():
-            raise RunBusy(f"{record.path}: not a run folder (no {RunDir.CONFIG})")
+        record = cls(existing_run(path), master, command, owns_status)
         record.acquire()
         return record
 
@@ -143,7 +139,7 @@ class RunRecord:
 
     def write_config(self, config: dict) -> None:
         if self.master:
-            atomic_write_text(self.dir / RunDir.CONFIG, yaml.safe_dump(config, sort_keys=False))
+            save(config, self.dir / RunDir.CONFIG)
 
     def finish(self, status: str, error: str | None = None, **facts) -> None:
         """The run's ending; never raises over the error that ended it (a full disk then leaves ``running``, which

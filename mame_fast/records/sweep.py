@@ -62,18 +62,22 @@ def plan(name: str, grid: dict[str, list[str]], repeats: int, base_seed: int) ->
     return out
 
 
-def family_numbers(members: list[dict], root: Path) -> dict:
-    """Each member's best val top-1 (from its folder; none while it has none) and each setting's mean and 95%
-    half-width over seeds."""
-    groups: dict[str, list[float]] = {}
+def measured(members: list[dict], root: Path) -> list[tuple[dict, Path | None, dict]]:
+    """Each member with its run folder (None until its job starts) and what that folder measured: read once."""
+    out = []
     for m in members:
         folder = member_folder(m, root)
-        o = outcomes(folder) if folder is not None else {}
-        m["best_val"], m["val_count"] = o.get("best_val"), o.get("val_count")
-        if m["best_val"] is not None:
-            groups.setdefault(label(m["setting"]), []).append(m["best_val"])
-        else:
-            groups.setdefault(label(m["setting"]), [])
+        out.append((m, folder, outcomes(folder) if folder is not None else {}))
+    return out
+
+
+def family_numbers(seen: list[tuple[dict, Path | None, dict]]) -> dict:
+    """Each setting's mean best val top-1 and its 95% half-width over seeds (``seen``: ``measured``'s)."""
+    groups: dict[str, list[float]] = {}
+    for m, _, o in seen:
+        values = groups.setdefault(label(m["setting"]), [])
+        if o.get("best_val") is not None:
+            values.append(o["best_val"])
     stats = {k: mean_interval(v) if v else (math.nan, math.inf) for k, v in groups.items()}
     return {"mean_top1": {k: v[0] for k, v in stats.items()}, "half_width": {k: v[1] for k, v in stats.items()}}
 
@@ -90,16 +94,19 @@ def write_family(root: Path, name: str, grid: dict[str, list[str]], members: lis
 
 
 def write_card_of(root: Path, family: dict, states: dict[str, str] | None = None) -> Path:
-    """(Re)write a sweep's numbers and family card from what its members have measured so far."""
-    for i, m in enumerate(family["members"]):
-        if (folder := member_folder(m, root)) is not None:
+    """(Re)write a sweep's numbers and family card from what its members have measured so far. A submitted sweep's
+    members get their array task's job id here, the one place that names it (``<array>_<task>``)."""
+    seen = measured(family["members"], root)
+    for i, (m, folder, o) in enumerate(seen):
+        m.update(best_val=o.get("best_val"), val_count=o.get("val_count"))
+        if folder is not None:
             m.update(run=folder.name, number=RunDir(folder).number)
         if family.get("slurm"):
             m["job"] = f"{family['slurm']['array']}_{i}"
-    family.update(family_numbers(family["members"], root))
+    family.update(family_numbers(seen))
     atomic_write_text(RunDir.sweep_file(root, family["name"]), json.dumps(family, indent=1))
     return atomic_write_text(RunDir.sweep_file(root, family["name"], ".md"),
-                             cards.markdown(sweep_card(family, root, states or {})))
+                             cards.markdown(_card(family, seen, root, states or {})))
 
 
 def read_families(root: Path) -> list[dict]:
@@ -132,18 +139,21 @@ ADVICE = {
 def sweep_card(family: dict, root: Path, states: dict[str, str] | None = None) -> Card:
     """The family card of a sweep, from its numbers and its members' folders; ``states``: SLURM's state of members'
     jobs (a member that never started has no folder: the card says where it is and what to do)."""
-    root, states = Path(root), states or {}
-    groups: dict[str, list[dict]] = {}
-    for m in family["members"]:
-        groups.setdefault(label(m["setting"]), []).append(m)
-    numbers = family_numbers([dict(m) for m in family["members"]], root)
+    return _card(family, measured(family["members"], Path(root)), Path(root), states or {})
+
+
+def _card(family: dict, seen: list[tuple[dict, Path | None, dict]], root: Path, states: dict[str, str]) -> Card:
+    groups: dict[str, list[tuple[dict, Path | None, dict]]] = {}
+    for item in seen:
+        groups.setdefault(label(item[0]["setting"]), []).append(item)
+    numbers = family_numbers(seen)
     stats = {k: (numbers["mean_top1"][k], numbers["half_width"][k]) for k in groups}
     rows, pending = [], []
     for lab, ms in groups.items():
         each: list = []
-        for m in ms:
-            folder = member_folder(m, root)
-            o = outcomes(folder) if folder is not None else {"status": states.get(m.get("job", ""), "not started")}
+        for m, folder, o in ms:
+            if folder is None:
+                o = {"status": states.get(m.get("job", ""), "not started")}
             if folder is not None and o.get("best_val") is not None:
                 each += (["; "] if each else []) + [ref(RunDir(folder).number),
                                                      f" seed {m['seed']}: {pct(o.get('best_val'), o.get('val_count'))}"]
@@ -175,7 +185,7 @@ def _unfinished(m: dict, folder: Path | None, status: str, sweep: str) -> cards.
     """A member that has not finished, by name, with what it needs."""
     error = (read_run_info(folder).get("error") or "see its run.json") if folder is not None else ""
     said = ADVICE.get(status, f"{status} (job {{job}}): it never started; resubmit the sweep's array task, or train "
-                              f"it by hand with the config in the runs folder's slurm/").format(
+                              f"it by hand with the config in the runs folder's jobs/").format(
         job=m.get("job", "?"), folder=folder, sweep=sweep, error=error)
     who = [ref(RunDir(folder).number), f" {m.get('name')}"] if folder is not None else [f"{m.get('name')}"]
     return text("Not in the numbers: ", *who, f" ({label(m['setting'])}, seed {m['seed']}): {said}.")

@@ -37,7 +37,7 @@ from ..records.runrecord import RunRecord
 from . import checkpoint as ckpt
 from .evaluate import evaluate
 from .model import build as build_model
-from .model import count_flops, for_evaluation
+from .model import for_evaluation, summary_rows
 from .runtime import Runtime, scheduler_job, setup_runtime
 from .spec import ModelSpec, check_for_data, load_spec, spec_dict
 from .step import Ema, EpochMeter, StepGraphs, make_optimizer, make_schedule, train_step, warm_up
@@ -241,12 +241,9 @@ def start(s: Session, name: str, resumed: RunRecord | None, meta: dict) -> RunRe
 
 
 def model_cost(spec: ModelSpec, data) -> dict:
-    """Forward FLOPs per image at the run's crop and at its full-resolution budget, for the card and the diagnosis
-    (counted on the meta device: no memory, no compute)."""
-    with torch.device("meta"):
-        m = build_model(spec)
-    side = int(data.pixels**0.5)
-    return {"crop": count_flops(m, data.crop, data.crop), "full": count_flops(m, side, side), "full_pixels": data.pixels}
+    """Forward FLOPs per image at the run's crop and at its full-resolution budget, for the card and the diagnosis."""
+    r = summary_rows(spec, data.crop, data.pixels)
+    return {"crop": r["flops_256"], "full": r["flops_full"], "full_pixels": data.pixels}
 
 
 def check_resumable(state: dict, s: Session, run_dir: RunDir) -> None:

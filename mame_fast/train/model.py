@@ -303,8 +303,10 @@ def count_flops(model: nn.Module, h: int, w: int) -> int:
 
 def summary_rows(spec: ModelSpec, crop: int = 224, pixels: int = 360_000) -> dict:
     """Parameters and forward FLOPs per image at a ``crop`` square and at the full-resolution budget (a square of
-    ``pixels``)."""
-    m = build(spec)
+    ``pixels``). Built and counted on the meta device: shapes only, no memory and no arithmetic (the counts are the
+    same), so the trainer can record them at every start."""
+    with torch.device("meta"):
+        m = build(spec)
     side = int(pixels**0.5)
     return {
         "params": sum(p.numel() for p in m.parameters()),

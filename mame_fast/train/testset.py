@@ -69,8 +69,6 @@ def evaluate_test_set(run_dir: str | Path, which: str = "best", again: bool = Fa
     run_dir = RunDir(run_dir)
     if which not in CHECKPOINTS:
         raise TestRefused(f"--checkpoint must be one of {', '.join(CHECKPOINTS)}, got {which!r}")
-    if not (run_dir / RunDir.CONFIG).is_file():
-        raise TestRefused(f"{run_dir.path}: not a run folder (no {RunDir.CONFIG})")
     with RunRecord.reopen(run_dir.path, "test", owns_status=False):
         result_path = run_dir / RunDir.TEST
         if result_path.is_file() and not again:
