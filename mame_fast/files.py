@@ -85,15 +85,18 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 
 def ignore_stop_signals(*_) -> None:
-    """A DataLoader worker's initializer: the stop signals are its parent's to handle.
+    """A worker's initializer (DataLoader's, and the image pools of `shard` and `sample`): the stop signals are its
+    parent's to handle.
 
     A terminal's Ctrl-C goes to the whole foreground process group, and SLURM signals every process of a job, workers
     included. A worker that died of it took the trainer down with it (DataLoader's "worker exited unexpectedly" in the
     middle of a step, no checkpoint). So a worker ignores SIGINT and SIGUSR1, and SIGTERM from anyone but its parent:
     the parent's SIGTERM is how DataLoader, and multiprocessing at exit, end a worker that did not stop when asked,
-    and a worker deaf to it would hang the parent's exit. Where ``sigwaitinfo`` exists (Linux), one thread of the worker
-    waits for SIGTERM, which every other thread holds back, and ends the worker when its parent sent it (as torch's own
-    handler does); elsewhere (macOS) torch's handler stays, and anyone's SIGTERM ends the worker."""
+    and a worker deaf to it would hang the parent's exit. (A pool worker killed by the group's SIGTERM hung `shard`:
+    an idle worker holds the task queue's lock while it waits, and Pool.terminate() waits for that lock for ever.)
+    Where ``sigwaitinfo`` exists (Linux), one thread of the worker waits for SIGTERM, which every other thread holds
+    back, and ends the worker when its parent sent it (as torch's own handler does); elsewhere (macOS) torch's handler
+    stays, and anyone's SIGTERM ends the worker."""
     ignore_signals(tuple(sig for sig in STOP_SIGNALS if sig != signal.SIGTERM))
     if hasattr(signal, "sigwaitinfo"):
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started from here on inherit it held
@@ -106,15 +109,6 @@ def _end_on_parents_sigterm(parent: int) -> None:
     while True:
         if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
             os._exit(0)  # what torch's handler does: quietly, so that the parent's SIGCHLD handler reports no failure
-
-
-def ignore_interrupts(*_) -> None:
-    """A process pool worker's initializer: it ignores Ctrl-C and SIGUSR1, which its parent handles (a worker that died of
-    a Ctrl-C hung the pool's terminate() until a second one), and keeps SIGTERM, with which Pool.terminate() stops it."""
-    ignore_signals(tuple(sig for sig in STOP_SIGNALS if sig != signal.SIGTERM))
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a forked worker inherits the command's handler, which raises
-    if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # held while the worker started
 
 
 def ignore_signals(signals: tuple[int, ...]) -> None:

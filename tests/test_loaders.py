@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,8 @@ from mame_fast.data import metadata as md
 from mame_fast.data.shard import ShardError, ShardSettings, split_shards, write_shards
 from mame_fast.input import LoaderError, build_loader, dali_available
 from mame_fast.input.reader import open_split
+
+from .helpers import cli_env
 
 LOADERS = ["dali", "pil"] if dali_available() else ["pil"]
 SMALL = dict(pixels=20_000, crop=64, batch_size=8, threads=1, side_multiple=8)  # fine steps for a tiny budget
@@ -618,3 +621,41 @@ def test_the_fallbacks_workers_give_the_same_batches_under_every_start_method(sh
     forked = batches("fork")
     started = batches(method)
     assert len(forked) == len(started) and all(torch.equal(a, b) for a, b in zip(forked, started))
+
+
+POOL_SCRIPT = """
+import multiprocessing, sys, time
+from mame_fast.data.shard import _worker_init
+from mame_fast.files import mp_context, stop_signals_held
+with stop_signals_held():
+    pool = mp_context().Pool(2, initializer=_worker_init)  # as `shard` starts it
+assert pool.map(abs, range(-8, 0)) == list(range(8, 0, -1))
+print(*[p.pid for p in multiprocessing.active_children()], flush=True)
+sys.stdin.readline()  # the test has signalled the workers
+time.sleep(0.5)
+pool.terminate()
+print("terminated", flush=True)
+"""
+
+
+def test_an_image_pool_survives_the_groups_sigterm_and_still_terminates(tmp_path):
+    """`shard` and `sample` stop their image pool with Pool.terminate() when a signal reaches the command. The same
+    SIGTERM reaches the pool's workers (a process group, SLURM): an idle worker that died of it held the task queue's
+    lock, and terminate() waited for it for ever. They ignore it (their parent's own SIGTERM still ends them), and the
+    pool terminates."""
+    import signal
+    import subprocess
+
+    p = subprocess.Popen([sys.executable, "-c", POOL_SCRIPT], env=cli_env(), cwd=tmp_path, stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(x) for x in p.stdout.readline().split()]
+        assert len(pids) == 2
+        for pid in pids:
+            os.kill(pid, signal.SIGTERM)  # from another process, as killpg or SLURM sends it
+        p.stdin.write("go\n")
+        p.stdin.flush()
+        out = p.communicate(timeout=30)[0]
+        assert p.returncode == 0 and "terminated" in out
+    finally:
+        p.kill()

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..files import ignore_interrupts, mp_context, stop_signals_held
+from ..files import ignore_stop_signals, mp_context, stop_signals_held
 from . import metadata as md
 
 TEXTURES = ("stripes", "rings", "checks", "hatch", "grain", "blobs", "waves", "dots")
@@ -206,7 +206,7 @@ def write_sample(out: Path, spec: SampleSpec, workers: int = 1, as_zip: bool = F
     (tmp / "data_256").mkdir()
 
     with stop_signals_held():
-        pool = mp_context().Pool(workers, initializer=ignore_interrupts) if workers > 1 else _Serial()
+        pool = mp_context().Pool(workers, initializer=ignore_stop_signals) if workers > 1 else _Serial()
     with pool:
         for file, full, small in pool.imap(_make_one, jobs, chunksize=4):
             (tmp / "data" / file).write_bytes(full)

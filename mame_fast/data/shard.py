@@ -37,7 +37,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .. import __version__
-from ..files import atomic_write_text, ignore_interrupts, mp_context, stop_signals_held
+from ..files import atomic_write_text, ignore_stop_signals, mp_context, stop_signals_held
 from . import metadata as md
 from .format import (
     EXTS,
@@ -184,7 +184,7 @@ def _worker_init() -> None:
     import torch
 
     torch.set_num_threads(1)  # one image per process: threads inside a worker only oversubscribe
-    ignore_interrupts()  # a Ctrl-C stops the parent, which terminates the pool
+    ignore_stop_signals()  # a Ctrl-C stops the parent, which terminates the pool
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
