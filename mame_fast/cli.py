@@ -726,6 +726,41 @@ def report(root: Path = typer.Option(Path("runs"), help="Folder holding the run 
 
 @command()
 @expected_errors
+def slides(
+    chosen: Optional[list[str]] = typer.Argument(None, metavar="[RUN]...", help="Runs to show, by number or folder "
+                                                 "(default: every run, and every sweep)."),
+    root: Path = typer.Option(Path("runs"), help="Folder holding the run folders."),
+    runs: str = typer.Option("", "--runs", help="Run numbers and ranges to show, e.g. 2,5,7-9."),
+    lineage: Optional[int] = typer.Option(None, help="Show one experiment and every run its --after chain follows."),
+    out: Optional[Path] = typer.Option(None, help="The .pptx to write (default: ROOT/slides.pptx); its PDF goes beside it."),
+    title: str = typer.Option("", help="The cover's title (default: the runs folder's name)."),
+    no_pdf: bool = flag("--no-pdf", help="Write the .pptx only (by default LibreOffice, where installed, renders a PDF)."),
+) -> None:
+    """The interview's slides: the experiment log, each card in the lab's layout with its pictures on the slides after
+    it, the test look and the sweeps, as an editable .pptx (and a PDF)."""
+    from .records.rundir import existing_root, existing_run, list_runs
+    from .records.slides import lineage as chain
+    from .records.slides import parse_runs, write_deck
+
+    numbers: list[int] = []
+    for c in chosen or []:
+        if c.isdigit():
+            numbers.append(int(c))
+        else:
+            run = existing_run(c)
+            root = run.path.parent if root == Path("runs") else root
+            numbers.append(run.number)
+    if not list_runs(existing_root(root)):
+        _fail(f"no runs in {root}{_elsewhere(root)}")
+    numbers += parse_runs(runs) if runs else []
+    numbers += chain(root, lineage) if lineage is not None else []
+    w = write_deck(root, out, sorted(set(numbers)) if numbers else None, title=title, pdf=not no_pdf)
+    console.print(f"slides: {w.pptx} ({w.slides} slides)" + (f" and {w.pdf}" if w.pdf else f"; {w.note}"),
+                  highlight=False, soft_wrap=True)
+
+
+@command()
+@expected_errors
 def explore(
     src: Optional[Path] = typer.Argument(None, help="MAMe root or folder of CSVs (default: the vendored real metadata)."),
     out: Path = typer.Option(Path("explore"), help="Folder for explore.md and the PNGs."),

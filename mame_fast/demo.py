@@ -30,6 +30,7 @@ def run(out: Path, workers: int, config: str, per_class: tuple[int, int, int], s
     from .records.records import read_run_info
     from .records.report import write_report
     from .records.rundir import RunDir
+    from .records.slides import write_deck
     from .train import loop, lrfind
 
     t0 = time.time()
@@ -57,7 +58,10 @@ def run(out: Path, workers: int, config: str, per_class: tuple[int, int, int], s
         return trained
     d = diagnose_run(trained)
     say(f"diagnosis: {d.verdict}: {'; '.join(d.reasons)}\nnext: {d.next_step}")
-    md_path, html_path = write_report(out / "runs", title="Demo on generated stand-in images (not MAMe photographs)")
+    title = "Demo on generated stand-in images (not MAMe photographs)"
+    deck = write_deck(out / "runs", title=title)  # before the report, which links it
+    md_path, html_path = write_report(out / "runs", title=title)
     say(f"card: {trained / RunDir.CARD}\nreport: {md_path} ({html_path})\nplots: {trained / RunDir.PLOTS}\n"
+        f"slides: {deck.pptx}" + (f" and {deck.pdf}" if deck.pdf else f" ({deck.note})") + "\n"
         f"demo finished in {time.time() - t0:.0f} s")
     return trained

@@ -4,6 +4,7 @@ of a `mame-fast` child process, and a record of the operations a block of code d
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -98,3 +99,62 @@ def train_sets(shards: Path, out: Path, *more: str) -> list[str]:
     base = [f"data.shards={shards}", f"out={out}", "data.res=256", "data.crop=48", "data.batch_size=16", "data.threads=1",
             "hist_epochs=0", "epochs=1", "optim.name=sgd", "evidence=false", *more]
     return [a for s in base for a in ("--set", s)]
+
+
+def soffice() -> str:
+    """LibreOffice and poppler's pdftoppm/pdftotext (tools/libreoffice.sh). Missing: the test skips, unless CI asks for
+    them (MAME_FAST_REQUIRE_OFFICE=1), where a missing renderer fails instead of hiding the test."""
+    import shutil
+
+    import pytest
+
+    found = shutil.which("soffice")
+    if found and shutil.which("pdftoppm") and shutil.which("pdftotext"):
+        return found
+    if os.environ.get("MAME_FAST_REQUIRE_OFFICE") == "1":
+        pytest.fail("LibreOffice or poppler is not installed: run tools/libreoffice.sh (CI must not skip the slides' render)")
+    pytest.skip("LibreOffice is not installed: tools/libreoffice.sh installs it")
+
+
+_WORD = re.compile(r'<word xMin="([\d.]+)" yMin="([\d.]+)" xMax="([\d.]+)" yMax="([\d.]+)">(.*?)</word>')
+
+
+def rendered_overflows(pptx: Path, pdf: Path, pages: Path, tolerance: float = 2.0) -> list[str]:
+    """What LibreOffice drew where the deck did not plan it, measured on its PDF (every word's box, by pdftotext) and
+    its pages as PNGs (pdftoppm): a word outside every shape's box, two words on top of each other, ink in the
+    margins. Empty when the deck fits."""
+    import subprocess
+
+    import numpy as np
+    from PIL import Image
+    from pptx import Presentation
+
+    deck = Presentation(str(pptx))
+    xml = subprocess.run(["pdftotext", "-bbox", str(pdf), "-"], capture_output=True, text=True, check=True).stdout
+    pages_xml = xml.split("<page ")[1:]
+    problems = [] if len(pages_xml) == len(deck.slides) else [f"{len(pages_xml)} pages for {len(deck.slides)} slides"]
+    for n, (slide, page) in enumerate(zip(deck.slides, pages_xml), 1):
+        boxes = [(sh.name, sh.left / 12700, sh.top / 12700, (sh.left + sh.width) / 12700, (sh.top + sh.height) / 12700)
+                 for sh in slide.shapes]
+        words = [(float(a), float(b), float(c), float(d), t) for a, b, c, d, t in _WORD.findall(page)]
+        for x0, y0, x1, y1, t in words:
+            if not any(bx0 - tolerance <= x0 and x1 <= bx1 + tolerance and by0 - tolerance <= y0 and y1 <= by1 + tolerance
+                       for _, bx0, by0, bx1, by1 in boxes):
+                problems.append(f"page {n} ({slide.name}): {t!r} at ({x0:.0f}, {y0:.0f})-({x1:.0f}, {y1:.0f}) is outside "
+                                "every box")
+        for i, (ax0, ay0, ax1, ay1, at) in enumerate(words):
+            for bx0, by0, bx1, by1, bt in words[i + 1:]:
+                w, h = min(ax1, bx1) - max(ax0, bx0), min(ay1, by1) - max(ay0, by0)
+                if w > 0 and h > 0 and w * h > 0.25 * min((ax1 - ax0) * (ay1 - ay0), (bx1 - bx0) * (by1 - by0)):
+                    problems.append(f"page {n} ({slide.name}): {at!r} and {bt!r} overlap")
+    pages.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["pdftoppm", "-r", "36", "-png", str(pdf), str(pages / "page")], check=True)  # half a pixel per pt
+    for png in sorted(pages.glob("page-*.png")):
+        a = np.asarray(Image.open(png).convert("L"))
+        k = a.shape[1] / 960  # pixels per point
+        band = int(20 * k)  # the margins are 30 pt; nothing is drawn in their outer 20
+        top = int(10 * k)  # the title starts 16 pt down
+        edges = [a[:top], a[-band:], a[:, :band], a[:, -band:]]
+        if any((e < 200).any() for e in edges):
+            problems.append(f"{png.name}: ink in the margins")
+    return problems

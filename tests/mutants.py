@@ -180,7 +180,9 @@ MUTANTS = [
       "        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:", "        if True:",
       "tests/test_loaders.py -k signals_that"),
     M("Ctrl-C or SIGTERM to `shard`: its pool's workers leave it to the command", "_worker_init",
-      "    ignore_stop_signals()  # a Ctrl-C stops the parent", "    pass  # a Ctrl-C stops the parent",
+      "    ignore_stop_signals()  # a Ctrl-C stops the parent",
+      "    ignore_stop_signals(); s = __import__('signal'); s.signal(s.SIGTERM, s.SIG_DFL); "
+      "s.pthread_sigmask(s.SIG_UNBLOCK, {s.SIGTERM})  # a Ctrl-C stops the parent",  # anyone's SIGTERM ends it
       "tests/test_loaders.py -k pool_survives"),
     M("a run's loaders are closed when it ends", "run", "        cleanup.callback(s.close)", "        pass",
       "tests/test_loaders.py -k leaves_no"),
@@ -306,6 +308,15 @@ MUTANTS = [
     M("a parallel sweep runs its members side by side", "in_parallel",
       "        while waiting and len(running) < n:", "        while waiting and len(running) < 1:",
       "tests/test_parallel.py"),
+    # -- slides (records/slides.py) ---------------------------------------------------------------------
+    M("a picture keeps its aspect within the margins", "Deck.picture", "        scale = min(room_w / iw, room_h / ih)",
+      "        scale = room_w / iw", "tests/test_slides.py -k aspect"),
+    M("a text is measured as it wraps: a line breaks at a space only, not where two spans meet", "_units",
+      "        mono, bold = s.style == \"code\", s.style == \"bold\"",
+      "        mono, bold = s.style == \"code\", s.style == \"bold\"\n        units, width = units + [(width, 0.0)], 0.0",
+      "tests/test_slides.py -k wraps"),
+    M("a card that does not fit continues on another slide", "fit", "    fewest = min(len(lay) for _, lay in layouts)",
+      "    fewest = 1", "tests/test_slides.py"),
     # -- configuration (config.py) ----------------------------------------------------------------------
     M("an unknown config key is an error", "merge",
       "            raise ConfigError(f\"unknown config key {key!r}; valid keys here: {', '.join(sorted(fields))}\")",

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 from pathlib import Path
 
 import click
@@ -17,7 +18,7 @@ import typer
 from mame_fast.cli import app
 from mame_fast.config import keys
 
-from .helpers import open_in_browser
+from .helpers import open_in_browser, rendered_overflows
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ["install", "shards", "input-pipeline", "models", "training", "configuration", "experiments", "benchmarks",
@@ -147,6 +148,11 @@ def test_the_quick_starts_next_commands_run_as_printed(tmp_path):
     # The demo's report as a reader opens it: every picture loads in a browser (MAME_FAST_SHOTS keeps the screenshot).
     shot = Path(os.environ.get("MAME_FAST_SHOTS", tmp_path)) / "demo_report.png"
     assert open_in_browser(tmp_path / "demo" / "runs" / "report.html", shot) == []
+    # The demo's deck: the report links it, and where LibreOffice rendered it, nothing runs past its box.
+    runs = tmp_path / "demo" / "runs"
+    assert (runs / "slides.pptx").is_file() and "[slides.pptx](slides.pptx)" in report
+    if shutil.which("soffice") or os.environ.get("MAME_FAST_REQUIRE_OFFICE") == "1":
+        assert rendered_overflows(runs / "slides.pptx", runs / "slides.pdf", tmp_path / "pages") == []
     text = (ROOT / "README.md").read_text()
     block = text[text.index("## Quick start"):].split("```bash\n")[2].split("```")[0]
     lines = [line.split("#")[0].strip() for line in block.splitlines()]

@@ -648,8 +648,9 @@ def test_an_image_pool_survives_the_groups_sigterm_and_still_terminates(tmp_path
 
     p = subprocess.Popen([sys.executable, "-c", POOL_SCRIPT], env=cli_env(), cwd=tmp_path, stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, text=True)
+    pids: list[int] = []
     try:
-        pids = [int(x) for x in p.stdout.readline().split()]
+        pids += [int(x) for x in p.stdout.readline().split()]
         assert len(pids) == 2
         for pid in pids:
             os.kill(pid, signal.SIGTERM)  # from another process, as killpg or SLURM sends it
@@ -659,3 +660,6 @@ def test_an_image_pool_survives_the_groups_sigterm_and_still_terminates(tmp_path
         assert p.returncode == 0 and "terminated" in out
     finally:
         p.kill()
+        for pid in pids:  # a worker left behind by the failure looked for must not outlive the test
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

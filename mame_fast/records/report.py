@@ -131,11 +131,13 @@ def write_report(root: Path, title: str = "Experiment report") -> tuple[Path, Pa
             write_card(root / c.folder, root, c)
     md_links = {c.number: f"{c.folder}/{RunDir.CARD}" for c in all_cards if c.number is not None}
     html_links = {n: f"#run-{n}" for n in md_links}
-    md = [f"# {title}", "", f"{len(table)} run(s) in `{root}`.", ""]
+    deck = [p.name for p in (root / f"{RunDir.SLIDES}.pptx", root / f"{RunDir.SLIDES}.pdf") if p.is_file()]
+    md = [f"# {title}", "", f"{len(table)} run(s) in `{root}`. " + _slides_line(deck, root, "[{0}]({0})"), ""]
     md += cards.table_markdown(cards.table(cols, cells)) if table else []
     e = _html.escape
     hs = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{e(title)}</title><style>{STYLE}</style></head>"
-          f"<body><h1>{e(title)}</h1><p>{len(table)} run(s) in {e(str(root))}.</p>"]
+          f"<body><h1>{e(title)}</h1><p>{len(table)} run(s) in {e(str(root))}. "
+          f"{_slides_line([e(d) for d in deck], e(str(root)), HTML_LINK)}</p>"]
     hs += [cards.table_html(cards.table(cols, cells))] if table else []
     for c in all_cards:
         prefix = f"{c.folder}/" if c.folder else ""
@@ -146,3 +148,13 @@ def write_report(root: Path, title: str = "Experiment report") -> tuple[Path, Pa
     atomic_write_text(base.with_suffix(".md"), "\n".join(md))
     atomic_write_text(base.with_suffix(".html"), "\n".join(hs))
     return base.with_suffix(".md"), base.with_suffix(".html")
+
+
+HTML_LINK = '<a href="{0}">{0}</a>'
+
+
+def _slides_line(deck: list[str], root, link: str) -> str:
+    """Where the interview's slides are (``mame-fast slides`` wrote them), or the command that writes them."""
+    if deck:
+        return "Slides for the interview: " + " and ".join(link.format(d) for d in deck) + "."
+    return f"Slides for the interview: `mame-fast slides --root {root}` writes them."

@@ -47,6 +47,7 @@ class RunDir:
     # In the runs folder.
     LEDGER = "test_ledger.jsonl"  # every look at the test set, of every run
     REPORT = "report"  # report.md and report.html
+    SLIDES = "slides"  # slides.pptx and slides.pdf
 
     def __init__(self, path: str | Path):
         self.path = Path(path)

@@ -7,7 +7,8 @@ five-part form, shows both, and calls a difference between two settings conclusi
 their means do not overlap.
 
 On disk a sweep is numbers (``sweep-<name>.json``: the grid, each member's folder, setting, seed and best val top-1,
-each setting's mean and half-width); its card is built from them (``sweep_card``) and rendered like any card.
+each setting's mean and half-width); its card is built from them (``sweep_card``) and rendered like any card, with
+a plot of setting against val top-1 drawn from the same numbers (``sweep-<name>.png``).
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ from pathlib import Path
 from ..config import ConfigError
 from ..files import atomic_write_text
 from . import card as cards
-from .card import Bullets, Card, Para, Span, code, ref, table, text
+from .card import Bullets, Card, Para, Picture, Span, code, ref, table, text
 from .facts import outcomes
 from .kinds import previous_state
+from .plots import pyplot, save_figure
 from .records import now, read_run_info
 from .rundir import RunDir, check_run_name, find_run, list_runs
 from .stats import mean_interval, pct
@@ -176,9 +178,53 @@ def _card(family: dict, seen: list[tuple[dict, Path | None, dict]], root: Path, 
                Para(text("Grid: ", *grid, f"{seeds} seed(s) each."))),
         outcomes=(Para(text("Best val top-1 per setting: mean +- the 95% t interval over seeds; then each run with its "
                             "binomial 95% interval.")),
-                  table(["setting", "runs", "mean +- 95%", "runs [95% interval]"], rows)),
+                  table(["setting", "runs", "mean +- 95%", "runs [95% interval]"], rows),
+                  *_family_plot(family["name"], groups, stats, root)),
         observations=(Bullets(tuple(pending) + tuple(text(v) for v in verdicts(
             {k: v for k, v in stats.items() if v[0] == v[0]}))),))  # settings without a number yet: none
+
+
+PLOT_CAPTION = ("Best val top-1 per setting: each seed's run (dots) and their mean with its 95% interval (bar); a "
+                "bracket marked * joins a conclusive pair (intervals apart).")
+
+
+def _family_plot(name: str, groups: dict, stats: dict[str, tuple[float, float]], root: Path) -> tuple[Picture, ...]:
+    """``sweep-<name>.png`` beside the family card, redrawn from the same numbers: setting against val top-1 (() while
+    no member has one)."""
+    measured_ = {k: v for k, v in stats.items() if v[0] == v[0]}
+    if not measured_:
+        return ()
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    names = list(groups)
+    for i, lab in enumerate(names):
+        seeds = [o["best_val"] for _, _, o in groups[lab] if o.get("best_val") is not None]
+        ax.plot([i] * len(seeds), [100 * v for v in seeds], "o", color="0.55", ms=5, zorder=2)
+        if lab in measured_:
+            m, h = measured_[lab]
+            ax.errorbar([i], [100 * m], yerr=[[100 * h if math.isfinite(h) else 0]], fmt="s", color="C0", ms=8,
+                        capsize=6, lw=2, zorder=3)
+    top = max(100 * (m + (h if math.isfinite(h) else 0)) for m, h in measured_.values())
+    low = min(100 * (m - (h if math.isfinite(h) else 0)) for m, h in measured_.values())
+    step, level = max(1.0, 0.06 * (top - low)), top
+    for a, b in itertools.combinations(names, 2):
+        if a in measured_ and b in measured_ and _apart(measured_[a], measured_[b]):
+            level += step
+            i, j = names.index(a), names.index(b)
+            ax.plot([i, i, j, j], [level - step / 3, level, level, level - step / 3], "k-", lw=1)
+            ax.text((i + j) / 2, level, "*", ha="center", va="bottom", fontsize=14)
+    ax.set_xticks(range(len(names)), names, rotation=15 if len(names) > 4 else 0, ha="right" if len(names) > 4 else "center")
+    ax.set(title=f"Sweep {name}", ylabel="best val top-1 (%)", xlim=(-0.5, len(names) - 0.5))
+    ax.set_ylim(top=level + 2 * step)
+    ax.grid(axis="y", alpha=0.3)
+    path = save_figure(fig, RunDir.sweep_file(root, name, ".png"))
+    return (Picture(path.name, PLOT_CAPTION),)
+
+
+def _apart(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    """Two settings' intervals do not overlap: their difference is conclusive."""
+    (ma, ha), (mb, hb) = a, b
+    return ma + ha < mb - hb or mb + hb < ma - ha
 
 
 def _unfinished(m: dict, folder: Path | None, status: str, sweep: str) -> cards.Text:
@@ -195,9 +241,8 @@ def verdicts(stats: dict[str, tuple[float, float]]) -> list[str]:
     """For each pair of settings: conclusive when the intervals of their means do not overlap."""
     out = []
     for (a, (ma, ha)), (b, (mb, hb)) in itertools.combinations(stats.items(), 2):
-        apart = ma + ha < mb - hb or mb + hb < ma - ha
         better = b if mb > ma else a
-        if apart:
+        if _apart((ma, ha), (mb, hb)):
             out.append(f"{b} vs {a}: {100 * (mb - ma):+.1f} points, conclusive ({better} is better; the intervals do not "
                        f"overlap).")
         else:
