@@ -99,3 +99,11 @@ def write_results(theme: str, title: str, body: str, packages: tuple[str, ...]) 
     )
     path.write_text(head + body)
     return path
+
+
+def publish(theme: str, title: str, lines: list[str], packages: tuple[str, ...] = ("torch", "nvidia-dali-cuda130")) -> Path:
+    """A benchmark's table: saved under ``RESULTS`` (``write_results``) and printed, with where it went."""
+    path = write_results(theme, title, "\n".join(lines) + "\n", packages)
+    print("\n".join(lines))
+    print(f"wrote {path}")
+    return path

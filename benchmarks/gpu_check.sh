@@ -32,6 +32,9 @@
 #        TRAIN_VARIANTS=256:off:auto:b128:capture:+8:+4,256:off:auto:b128:graphs,256:off:auto:b128:compile
 #      then, with time left, the fallback's thread counts: TRAIN_VARIANTS=256:off:auto:b128:pil:capture:+12:+8:+4
 #
+#   3. the pixel-budget schedule against the constant 360 kpx at full resolution, and the evaluation-budget sweep:
+#        STEPS=budget_schedule GPU_CHECK_LIMITS="1 400 1 1"
+#
 # On the lent GPU machines DALI travels in three parts: ../shared/gpu/README.md. Writes $OUT/gpu_check.md, the
 # benchmarks' result files under $OUT/results/ and $OUT/logs.tar.gz (every step's full log).
 set -uo pipefail
@@ -54,6 +57,7 @@ if [ "$SMOKE" = 1 ]; then
   TRAIN_ARGS=(--model tiny --per-class 3 --batch-size 8 --epochs 1 --workers 2 --crop 64 --pixels 20000)
   LOADER_ARGS=(--per-class 3 --repeats 1 --workers 2 --crop 64 --pixels 20000 --batch-size 8 --res full --min-seconds 0.3)
   DEMO_ARGS=(--per-class 3,1,1 --workers 2 --set epochs=1)
+  BUDGET_ARGS=(--per-class 3 --pixels 20000 --epochs 2 --batch-size 8)
   SAMPLE="3 2"  # per class, workers: the benchmarks' sample, made in phase 1
   LIMITS=(${GPU_CHECK_LIMITS:-60 120 90 150})
 else
@@ -67,6 +71,9 @@ else
   LOADER_ARGS=(--per-class "${LOADER_PER_CLASS:-100}" --repeats 1 --workers "$NPROC" --no-breakdown)
   SAMPLE="100 $NPROC"
   DEMO_ARGS=(--workers "$NPROC")
+  # The pixel-budget schedule against the constant 360 kpx (issue 43), not among the default steps: STEPS=budget_schedule
+  # (its own sample; not yet timed on a GPU: two runs of 8 epochs of 2,900 images, then the evaluation-budget sweeps).
+  BUDGET_ARGS=(--model small --per-class 100 --pixels 360000 --epochs 8 --batch-size 64 --lr 0.01)
   # Seconds for gpu_tests, train_throughput (and the sample), demo, loader_throughput: phase 1 takes the longest of the
   # first three, and the whole stays under the device tool's 600 s per call (H100, 2026-11-26, one after the other:
   # 63-69, 151 with five variants and the sample's generation, 38-39, and 180 for the two loader tables with DALI CPU's
@@ -129,6 +136,7 @@ wait
 echo "- phase 1 (side by side): $((SECONDS - T0)) s" >> "$REPORT"
 wanted train_throughput && step train_throughput "${LIMITS[1]}" bash -c "cd benchmarks && exec \"$PY\" train_throughput.py ${TRAIN_ARGS[*]}"
 wanted loader_throughput && step loader_throughput "${LIMITS[3]}" bash -c "cd benchmarks && exec \"$PY\" loader_throughput.py ${LOADER_ARGS[*]}"
+wanted budget_schedule && step budget_schedule "${LIMITS[1]}" bash -c "cd benchmarks && exec \"$PY\" budget_schedule.py ${BUDGET_ARGS[*]}"
 echo "- in all: $((SECONDS - T0)) s (goal on a 16-core GPU machine: at most 360)" >> "$REPORT"
 
 {

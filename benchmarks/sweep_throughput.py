@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._common import summary, write_results  # noqa: E402
+from benchmarks._common import publish, summary  # noqa: E402
 
 
 def sweep(work: Path, shards: Path, out: str, epochs: int, *more: str) -> tuple[float, dict]:
@@ -73,10 +73,7 @@ def main() -> None:
             med, lo, hi = summary([s for lab, s in rows if lab == label])
             body.append(f"| {label} | {med:.1f} [{lo:.1f}, {hi:.1f}] | {base / med:.2f}x |")
         body += ["", f"Family cards identical across the ways: {'yes' if same else 'NO'} ({cards[ways[0][0]]})."]
-        path = write_results("sweep_throughput", "Sweep wall time: one process, --parallel 2, SLURM array",
-                             "\n".join(body) + "\n", ("torch", "nvidia-dali-cuda130"))
-        print("\n".join(body))
-        print(f"wrote {path}")
+        publish("sweep_throughput", "Sweep wall time: one process, --parallel 2, SLURM array", body)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -608,9 +608,48 @@ def test_cmd(
 
     r = evaluate_test_set(existing_run(run_dir).path, checkpoint, again, unfinished)
     val = f", val top-1 {r['val_top1']:.1%}" if r.get("val_top1") is not None else ""
-    console.print(f"test ({r['count']} images, {r['weights']} weights of epoch {r['epoch']}{val}, checkpoint {checkpoint}): "
-                  f"top-1 {pct(r['top1'], r['count'])} (95% interval)  top-5 {r['top5']:.1%}  balanced "
-                  f"{r['balanced_acc']:.1%}  -> {run_dir / 'test.json'}", highlight=False)
+    budget = ", ".join(f"{k} {v:,}" for k, v in r["budget"].items() if k != "why") + f" ({r['budget']['why']})"
+    console.print(f"test ({r['count']} images, {r['weights']} weights of epoch {r['epoch']}{val}, checkpoint {checkpoint}, "
+                  f"at {budget}): top-1 {pct(r['top1'], r['count'])} (95% interval)  top-5 {r['top5']:.1%}  balanced "
+                  f"{r['balanced_acc']:.1%}  -> {run_dir / 'test.json'}", highlight=False, soft_wrap=True)
+
+
+@command("evaluate")
+@expected_errors
+def evaluate_cmd(
+    run_dir: Path = typer.Argument(..., help="Run folder."),
+    pixels: str = typer.Option("", help="Budgets per image to try at res=full, e.g. 300000,360000,450000 (default: the "
+                                        "training budget and 1.25x, 1.5x it)."),
+    crop: str = typer.Option("", help="Crop sides to try at res=256, e.g. 224,256,288 (default: the training crop and "
+                                      "+32, +64)."),
+) -> None:
+    """Validation top-1 of a run's best weights at several evaluation budgets, with intervals; the best is recorded and
+    `test` then looks at the test set there (FixRes: trained on crops, a network often scores best a little larger)."""
+    from .config import load
+    from .records.report import write_card
+    from .records.rundir import existing_run
+    from .records.stats import pct
+    from .train.budgets import BudgetError, evaluate_budgets
+
+    run = existing_run(run_dir)
+    cfg = load(run / "config.yaml")
+    given = pixels if cfg.data.res == "full" else crop
+    if (crop if cfg.data.res == "full" else pixels):
+        _fail(f"{run_dir} trained at res={cfg.data.res}: give --{'pixels' if cfg.data.res == 'full' else 'crop'}")
+    try:
+        values = [int(v.replace("_", "")) for v in given.split(",") if v.strip()]
+    except ValueError:
+        raise BudgetError(f"--{'pixels' if cfg.data.res == 'full' else 'crop'} {given}: not a list of whole numbers") from None
+    if not values:
+        base = cfg.data.pixels if cfg.data.res == "full" else cfg.data.crop
+        values = [base, round(1.25 * base), round(1.5 * base)] if cfg.data.res == "full" else [base, base + 32, base + 64]
+    r = evaluate_budgets(run.path, values)
+    for row in r["results"]:
+        mark = "  <- chosen" if row["value"] == r["chosen"] else ""
+        console.print(f"{r['key']} {row['value']:>9,}: val top-1 {pct(row['top1'], row['count'])}{mark}", highlight=False)
+    write_card(run.path)
+    console.print(f"recorded in {run / 'run.json'} (eval_budgets); `mame-fast test {run_dir}` looks at {r['key']} "
+                  f"{r['chosen']:,}", highlight=False, soft_wrap=True)
 
 
 @command()

@@ -33,6 +33,10 @@ RANGES: dict[str, tuple] = {
     "data.buckets": (1, None, False, False), "data.side_multiple": (1, None, False, False), "data.scale_min": (0, 1, True, False),
     "data.color_jitter": (0, 1, False, True), "data.eval_crop_fraction": (0, 1, True, False),
     "data.threads": (0, None, False, False), "data.prefetch": (1, None, False, False),
+    "data.pixels_start": (0, None, False, False), "data.crop_start": (0, None, False, False),
+    "data.ramp_start": (0, None, False, False), "data.ramp_end": (0, None, False, False),
+    "data.ramp_levels": (2, None, False, False),
+    "eval.pixels": (0, None, False, False), "eval.crop": (0, None, False, False),
     "optim.lr": (0, None, True, False), "optim.momentum": (0, 1, False, True), "optim.weight_decay": (0, None, False, False),
     "optim.warmup_epochs": (0, None, False, False), "optim.label_smoothing": (0, 1, False, True),
     "optim.mixup": (0, None, False, False), "optim.cutmix": (0, None, False, False), "optim.clip_grad": (0, None, False, False),
@@ -92,6 +96,18 @@ class DataConfig(_Checked):
     """Side of the square crops in res=256 mode, in pixels: the model sees crop x crop images."""
     pixels: int = 360_000
     """Pixel budget per image in res=full mode: each bucket has about this many pixels (360,000 is about 600x600)."""
+    pixels_start: int = 0
+    """res=full: the training budget of the first epochs, growing to ``data.pixels`` from epoch ``data.ramp_start`` to
+    ``data.ramp_end`` (0: ``data.pixels`` from the first epoch). Progressive resizing: early epochs learn coarse
+    features from few pixels, at a fraction of the cost (docs/training.md)."""
+    crop_start: int = 0
+    """res=256: the training crop side of the first epochs, growing to ``data.crop`` over the same ramp (0: no ramp)."""
+    ramp_start: int = 0
+    """The epoch (counted from 0) where the ramp starts: up to it, the budget is ``pixels_start`` / ``crop_start``."""
+    ramp_end: int = 0
+    """The epoch from which the training budget is ``data.pixels`` / ``data.crop``; in between it grows in side length."""
+    ramp_levels: int = 4
+    """How many budgets the ramp takes, its start and end included: each has its own fixed set of batch shapes."""
     buckets: int = 20
     """Number of aspect-ratio buckets in res=full mode, between 1:4 and 4:1 (fewer if some round to one shape)."""
     side_multiple: int = 32
@@ -116,6 +132,29 @@ class DataConfig(_Checked):
     'auto': 'cpu' at res=full, where training keeps the GPU busy, 'gpu' at res=256, where the host is the bottleneck."""
     channels_last: bool = True
     """Hand batches over in channels-last memory format."""
+
+    @property
+    def ramped(self) -> bool:
+        """The training budget follows a schedule (``pixels_start`` at full resolution, ``crop_start`` at 256)."""
+        return bool(self.pixels_start if self.res == "full" else self.crop_start)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for key, start, final in (("pixels", self.pixels_start, self.pixels), ("crop", self.crop_start, self.crop)):
+            if start and start > final:
+                raise ConfigError(f"data.{key}_start: {start} is above data.{key} ({final}); the budget grows to data.{key}")
+        if self.ramped and self.ramp_end < self.ramp_start:
+            raise ConfigError(f"data.ramp_end: {self.ramp_end} is before data.ramp_start ({self.ramp_start})")
+
+
+@dataclass(frozen=True)
+class EvalConfig(_Checked):
+    _section: ClassVar[str] = "eval."
+    pixels: int = 0
+    """res=full: the budget per image of validation and the test (0: ``data.pixels``). A network trained on random
+    crops scores best evaluated a little larger (FixRes): `mame-fast evaluate RUN --pixels ...` measures some."""
+    crop: int = 0
+    """res=256: the side of the evaluation crop (0: ``data.crop``)."""
 
 
 @dataclass(frozen=True)
@@ -229,6 +268,8 @@ class TrainConfig(_Checked):
     """Shards, resolution and input pipeline."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     """Optimizer, schedule and regularization."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """The budget at which validation and the test look (res=full pixels, res=256 crop)."""
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     """How `train --slurm` and `sweep --slurm` submit the run to a SLURM cluster (docs/training.md)."""
 

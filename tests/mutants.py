@@ -308,6 +308,14 @@ MUTANTS = [
     M("a parallel sweep runs its members side by side", "in_parallel",
       "        while waiting and len(running) < n:", "        while waiting and len(running) < 1:",
       "tests/test_parallel.py"),
+    # -- the pixel-budget schedule and the evaluation budget ---------------------------------------------
+    M("each epoch is planned at its own budget on the ramp", "EpochPlans.__call__",
+      "            cfg = self.cfg if isinstance(self.cfg, PlanConfig) else self.cfg(epoch)",
+      "            cfg = self.cfg if isinstance(self.cfg, PlanConfig) else self.cfg(0)",
+      "tests/test_budget.py -k shapes_of_its_budget"),
+    M("the test looks at the budget `evaluate` chose on validation", "budget_for_test",
+      "    if chosen.get(\"key\") == key and chosen.get(\"chosen\"):", "    if False:",
+      "tests/test_budget.py -k evaluate_chooses"),
     # -- slides (records/slides.py) ---------------------------------------------------------------------
     M("a picture keeps its aspect within the margins", "Deck.picture", "        scale = min(room_w / iw, room_h / ih)",
       "        scale = room_w / iw", "tests/test_slides.py -k aspect"),

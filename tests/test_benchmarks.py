@@ -169,3 +169,21 @@ def test_a_graphed_step_leaves_the_host_the_steps_ends_only(monkeypatch):
     assert graphed["aten.convolution"] == 0 and graphed["aten.copy_"] == 4 and graphed["aten.clone"] == 3
     assert graphed["aten._fused_sgd_"] == eager["aten._fused_sgd_"] and graphed["aten._foreach_lerp_"] == 1
     assert sum(graphed.values()) < 30 < 100 < sum(eager.values())
+
+
+@pytest.mark.slow
+def test_budget_schedule_benchmark_runs(shards, tmp_path):
+    """The schedule against the constant budget (its CPU figures are in benchmarks/results/): both rows, and the ramp
+    processes fewer training pixels than the constant run of the same epochs."""
+    env = dict(os.environ, MAME_FAST_RESULTS=str(tmp_path / "results"), PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "budget_schedule.py", "--shards", str(shards), "--pixels", "9216", "--epochs", "2",
+                        "--batch-size", "8"], cwd=ROOT / "benchmarks", env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    (saved,) = (tmp_path / "results").glob("budget_schedule_*.md")
+    rows: dict[str, list[str]] = {}
+    for line in saved.read_text().splitlines():  # the first table's rows (the evaluation-budget table follows)
+        if line.startswith(("| constant", "| schedule")):
+            rows.setdefault(line.split("|")[1].strip(), line.split("|"))
+    assert set(rows) == {"constant", "schedule"} and "ep 1-1: 2,304; ep 2-2: 9,216" in rows["schedule"][2]
+    assert float(rows["schedule"][4].strip().rstrip("x")) < 0.9 and rows["constant"][4].strip() == "1.00x"
+    assert "| 6,912 px | 9,216 px | 11,520 px | 13,824 px |" in saved.read_text() and "(chosen)" in saved.read_text()

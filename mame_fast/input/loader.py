@@ -13,7 +13,9 @@ picks one.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import functools
+import math
 import os
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -25,7 +27,7 @@ from ..config import DataConfig
 from ..errors import Expected
 from ..files import usable_cores
 from ..tensors import MEAN, STD, valid_mask
-from .plan import BatchPlan, EpochPlans, PlanConfig, batch_shapes, make_buckets, square_bucket
+from .plan import BatchPlan, EpochPlans, PlanConfig, batch_shapes, epoch_plan, make_buckets, square_bucket
 from .reader import Split
 
 
@@ -75,6 +77,65 @@ def rank_cores(usable: int, machine: int, local_ranks: int, torchrun: bool) -> i
     return max(1, usable // local_ranks if shared else usable)
 
 
+def budget_at(cfg: DataConfig, epoch: int) -> DataConfig:
+    """The training data config of ``epoch`` on the pixel-budget ramp: ``pixels_start`` (``crop_start`` at 256) up to
+    ``ramp_start``, ``pixels`` (``crop``) from ``ramp_end`` on, and in between one of ``ramp_levels`` budgets spaced
+    evenly in side length, each taken once the ramp has reached it (a budget's bucket shapes are fixed, so a ramp of a
+    few levels is a few known sets of shapes). Without a ramp, ``cfg`` itself."""
+    if not cfg.ramped:
+        return cfg
+    span = cfg.ramp_end - cfg.ramp_start
+    t = min(1.0, max(0.0, (epoch - cfg.ramp_start) / span)) if span else float(epoch >= cfg.ramp_end)
+    return at_level(cfg, math.floor(t * (cfg.ramp_levels - 1) + 1e-9))  # the final budget from ramp_end on, not before
+
+
+def at_level(cfg: DataConfig, level: int) -> DataConfig:
+    """Budget ``level`` of the ramp (0: the start, ``ramp_levels - 1``: the final budget), as a config without a ramp."""
+    q = level / (cfg.ramp_levels - 1)
+    if cfg.res == "full":
+        side = math.sqrt(cfg.pixels_start) + q * (math.sqrt(cfg.pixels) - math.sqrt(cfg.pixels_start))
+        return dataclasses.replace(cfg, pixels=cfg.pixels if q == 1 else round(side * side), pixels_start=0, crop_start=0)
+    crop = cfg.crop_start + q * (cfg.crop - cfg.crop_start)
+    if 0 < q < 1:  # between the ends, a multiple of the model's stride (160 -> 224: 160, 192, 224)
+        crop = min(cfg.crop, max(cfg.crop_start, cfg.side_multiple * round(crop / cfg.side_multiple)))
+    return dataclasses.replace(cfg, crop=int(round(crop)), pixels_start=0, crop_start=0)
+
+
+def ramp_levels(cfg: DataConfig) -> list[DataConfig]:
+    """The distinct budgets a training loader of ``cfg`` goes through, in order (one without a ramp): the levels some
+    epoch reaches (a ramp of fewer epochs than levels skips some)."""
+    if not cfg.ramped:
+        return [cfg]
+    out: list[DataConfig] = []
+    for e in range(cfg.ramp_end + 1):
+        d = budget_at(cfg, e)
+        if not out or (d.pixels, d.crop) != (out[-1].pixels, out[-1].crop):
+            out.append(d)
+    return out
+
+
+def eval_data(cfg: DataConfig, pixels: int = 0, crop: int = 0) -> DataConfig:
+    """The data config of an evaluation (validation, the test) at ``pixels`` (full) or ``crop`` (256), 0 meaning the
+    final training budget; never ramped."""
+    return dataclasses.replace(cfg, pixels=pixels or cfg.pixels, crop=crop or cfg.crop, pixels_start=0, crop_start=0)
+
+
+class Budgets:
+    """``epoch -> PlanConfig`` of a loader: the ramp's budget for training, the one config for evaluation. A plain
+    object (the DALI feed holds it through ``EpochPlans``; a bound method of the loader would make a cycle)."""
+
+    def __init__(self, cfg: DataConfig, train: bool):
+        self.cfg, self.train = cfg, train
+        self.plans = {(d.pixels, d.crop): plan_config(d, train) for d in (ramp_levels(cfg) if train else [cfg])}
+
+    def data(self, epoch: int) -> DataConfig:
+        return budget_at(self.cfg, epoch) if self.train else self.cfg
+
+    def __call__(self, epoch: int) -> PlanConfig:
+        d = self.data(epoch)
+        return self.plans[(d.pixels, d.crop)]
+
+
 def plan_config(cfg: DataConfig, train: bool) -> PlanConfig:
     if cfg.res == "full":
         buckets = make_buckets(cfg.pixels, cfg.buckets, multiple=cfg.side_multiple)
@@ -98,13 +159,15 @@ class Loader:
                  device: torch.device, dtype: torch.dtype):
         self.split, self.cfg, self.train, self.seed = split, cfg, train, seed
         self.rank, self.world, self.device, self.dtype = rank, world, device, dtype
-        self.plan_cfg = plan_config(cfg, train)
+        self.budgets = Budgets(cfg, train)
+        self.plan_cfg = self.budgets(0)  # what every budget shares (batch size, augmentation); the shapes differ
         local, torchrun = int(os.environ.get("LOCAL_WORLD_SIZE", "1")), "TORCHELASTIC_RUN_ID" in os.environ
         self.threads = cfg.threads or rank_cores(usable_cores(), os.cpu_count() or 1, local, torchrun)
         # A separate object, not a method: the DALI feed holds it, and a bound method would tie the loader into
         # a reference cycle, freed only by the cyclic GC, which may then run in a forked DataLoader worker, where
         # the pipeline's destructor waits forever for threads the fork did not copy.
-        self.plan = EpochPlans(split.height, split.width, self.plan_cfg, seed, rank, world)
+        self.plan = EpochPlans(split.height, split.width, self.budgets, seed, rank, world)
+        self._budget_steps: dict[int, int] = {}  # id of a budget's PlanConfig -> steps per epoch (the same in every epoch)
         self._rows: tuple[int | None, dict[str, torch.Tensor]] = (None, {})
         self._pool: concurrent.futures.Executor | None = None  # the CPU tail's threads without TorchScript (start_tail)
         if device.type == "cpu":
@@ -114,11 +177,22 @@ class Loader:
         return len(self.plan(0))
 
     def steps(self, epoch: int) -> int:
-        return len(self.plan(epoch))
+        """Steps of ``epoch``: the same in every epoch of one budget (the plan cuts each bucket into batches; only the
+        order is random), so it is counted once per budget."""
+        pc = self.budgets(epoch)
+        if id(pc) not in self._budget_steps:
+            self._budget_steps[id(pc)] = len(epoch_plan(self.split.height, self.split.width, pc, self.seed, 0, self.rank,
+                                                        self.world))
+        return self._budget_steps[id(pc)]
 
-    def shapes(self) -> list[tuple[int, int, int]]:
-        """Every batch shape (rows, H, W) this loader gives, in any epoch (plan.batch_shapes)."""
-        return batch_shapes(self.split.height, self.split.width, self.plan_cfg)
+    def shapes(self, epoch: int | None = None) -> list[tuple[int, int, int]]:
+        """Every batch shape (rows, H, W) this loader gives in ``epoch``, or in any epoch (every budget of a ramp, in
+        order) (plan.batch_shapes)."""
+        plans = [self.budgets(epoch)] if epoch is not None else list(self.budgets.plans.values())
+        out: list[tuple[int, int, int]] = []
+        for pc in plans:
+            out += [sh for sh in batch_shapes(self.split.height, self.split.width, pc) if sh not in out]
+        return out
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         raise NotImplementedError

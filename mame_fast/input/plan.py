@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Callable
 
 import numpy as np
 
@@ -213,17 +214,20 @@ def filler_fraction(h: np.ndarray, w: np.ndarray, cfg: PlanConfig, world: int = 
 
 
 class EpochPlans:
-    """``epoch -> epoch_plan(...)`` for one rank, computed on demand. Keeps the last two epochs: the DALI
-    feed reads the next epoch's plan while the current one is still being consumed."""
+    """``epoch -> epoch_plan(...)`` for one rank, computed on demand, with one plan config or the epoch's (a pixel-budget
+    schedule). Keeps the last two epochs: the DALI feed reads the next epoch's plan while the current one is still
+    being consumed."""
 
-    def __init__(self, h: np.ndarray, w: np.ndarray, cfg: PlanConfig, seed: int, rank: int = 0, world: int = 1):
+    def __init__(self, h: np.ndarray, w: np.ndarray, cfg: PlanConfig | Callable[[int], PlanConfig], seed: int, rank: int = 0,
+                 world: int = 1):
         self.h, self.w, self.cfg, self.seed, self.rank, self.world = h, w, cfg, seed, rank, world
         self._cache: dict[int, list[BatchPlan]] = {}
 
     def __call__(self, epoch: int) -> list[BatchPlan]:
         if epoch not in self._cache:
             keep = {e: p for e, p in self._cache.items() if e == epoch - 1}
-            self._cache = {**keep, epoch: epoch_plan(self.h, self.w, self.cfg, self.seed, epoch, self.rank, self.world)}
+            cfg = self.cfg if isinstance(self.cfg, PlanConfig) else self.cfg(epoch)  # a budget schedule: the epoch's
+            self._cache = {**keep, epoch: epoch_plan(self.h, self.w, cfg, self.seed, epoch, self.rank, self.world)}
         return self._cache[epoch]
 
 

@@ -53,7 +53,7 @@ class Shown:
     title: str
 
 
-def train_batches(cfg, loader, classes: list[str], epoch: int = 0, shapes: int = 6) -> list[Shown]:
+def train_batches(cfg, loader, classes: list[str], epoch: int = 0, shapes: int = 6, when: str = "") -> list[Shown]:
     """The first training batch of each of up to ``shapes`` batch shapes of ``epoch``, as the step receives them: the
     loader's batch, then the step's mixup or cutmix with the draw the trainer makes at that step."""
     from ..input.mixing import mix, soft_targets, step_rng
@@ -72,8 +72,8 @@ def train_batches(cfg, loader, classes: list[str], epoch: int = 0, shapes: int =
         drawn = "mixup or cutmix (one per batch)" if cfg.optim.mixup and cfg.optim.cutmix else \
             "mixup" if cfg.optim.mixup else "cutmix"
         mixed = f", {drawn} as the step drew it (the weights in the labels)" if cfg.optim.mixup or cfg.optim.cutmix else ""
-        shown.append(Shown(denormalize(x[:n]), labels, f"training step {step + 1}: batch {b.images.shape[0]}x{shape[0]}x"
-                                                       f"{shape[1]}{mixed}"))
+        shown.append(Shown(denormalize(x[:n]), labels, f"{when}training step {step + 1}: batch {b.images.shape[0]}x"
+                                                       f"{shape[0]}x{shape[1]}{mixed}"))
         if len(seen) == shapes:
             break
     return shown
@@ -126,13 +126,21 @@ def plot_preview(shown: list[Shown], path: Path, title: str) -> Path:
 def preview(cfg, path: Path, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> Path:
     """What the network is fed under ``cfg``: training batches of each shape and evaluation batches, from the loader the
     run uses (built here for one process), in one figure."""
-    from ..input import build_loader
+    from ..input import budget_at, build_loader, eval_data
 
     train = build_loader(cfg.data, "train", True, cfg.seed, device=device, dtype=dtype)
-    val = build_loader(cfg.data, "val", False, cfg.seed, device=device, dtype=dtype)
+    val = build_loader(eval_data(cfg.data, cfg.eval.pixels, cfg.eval.crop), "val", False, cfg.seed, device=device,
+                       dtype=dtype)
     try:
         classes = train.split.classes
-        shown = train_batches(cfg, train, classes) + eval_batches(val, classes)
+        if cfg.data.ramped:  # a budget schedule: its first epoch's batches and those of the epoch it ends at
+            key = "pixels" if cfg.data.res == "full" else "crop"
+            ends = (0, cfg.data.ramp_end)
+            shown = [x for e in ends for x in train_batches(
+                cfg, train, classes, e, 3, f"epoch {e + 1} ({key} {getattr(budget_at(cfg.data, e), key):,}), ")]
+        else:
+            shown = train_batches(cfg, train, classes)
+        shown += eval_batches(val, classes)
     finally:
         train.close()
         val.close()

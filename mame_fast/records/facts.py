@@ -23,6 +23,17 @@ def data_sentence(data) -> Text:
                 code("data.res=full"), ")")
 
 
+def budget_sentence(data, phases: list[dict]) -> Text:
+    """A ramped run's training budgets (``data``: its DataConfig; ``phases``: run.json's ``budget_schedule``)."""
+    key, unit = ("pixels", " px") if data.res == "full" else ("crop", " px crops")
+    start, final = (data.pixels_start, data.pixels) if key == "pixels" else (data.crop_start, data.crop)
+    said = "; ".join(("epoch {0}" if a == b else "epochs {0}-{1}").format(a, b) + f" at {p[key]:,}{unit} "
+                     f"({len(p['shapes'])} shape(s))" for p in phases for a, b in [p["epochs"]])
+    return text("Budget schedule: ", code(f"data.{key}_start={start}"), f" growing to {final:,} from epoch "
+                f"{data.ramp_start + 1} to epoch {data.ramp_end + 1} in {data.ramp_levels} budgets" +
+                (f": {said}." if said else "."))
+
+
 def range_test_sentence(f: dict) -> Text:
     """What a learning-rate range test found (``f``: run.json's ``lr_find``)."""
     return text(f"learning-rate range test: the loss fell fastest at lr {f['steepest_lr']:.3g} and was lowest at "

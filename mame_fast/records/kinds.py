@@ -17,7 +17,7 @@ import yaml
 from ..config import TrainConfig, diff, load, to_dict
 from .card import Block, Bullets, Card, Para, Picture, Text, bold, code, file_link, plain_text, ref, table, text
 from .diagnose import NEXT, NOT_TRAINED, Diagnosis, diagnose_history, low_resolution_tip
-from .facts import data_sentence, outcomes, range_test_sentence, range_test_setup, rate_position
+from .facts import budget_sentence, data_sentence, outcomes, range_test_sentence, range_test_setup, rate_position
 from .records import read_jsonl, read_metrics, read_run_info, run_status
 from .rundir import RunDir, find_run
 from .stats import pct
@@ -120,6 +120,12 @@ class RunKind:
                 blocks.append(Para(text(f"optim.lr {o.lr:g} per 256 images lies {rate_position(o.lr, found)} "
                                         f"the range suggested by the range test ", ref(RunDir(p).number),
                                         f" ({found['range'][0]:.3g} to {found['range'][1]:.3g}).")))
+        if d.ramped:
+            blocks.append(Para(text(*budget_sentence(d, info.get("budget_schedule", [])))))
+        if cfg.eval.pixels or cfg.eval.crop:
+            key = "pixels" if d.res == "full" else "crop"
+            blocks.append(Para(text("Validated at ", code(f"eval.{key}={getattr(cfg.eval, key)}"), " (trained at "
+                                    f"{getattr(d, key):,}).")))
         for r in info.get("resumes", []):
             blocks.append(Para(text(f"Resumed at {r['time']}: ", *_changes(r["changes"]), ".")))
         if preds:
@@ -141,7 +147,7 @@ class RunKind:
             rows.append(("best val top-1 (EMA)", pct(oc["best_val_ema"], n)))
         if "test" in oc:
             rows.append(("TEST top-1 [95% interval] (run once)", pct(oc["test"], oc.get("test_count"))))
-        return [table(["measure", "value"], rows), *pictures(run_dir)]
+        return [table(["measure", "value"], rows), *_budget_blocks(info.get("eval_budgets")), *pictures(run_dir)]
 
     def card(self, run_dir: Path, root: Path) -> Card:
         run_dir = Path(run_dir)
@@ -234,11 +240,28 @@ def look_card(run_dir: Path) -> Card | None:
         hypothesis=(Para(text("The weights chosen on validation score on the test set as validation said, within "
                               "its interval.")),),
         setup=(Para(text(f"Checkpoint {t['checkpoint']}: the {t['weights']} weights of epoch {t['epoch']}, evaluated on "
-                         f"the test split at {t['time']} (run status then: {t.get('run_status', '?')}).")),),
+                         f"the test split at {t['time']} (run status then: {t.get('run_status', '?')})" +
+                         "".join(f", at {k} {v:,} ({t['budget']['why']})" for k, v in t.get("budget", {}).items()
+                                 if k != "why") + ".")),),
         outcomes=(table(["measure", "value"], rows),),
         observations=(Bullets(tuple(text(f"Look {i + 1} at {r['time']}: {r['checkpoint']} checkpoint, top-1 "
                                          f"{pct(r['top1'], r.get('count'))}" + (" (--again)" if r.get("again") else ""))
                                     for i, r in enumerate(looks)) or (text("No ledger line for this look."),)),))
+
+
+def _budget_blocks(found: dict | None) -> list[Block]:
+    """The evaluation-budget sweep of `mame-fast evaluate` (run.json's ``eval_budgets``), as a sentence and a table."""
+    if not found:
+        return []
+    unit = "pixels per image" if found["key"] == "pixels" else "crop side"
+    rows = [(f"{r['value']:,}", pct(r["top1"], r["count"]),
+             ", ".join(w for w, on in (("chosen", r["value"] == found["chosen"]),
+                                       ("trained at", r["value"] == found.get("trained_at"))) if on))
+            for r in found["results"]]
+    return [Para(text(f"Evaluation budgets (`mame-fast evaluate` at {found['time']}: validation, the {found['weights']} "
+                      f"weights of epoch {found['epoch']}): the test looks at {found['key']} ", bold(f"{found['chosen']:,}"),
+                      ".")),
+            table([unit, "val top-1 [95% interval]", ""], rows)]
 
 
 def _changes(changes: dict) -> list:

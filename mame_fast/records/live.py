@@ -18,9 +18,11 @@ from .rundir import RunDir
 class Progress:
     """Epoch, step, loss, accuracy, learning rate, images/s and data-wait share, at log steps; a line per epoch."""
 
-    def __init__(self, master: bool, console, epochs: int, steps: int, plain: bool | None = None):
+    def __init__(self, master: bool, console, epochs: int, steps: int | list[int], plain: bool | None = None):
         self.p = None
-        self.master, self.epochs, self.steps = master, epochs, steps
+        self.master, self.epochs = master, epochs
+        self.each = steps if isinstance(steps, list) else [steps] * epochs  # per epoch (a budget schedule varies it)
+        self.steps = self.each[0]
         # Plain lines wherever stdout is not a terminal (a file, a pipe, a SLURM log).
         self.plain = (not sys.stdout.isatty()) if plain is None else plain
         if not master or self.plain:
@@ -60,8 +62,10 @@ class Progress:
                  f"val loss {v.get('loss', float('nan')):.3f} top1 {v.get('top1', float('nan')):.3f} "
                  f"top5 {v.get('top5', float('nan')):.3f} bal {v.get('balanced_acc', float('nan')):.3f}{ema}  "
                  f"{row['images_per_s']:.0f} img/s  data-wait {row['data_wait']:.0%}")
-        if self.p and row["epoch"] < self.epochs:
-            self.p.reset(self.task, total=self.steps, epoch=row["epoch"] + 1, info="")
+        if row["epoch"] < min(self.epochs, len(self.each)):
+            self.steps = self.each[row["epoch"]]
+            if self.p:
+                self.p.reset(self.task, total=self.steps, epoch=row["epoch"] + 1, info="")
 
     def close(self) -> None:
         if self.p:

@@ -93,10 +93,12 @@ def legend_below(ax, ncol: int = 4, handles=None) -> None:
 
 
 def plot_training(rows: list[dict], path: Path) -> Path:
-    """Learning rate, throughput with the data-wait share, and the mean gradient norm per epoch."""
+    """Learning rate, throughput with the data-wait share, and the mean gradient norm per epoch; and the training budget
+    per epoch of a run on a pixel-budget schedule."""
     plt = pyplot()
     ep = [r["epoch"] for r in rows]
-    fig, ax = plt.subplots(1, 3, figsize=(14, 3.8))
+    ramped = [r for r in rows if "budget" in r]
+    fig, ax = plt.subplots(1, 4 if ramped else 3, figsize=(18 if ramped else 14, 3.8))
     ax[0].plot(ep, [r["lr"] for r in rows], "o-")
     ax[0].set(xlabel="epoch", ylabel="learning rate (at the run's batch size)", title="Learning rate (end of epoch)")
     speed = ax[1].plot(ep, [r["images_per_s"] for r in rows], "o-", label="training images/s (all ranks)")
@@ -107,6 +109,11 @@ def plot_training(rows: list[dict], path: Path) -> Path:
     legend_below(ax[1], ncol=1, handles=speed + wait)
     ax[2].plot(ep, [r["grad_norm"] for r in rows], "o-")
     ax[2].set(xlabel="epoch", ylabel="L2 norm of all gradients, mean per step", title="Gradient norm (before clipping)")
+    if ramped:
+        key = next(iter(ramped[0]["budget"]))
+        ax[3].step([r["epoch"] for r in ramped], [r["budget"][key] for r in ramped], "o-", where="mid")
+        ax[3].set(xlabel="epoch", ylabel="pixels per image" if key == "pixels" else "crop side (px)",
+                  title="Training budget (schedule)", ylim=(0, None))
     for a in ax:
         a.grid(alpha=0.3)
         whole_epochs(a)

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..config import ConfigError, TrainConfig, diff, load, to_dict
-from ..input import Loader, build_loader
+from ..config import ConfigError, DataConfig, TrainConfig, diff, load, to_dict
+from ..input import Loader, budget_at, build_loader, eval_data
 from ..input.mixing import step_rng
 from ..records import evidence, records
 from ..records.live import Progress, TensorBoard
@@ -113,6 +113,26 @@ def run(cfg: TrainConfig, name: str = "run", resume: Path | None = None, meta: d
         return record.path
 
 
+def validation_data(cfg: TrainConfig) -> DataConfig:
+    """The data config validation looks at: the evaluation budget (``eval.pixels`` / ``eval.crop``, by default the final
+    training budget), the same in every epoch, so that epochs compare."""
+    return eval_data(cfg.data, cfg.eval.pixels, cfg.eval.crop)
+
+
+def budget_schedule(cfg: TrainConfig, loader: Loader) -> list[dict]:
+    """The training budgets of a ramped run, each with the epochs it serves (1-based, as the log counts) and its batch
+    shapes, all known before step 0 (run.json's ``budget_schedule``)."""
+    phases: list[dict] = []
+    for e in range(cfg.epochs):
+        d = budget_at(cfg.data, e)
+        value = {"pixels": d.pixels} if cfg.data.res == "full" else {"crop": d.crop}
+        if phases and {k: phases[-1][k] for k in value} == value:
+            phases[-1]["epochs"][1] = e + 1
+        else:
+            phases.append({**value, "epochs": [e + 1, e + 1], "shapes": loader.shapes(e), "steps": loader.steps(e)})
+    return phases
+
+
 def build(cfg: TrainConfig, rt: Runtime) -> Session:
     """The model spec, both loaders (their shards checked), the model, optimizer and EMA: whatever can fail on bad
     config or data fails here, before a run folder exists."""
@@ -121,7 +141,7 @@ def build(cfg: TrainConfig, rt: Runtime) -> Session:
     torch.manual_seed(cfg.seed + rt.rank)
     np.random.seed(cfg.seed + rt.rank)
     train_loader = build_loader(cfg.data, "train", True, cfg.seed, rt.rank, rt.world, rt.device, rt.dtype)
-    val_loader = build_loader(cfg.data, "val", False, cfg.seed, rt.rank, rt.world, rt.device, rt.dtype)
+    val_loader = build_loader(validation_data(cfg), "val", False, cfg.seed, rt.rank, rt.world, rt.device, rt.dtype)
     classes = train_loader.split.classes
     spec = replace(spec, num_classes=len(classes))
     model = build_model(spec).to(rt.device)
@@ -226,7 +246,8 @@ def start(s: Session, name: str, resumed: RunRecord | None, meta: dict) -> RunRe
         made = RunRecord.create(cfg.out, name, to_dict(cfg), spec_dict(s.spec), {
             **meta, "world_size": rt.world, "device": str(rt.device), "version": __version__, "torch": torch.__version__,
             "classes": s.classes, "train_samples": len(s.train_loader.split), "batch_shapes": shapes,
-            "shape_count": {k: len(v) for k, v in shapes.items()}, "flops": model_cost(s.spec, cfg.data)}) \
+            "shape_count": {k: len(v) for k, v in shapes.items()}, "flops": model_cost(s.spec, cfg.data),
+            **({"budget_schedule": budget_schedule(cfg, s.train_loader)} if cfg.data.ramped else {})}) \
             if rt.master else None
         path = rt.broadcast(str(made.path) if made else None)
         record = made or RunRecord(path, master=False)
@@ -236,7 +257,8 @@ def start(s: Session, name: str, resumed: RunRecord | None, meta: dict) -> RunRe
                   **({"slurm": job} if (job := scheduler_job()) else {})})  # its job, and how often SLURM requeued it
     record.on_end = lambda: best_facts(s.state)
     s.record = record
-    s.sched = make_schedule(s.opt, cfg, s.train_loader.steps(0), s.global_batch, start_step=s.state.global_step)
+    s.sched = make_schedule(s.opt, cfg, [s.train_loader.steps(e) for e in range(cfg.epochs)], s.global_batch,
+                            start_step=s.state.global_step)
     return record
 
 
@@ -280,13 +302,14 @@ def train(s: Session, run_dir: RunDir, console, signalled) -> Stop:
     (saving a resumable checkpoint inside the epoch, or at an epoch's start for a signal that came while the run was
     set up or validated), or raises on a non-finite loss."""
     cfg, rt, st = s.cfg, s.rt, s.state
-    progress = Progress(rt.master, console, cfg.epochs, s.train_loader.steps(0))
+    progress = Progress(rt.master, console, cfg.epochs, [s.train_loader.steps(e) for e in range(cfg.epochs)])
     tb = TensorBoard(run_dir.path if cfg.tensorboard and rt.master else None)
     shapes = (s.train_loader.shapes(), s.val_loader.shapes())
     for notice in [f"precision {rt.precision}: {rt.precision_reason}",
                    f"loader {s.train_loader.describe()}: {s.train_loader.why}", *s.notices]:
         progress.say(notice)
-    progress.say(f"batch shapes (rows x height x width), the same in every epoch: training {describe_shapes(shapes[0])}; "
+    every = "over the budget schedule" if cfg.data.ramped else "the same in every epoch"
+    progress.say(f"batch shapes (rows x height x width), {every}: training {describe_shapes(shapes[0])}; "
                  f"validation {describe_shapes(shapes[1])} (cuDNN autotuning {'on' if rt.cudnn_benchmark else 'off'})")
     if st.epoch < cfg.epochs:  # the loader's start-up and first batches overlap with the warm-up
         s.train_loader.prime(st.epoch, st.step)
@@ -337,8 +360,8 @@ def record_evidence(s: Session, run_dir: RunDir, progress: Progress) -> list[Pat
         return []
     t = time.perf_counter()
     model = for_evaluation(s.spec, ckpt.load(best, s.rt.device)["model"], s.rt.device, s.cfg.data.channels_last)
-    val = s.val_loader if s.rt.world == 1 else build_loader(s.cfg.data, "val", False, s.cfg.seed, device=s.rt.device,
-                                                             dtype=s.rt.dtype)
+    val = s.val_loader if s.rt.world == 1 else build_loader(validation_data(s.cfg), "val", False, s.cfg.seed,
+                                                             device=s.rt.device, dtype=s.rt.dtype)
     try:
         paths = evidence.write_run_evidence(model, val, s.rt, s.classes, run_dir / RunDir.PLOTS)
     finally:
@@ -409,6 +432,9 @@ def end_epoch(s: Session, run_dir: RunDir, progress: Progress, tb: TensorBoard, 
     cfg, rt, st = s.cfg, s.rt, s.state
     rt.sync_buffers(s.model, *([s.ema.module] if s.ema is not None else []))
     row = {"epoch": st.epoch + 1, "lr": s.sched.get_last_lr()[0], **st.meter.row(rt.world)}
+    if cfg.data.ramped:  # the epoch's training budget, for training.png
+        d = budget_at(cfg.data, st.epoch)
+        row["budget"] = {"pixels": d.pixels} if cfg.data.res == "full" else {"crop": d.crop}
     if (st.epoch + 1) % cfg.eval_every == 0 or st.epoch + 1 == cfg.epochs or last:
         row["val"] = evaluate(s.model, s.val_loader, rt, len(s.classes), st.epoch)
         if s.ema is not None:

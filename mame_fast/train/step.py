@@ -234,13 +234,16 @@ def make_optimizer(model, cfg: TrainConfig, global_batch: int):
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=True)
 
 
-def make_schedule(opt, cfg: TrainConfig, steps_per_epoch: int, global_batch: int, start_step: int = 0):
+def make_schedule(opt, cfg: TrainConfig, steps_per_epoch: int | list[int], global_batch: int, start_step: int = 0):
     """Linear warm-up, then cosine, one-cycle or constant, as a pure function of the global step. A resumed run
     builds it at its step from its (possibly changed) config: a new ``optim.lr`` applies from there on, and a
-    new ``epochs`` stretches or shortens the rest of the cosine. Nothing of it needs checkpointing."""
+    new ``epochs`` stretches or shortens the rest of the cosine. Nothing of it needs checkpointing. Under a
+    pixel-budget schedule the epochs' step counts differ a little (``steps_per_epoch`` per epoch): the cosine spans
+    their sum."""
     o = cfg.optim
-    total = max(1, cfg.epochs * steps_per_epoch)
-    warm = int((0.3 * cfg.epochs if o.schedule == "onecycle" else o.warmup_epochs) * steps_per_epoch)
+    steps = steps_per_epoch if isinstance(steps_per_epoch, list) else [steps_per_epoch] * cfg.epochs
+    total = max(1, sum(steps))
+    warm = int((0.3 * cfg.epochs if o.schedule == "onecycle" else o.warmup_epochs) * total / cfg.epochs)
 
     def factor(step: int) -> float:
         if step < warm:

@@ -24,12 +24,13 @@ from pathlib import Path
 from ..config import load
 from ..errors import Expected
 from ..files import atomic_write_text
-from ..input import build_loader
+from ..input import build_loader, eval_data
 from ..records.records import append_jsonl, now, read_run_info, run_status, update_run_info
 from ..records.rundir import RunDir
 from ..records.runrecord import RunRecord
 from ..records.stats import wilson
 from . import checkpoint as ckpt
+from .budgets import budget_for_test, budget_key
 from .evaluate import evaluate
 from .model import for_evaluation
 from .runtime import setup_runtime
@@ -93,18 +94,22 @@ def _look(run_dir: RunDir, which: str, again: bool, status: str) -> dict:
     # run tested on a machine without a GPU is evaluated in fp32: evaluation needs no GradScaler).
     rt = setup_runtime(cfg.precision, training=False)
     model = for_evaluation(spec, weights, rt.device, cfg.data.channels_last)
-    loader = build_loader(cfg.data, "test", False, cfg.seed, device=rt.device, dtype=rt.dtype)
+    budget = budget_for_test(run_dir.path, cfg)  # where `evaluate` chose it on validation, that budget
+    key = budget_key(cfg)
+    loader = build_loader(eval_data(cfg.data, **{key: budget[key]}), "test", False, cfg.seed, device=rt.device,
+                          dtype=rt.dtype)
     try:
         m = evaluate(model, loader, rt, spec.num_classes)
     finally:
         loader.close()
     lo, hi = wilson(m["top1"], m["count"])
-    result = {"time": now(), "checkpoint": which, "weights": kind, "epoch": epoch, "run_status": status,
+    result = {"time": now(), "checkpoint": which, "weights": kind, "epoch": epoch, "run_status": status, "budget": budget,
               "val_top1": state.get("top1") if which == "best" else None,  # what these weights scored on validation
               "classes": state["classes"], **m, "top1_interval": [lo, hi]}
     atomic_write_text(run_dir / RunDir.TEST, json.dumps(result, indent=1))
     append_jsonl(run_dir.ledger, {"run": run_dir.path.name, "time": result["time"], "checkpoint": which, "weights": kind,
                                   "epoch": epoch, "top1": m["top1"], "top1_interval": [lo, hi], "count": m["count"],
-                                  "balanced_acc": m["balanced_acc"], "again": again, "run_status": status})
+                                  "balanced_acc": m["balanced_acc"], "again": again, "run_status": status,
+                                  "budget": {key: budget[key]}})
     update_run_info(run_dir, {"test_top1": m["top1"], "test_count": m["count"], "test_time": result["time"]})
     return result
