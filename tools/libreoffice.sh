@@ -4,10 +4,11 @@
 # them; Liberation Sans and Mono render the deck's Arial and Courier New with the same metrics. Idempotent: what is
 # installed is left as it is. CI runs it before the suite (.ci/run).
 set -euo pipefail
-if ! command -v soffice >/dev/null 2>&1 || ! command -v pdftoppm >/dev/null 2>&1 || ! fc-list | grep -q "Liberation Sans"; then
+# No `grep -q` or `head` in a pipe: under pipefail, the writer killed by SIGPIPE when they stop reading fails the script.
+if ! command -v soffice >/dev/null 2>&1 || ! command -v pdftoppm >/dev/null 2>&1 || ! fc-list | grep "Liberation Sans" >/dev/null; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends libreoffice-impress poppler-utils fonts-dejavu-core fonts-liberation >/dev/null
 fi
 soffice --version
-pdftoppm -v 2>&1 | head -1
+pdftoppm -v 2>&1 | sed -n 1p
