@@ -51,6 +51,11 @@ def runs(tmp_path_factory) -> Path:
     for note in (LONG, LONG, LONG + "/" + "x" * 160):  # the last with a word wider than a column
         add_note(root / "004-lr-lr0.08-s0", note)
     update_run_info(root / "003-lr-lr0.02-s0", {"hypothesis": LONG[:400]})
+    # An evaluation-budget table (`mame-fast evaluate`), with its empty cells: an empty cell took 18 pt in Impress.
+    update_run_info(root / "002-tiny", {"eval_budgets": {
+        "time": "2026-12-07T03:57:57", "key": "pixels", "weights": "model", "epoch": 3, "chosen": 40000, "trained_at": 40000,
+        "results": [{"value": v, "top1": t, "count": 58, "interval": [0, 1]} for v, t in ((30000, 0.1), (40000, 0.14),
+                                                                                        (50000, 0.12))]}})
     return root
 
 

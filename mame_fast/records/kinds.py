@@ -26,8 +26,9 @@ from .stats import pct
 PICTURES = (
     (RunDir.CURVES, "Loss and top-1 per epoch, train against val: val flat while train still improves is overfitting; "
                     "both low and flat is underfitting."),
-    (RunDir.TRAINING, "Learning rate, throughput with data wait, gradient norm: a data wait above a few % means the "
-                      "loader limits the run; gradient-norm spikes mean a rate too high."),
+    (RunDir.TRAINING, "Learning rate, throughput with data wait, gradient norm (and the budget per epoch, on a budget "
+                      "schedule): a data wait above a few % means the loader limits the run; gradient-norm spikes mean a "
+                      "rate too high."),
     (RunDir.CONFUSION, "Validation confusion matrix, rows normalized: which materials are taken for which."),
     (RunDir.PER_CLASS, "Validation accuracy per class: the classes the model has not learned."),
     (RunDir.ERRORS, "The most confused pairs with examples and the most confident mistakes (best weights)."),
@@ -258,9 +259,9 @@ def _budget_blocks(found: dict | None) -> list[Block]:
              ", ".join(w for w, on in (("chosen", r["value"] == found["chosen"]),
                                        ("trained at", r["value"] == found.get("trained_at"))) if on))
             for r in found["results"]]
-    return [Para(text(f"Evaluation budgets (`mame-fast evaluate` at {found['time']}: validation, the {found['weights']} "
-                      f"weights of epoch {found['epoch']}): the test looks at {found['key']} ", bold(f"{found['chosen']:,}"),
-                      ".")),
+    return [Para(text("Evaluation budgets (", code("mame-fast evaluate"), f" at {found['time']}: validation, the "
+                      f"{found['weights']} weights of epoch {found['epoch']}): the test looks at {found['key']} ",
+                      bold(f"{found['chosen']:,}"), ".")),
             table([unit, "val top-1 [95% interval]", ""], rows)]
 
 

@@ -32,7 +32,7 @@ from .. import __version__
 from ..errors import Expected
 from ..files import atomic_write
 from . import card as cards
-from .card import Bullets, Card, Para, Picture, Span, Table, Text
+from .card import Bullets, Card, Para, Picture, Span, Table, Text, plain_text
 from .kinds import LR_PICTURE
 from .records import read_run_info
 from .report import report_cards, runs_table
@@ -305,6 +305,7 @@ class Deck:
             if i:
                 p.space_before = _pt(0.3 * size)
             first = heading and i == 0
+            _line_size(p, size + 1 if first else size)
             for s in t:
                 r = p.add_run()
                 r.text = s.text
@@ -317,7 +318,9 @@ class Deck:
     def table(self, slide, x, y, t: Table, widths: list[float], size: float, name: str):
         from pptx.dml.color import RGBColor
 
-        rows = [tuple(cards.text(Span(h, "bold")) for h in t.header), *t.rows]
+        # An empty cell holds a space: Impress gives an empty header cell the table style's 18-point line.
+        rows = [tuple(c if plain_text(c) else cards.text(Span(" ")) for c in row)
+                for row in [tuple(cards.text(Span(h, "bold")) for h in t.header), *t.rows]]
         heights = [_row_height(row, widths, size) for row in rows]
         shape = slide.shapes.add_table(len(rows), len(t.header), _pt(x), _pt(y), _pt(sum(widths)), _pt(sum(heights)))
         shape.name = name
@@ -330,6 +333,7 @@ class Deck:
                 cell = tbl.cell(r, c)
                 cell.margin_left = cell.margin_right = cell.margin_top = cell.margin_bottom = _pt(INSET)
                 p = cell.text_frame.paragraphs[0]
+                _line_size(p, size)
                 for s in cell_text:
                     run = p.add_run()
                     run.text = s.text
@@ -402,6 +406,12 @@ def _split(t: Table, widths: list[float], size: float, room: float) -> list[Tabl
         rows.append(r)
         h += rh
     return pieces + [Table(t.header, tuple(rows))]
+
+
+def _line_size(p, size: float) -> None:
+    """The size of a paragraph's end mark, which sets the height of an empty paragraph (an empty table cell): left
+    unset, renderers give it the default 18 points, and the row outgrows its measure."""
+    p._p.get_or_add_endParaRPr().set("sz", str(int(round(size * 100))))
 
 
 def _pt(x: float):
