@@ -633,16 +633,17 @@ def evaluate_cmd(
 
     run = existing_run(run_dir)
     cfg = load(run / "config.yaml")
-    given = pixels if cfg.data.res == "full" else crop
-    if (crop if cfg.data.res == "full" else pixels):
-        _fail(f"{run_dir} trained at res={cfg.data.res}: give --{'pixels' if cfg.data.res == 'full' else 'crop'}")
+    key = cfg.data.budget_key
+    given, other = (pixels, crop) if key == "pixels" else (crop, pixels)
+    if other:
+        _fail(f"{run_dir} trained at res={cfg.data.res}: give --{key}")
     try:
         values = [int(v.replace("_", "")) for v in given.split(",") if v.strip()]
     except ValueError:
-        raise BudgetError(f"--{'pixels' if cfg.data.res == 'full' else 'crop'} {given}: not a list of whole numbers") from None
+        raise BudgetError(f"--{key} {given}: not a list of whole numbers") from None
     if not values:
-        base = cfg.data.pixels if cfg.data.res == "full" else cfg.data.crop
-        values = [base, round(1.25 * base), round(1.5 * base)] if cfg.data.res == "full" else [base, base + 32, base + 64]
+        base = getattr(cfg.data, key)
+        values = [base, round(1.25 * base), round(1.5 * base)] if key == "pixels" else [base, base + 32, base + 64]
     r = evaluate_budgets(run.path, values)
     for row in r["results"]:
         mark = "  <- chosen" if row["value"] == r["chosen"] else ""

@@ -134,9 +134,19 @@ class DataConfig(_Checked):
     """Hand batches over in channels-last memory format."""
 
     @property
+    def budget_key(self) -> str:
+        """What a budget per image is at this resolution: ``pixels`` (res=full) or the ``crop`` side (res=256)."""
+        return "pixels" if self.res == "full" else "crop"
+
+    @property
+    def budget(self) -> dict[str, int]:
+        """The budget per image this config trains at: ``{"pixels": n}`` or ``{"crop": side}``."""
+        return {self.budget_key: getattr(self, self.budget_key)}
+
+    @property
     def ramped(self) -> bool:
         """The training budget follows a schedule (``pixels_start`` at full resolution, ``crop_start`` at 256)."""
-        return bool(self.pixels_start if self.res == "full" else self.crop_start)
+        return bool(getattr(self, f"{self.budget_key}_start"))
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -8,11 +8,11 @@ import torch
 from ..config import DataConfig
 from .dali import DaliLoader, dali_available, dali_missing
 from .fallback import PilLoader
-from .loader import Batch, Loader, LoaderError, budget_at, eval_data, ramp_levels
+from .loader import Batch, Loader, LoaderError, budget_at, eval_data, ramp_levels, validation_data
 from .reader import open_split
 
 __all__ = ["Batch", "Loader", "LoaderError", "budget_at", "build_loader", "choose_loader", "dali_available", "eval_data",
-           "ramp_levels"]
+           "ramp_levels", "validation_data"]
 
 
 def build_loader(cfg: DataConfig, split_name: str, train: bool, seed: int, rank: int = 0, world: int = 1,

@@ -23,7 +23,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from ..config import DataConfig
+from ..config import DataConfig, TrainConfig
 from ..errors import Expected
 from ..files import usable_cores
 from ..tensors import MEAN, STD, valid_mask
@@ -118,6 +118,12 @@ def eval_data(cfg: DataConfig, pixels: int = 0, crop: int = 0) -> DataConfig:
     """The data config of an evaluation (validation, the test) at ``pixels`` (full) or ``crop`` (256), 0 meaning the
     final training budget; never ramped."""
     return dataclasses.replace(cfg, pixels=pixels or cfg.pixels, crop=crop or cfg.crop, pixels_start=0, crop_start=0)
+
+
+def validation_data(cfg: TrainConfig) -> DataConfig:
+    """The data config validation looks at (``cfg``: the run's TrainConfig): the evaluation budget (``eval.pixels`` /
+    ``eval.crop``, by default the final training budget), the same in every epoch, so that epochs compare."""
+    return eval_data(cfg.data, cfg.eval.pixels, cfg.eval.crop)
 
 
 class Budgets:

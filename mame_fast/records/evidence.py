@@ -126,18 +126,15 @@ def plot_preview(shown: list[Shown], path: Path, title: str) -> Path:
 def preview(cfg, path: Path, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> Path:
     """What the network is fed under ``cfg``: training batches of each shape and evaluation batches, from the loader the
     run uses (built here for one process), in one figure."""
-    from ..input import budget_at, build_loader, eval_data
+    from ..input import budget_at, build_loader, validation_data
 
     train = build_loader(cfg.data, "train", True, cfg.seed, device=device, dtype=dtype)
-    val = build_loader(eval_data(cfg.data, cfg.eval.pixels, cfg.eval.crop), "val", False, cfg.seed, device=device,
-                       dtype=dtype)
+    val = build_loader(validation_data(cfg), "val", False, cfg.seed, device=device, dtype=dtype)
     try:
         classes = train.split.classes
         if cfg.data.ramped:  # a budget schedule: its first epoch's batches and those of the epoch it ends at
-            key = "pixels" if cfg.data.res == "full" else "crop"
-            ends = (0, cfg.data.ramp_end)
-            shown = [x for e in ends for x in train_batches(
-                cfg, train, classes, e, 3, f"epoch {e + 1} ({key} {getattr(budget_at(cfg.data, e), key):,}), ")]
+            shown = [x for e in (0, cfg.data.ramp_end) for x in train_batches(cfg, train, classes, e, 3, f"epoch {e + 1} "
+                     + "".join(f"({k} {v:,}), " for k, v in budget_at(cfg.data, e).budget.items()))]
         else:
             shown = train_batches(cfg, train, classes)
         shown += eval_batches(val, classes)

@@ -25,8 +25,8 @@ def data_sentence(data) -> Text:
 
 def budget_sentence(data, phases: list[dict]) -> Text:
     """A ramped run's training budgets (``data``: its DataConfig; ``phases``: run.json's ``budget_schedule``)."""
-    key, unit = ("pixels", " px") if data.res == "full" else ("crop", " px crops")
-    start, final = (data.pixels_start, data.pixels) if key == "pixels" else (data.crop_start, data.crop)
+    key = data.budget_key
+    unit, start, final = " px" if key == "pixels" else " px crops", getattr(data, f"{key}_start"), getattr(data, key)
     said = "; ".join(("epoch {0}" if a == b else "epochs {0}-{1}").format(a, b) + f" at {p[key]:,}{unit} "
                      f"({len(p['shapes'])} shape(s))" for p in phases for a, b in [p["epochs"]])
     return text("Budget schedule: ", code(f"data.{key}_start={start}"), f" growing to {final:,} from epoch "

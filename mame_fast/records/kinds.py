@@ -124,7 +124,7 @@ class RunKind:
         if d.ramped:
             blocks.append(Para(text(*budget_sentence(d, info.get("budget_schedule", [])))))
         if cfg.eval.pixels or cfg.eval.crop:
-            key = "pixels" if d.res == "full" else "crop"
+            key = d.budget_key
             blocks.append(Para(text("Validated at ", code(f"eval.{key}={getattr(cfg.eval, key)}"), " (trained at "
                                     f"{getattr(d, key):,}).")))
         for r in info.get("resumes", []):

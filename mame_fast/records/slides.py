@@ -25,7 +25,7 @@ import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
-from functools import cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 from .. import __version__
@@ -83,7 +83,8 @@ def _width(s: str, size: float, mono: bool = False, bold: bool = False) -> float
     return _font(mono, bold).getlength(s) * size / 100
 
 
-def _units(t: Text) -> list[tuple[float, float]]:
+@lru_cache(maxsize=4096)  # a card is laid out at every size of SIZES: each text is measured once
+def _units(t: Text) -> tuple[tuple[float, float], ...]:
     """What a line may not break inside, at 100 points: (width, width of the spaces after it). Spans meet without a
     space inside a unit (an opening bracket, a code span, a closing one), and a line breaks only at a space."""
     units, width = [], 0.0
@@ -97,7 +98,7 @@ def _units(t: Text) -> list[tuple[float, float]]:
                 width = 0.0
             else:
                 width += _width(piece, 100, mono, bold)
-    return units + [(width, 0.0)] if width else units
+    return tuple(units + [(width, 0.0)] if width else units)
 
 
 def lines(t: Text, size: float, width: float) -> int:
@@ -164,19 +165,19 @@ def _row_height(cells, widths: list[float], size: float, bold: bool = False) -> 
     return max(lines(c, size, w - 2 * INSET) for c, w in zip(cells, widths)) * size * LEADING + 2 * INSET
 
 
-def _table_pieces(t: Table, size: float, width: float, room: float, full: float) -> list[tuple[Table, float, list[float]]]:
-    """The table split by rows into pieces, the first fitting ``room``, the others ``full``; each repeats the header."""
-    widths = _column_widths(t, size, width)
+def _table_pieces(t: Table, size: float, widths: list[float], room: float, full: float) -> list[tuple[Table, float]]:
+    """The table split by rows into pieces with their heights, the first fitting ``room``, the others ``full``; each
+    repeats the header."""
     head = _row_height(t.header, widths, size, bold=True)
     pieces, rows, h = [], [], head
     for r in t.rows:
         rh = _row_height(r, widths, size)
         if rows and h + rh > (room if not pieces else full):
-            pieces.append((Table(t.header, tuple(rows)), h, widths))
+            pieces.append((Table(t.header, tuple(rows)), h))
             rows, h = [], head
         rows.append(r)
         h += rh
-    pieces.append((Table(t.header, tuple(rows)), h, widths))
+    pieces.append((Table(t.header, tuple(rows)), h))
     return pieces
 
 
@@ -236,25 +237,25 @@ def layout(card: Card, size: float, pictures: int) -> list[list[list[Item]]]:
 
     blocks = _blocks(card, pictures)
     for i, (k, b) in enumerate(blocks):
+        nxt = blocks[i + 1][1] if i + 1 < len(blocks) and blocks[i + 1][0] == k else None  # the part's next block
         if isinstance(b, tuple):  # a heading goes with the part's first block, or with nothing when the part is empty
-            nxt = blocks[i + 1][1] if i + 1 < len(blocks) and blocks[i + 1][0] == k else None
             item = Item(k, [cards.text(Span(b[1], "bold"))], heading=True)
             item.height = _text_height(item.paras, size, col_w, True)
             if nxt is not None and item.height + _start(nxt, size, col_w) > room and slides[-1][-1]:
                 next_column()
             place(item)
         elif isinstance(b, Table):
-            pieces = _table_pieces(b, size, col_w, room, full)
+            widths = _column_widths(b, size, col_w)
+            pieces = _table_pieces(b, size, widths, room, full)
             if pieces[0][1] > room and slides[-1][-1]:  # not even its first row fits here: it starts the next column
                 next_column()
-                pieces = _table_pieces(b, size, col_w, room, full)
-            for n, (piece, h, widths) in enumerate(pieces):
+                pieces = _table_pieces(b, size, widths, room, full)
+            for n, (piece, h) in enumerate(pieces):
                 if n:
                     next_column()
                 place(Item(k, table=piece, height=h, widths=widths, continued=n > 0))
         else:
             h = _text_height([b.text], size, col_w, False)
-            nxt = blocks[i + 1][1] if i + 1 < len(blocks) and blocks[i + 1][0] == k else None
             if isinstance(nxt, Table) and h + _start(nxt, size, col_w) > room and slides[-1][-1]:
                 next_column()  # a sentence that introduces a table stays with its header and first row
             place(Item(k, [b.text], height=h))
@@ -384,7 +385,7 @@ class Deck:
         size = 12
         t = Table(tuple(header), tuple(tuple(cards.text(c) for c in r) for r in rows))
         full = H - MARGIN - BODY_TOP
-        pieces = _split(t, widths, size, full)
+        pieces = [piece for piece, _ in _table_pieces(t, size, widths, full, full)]
         for i, piece in enumerate(pieces):
             title = "Experiment log" + (f" ({i + 1}/{len(pieces)})" if len(pieces) > 1 else "")
             s = self.slide(f"log {i + 1}", title)
@@ -393,19 +394,6 @@ class Deck:
 
     def save(self, path: Path) -> Path:
         return atomic_write(path, self.prs.save)
-
-
-def _split(t: Table, widths: list[float], size: float, room: float) -> list[Table]:
-    head = _row_height(t.header, widths, size, bold=True)
-    pieces, rows, h = [], [], head
-    for r in t.rows:
-        rh = _row_height(r, widths, size)
-        if rows and h + rh > room:
-            pieces.append(Table(t.header, tuple(rows)))
-            rows, h = [], head
-        rows.append(r)
-        h += rh
-    return pieces + [Table(t.header, tuple(rows))]
 
 
 def _line_size(p, size: float) -> None:

@@ -30,22 +30,16 @@ class BudgetError(Expected, ValueError):
     pass
 
 
-def budget_key(cfg: TrainConfig) -> str:
-    """What an evaluation budget is at this resolution: ``pixels`` per image (full) or the ``crop`` side (256)."""
-    return "pixels" if cfg.data.res == "full" else "crop"
-
-
 def budget_for_test(run_dir: Path, cfg: TrainConfig) -> dict:
     """The budget the test set is looked at: the one `evaluate` chose on validation, else ``eval.pixels`` /
     ``eval.crop``, else the final training budget; with why."""
-    key = budget_key(cfg)
+    key = cfg.data.budget_key
     chosen = read_run_info(run_dir).get("eval_budgets", {})
     if chosen.get("key") == key and chosen.get("chosen"):
         return {key: chosen["chosen"], "why": f"chosen on validation by `mame-fast evaluate` at {chosen['time']}"}
-    asked = cfg.eval.pixels if key == "pixels" else cfg.eval.crop
-    if asked:
+    if asked := getattr(cfg.eval, key):
         return {key: asked, "why": f"eval.{key}"}
-    return {key: cfg.data.pixels if key == "pixels" else cfg.data.crop, "why": "the final training budget"}
+    return {**cfg.data.budget, "why": "the final training budget"}
 
 
 def evaluate_budgets(run_dir: str | Path, values: list[int]) -> dict:
@@ -53,7 +47,7 @@ def evaluate_budgets(run_dir: str | Path, values: list[int]) -> dict:
     (the highest top-1; on a tie, the smaller budget, which costs less)."""
     run_dir = RunDir(run_dir)
     cfg = load(run_dir / RunDir.CONFIG)
-    key = budget_key(cfg)
+    key = cfg.data.budget_key
     low = 64 if key == "pixels" else 8
     if not values or any(v < low for v in values):
         raise BudgetError(f"--{key} needs budgets of at least {low} ({key} per image), got {values}")

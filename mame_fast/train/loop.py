@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..config import ConfigError, DataConfig, TrainConfig, diff, load, to_dict
-from ..input import Loader, budget_at, build_loader, eval_data
+from ..config import ConfigError, TrainConfig, diff, load, to_dict
+from ..input import Loader, budget_at, build_loader, validation_data
 from ..input.mixing import step_rng
 from ..records import evidence, records
 from ..records.live import Progress, TensorBoard
@@ -113,19 +113,12 @@ def run(cfg: TrainConfig, name: str = "run", resume: Path | None = None, meta: d
         return record.path
 
 
-def validation_data(cfg: TrainConfig) -> DataConfig:
-    """The data config validation looks at: the evaluation budget (``eval.pixels`` / ``eval.crop``, by default the final
-    training budget), the same in every epoch, so that epochs compare."""
-    return eval_data(cfg.data, cfg.eval.pixels, cfg.eval.crop)
-
-
 def budget_schedule(cfg: TrainConfig, loader: Loader) -> list[dict]:
     """The training budgets of a ramped run, each with the epochs it serves (1-based, as the log counts) and its batch
     shapes, all known before step 0 (run.json's ``budget_schedule``)."""
     phases: list[dict] = []
     for e in range(cfg.epochs):
-        d = budget_at(cfg.data, e)
-        value = {"pixels": d.pixels} if cfg.data.res == "full" else {"crop": d.crop}
+        value = budget_at(cfg.data, e).budget
         if phases and {k: phases[-1][k] for k in value} == value:
             phases[-1]["epochs"][1] = e + 1
         else:
@@ -433,8 +426,7 @@ def end_epoch(s: Session, run_dir: RunDir, progress: Progress, tb: TensorBoard, 
     rt.sync_buffers(s.model, *([s.ema.module] if s.ema is not None else []))
     row = {"epoch": st.epoch + 1, "lr": s.sched.get_last_lr()[0], **st.meter.row(rt.world)}
     if cfg.data.ramped:  # the epoch's training budget, for training.png
-        d = budget_at(cfg.data, st.epoch)
-        row["budget"] = {"pixels": d.pixels} if cfg.data.res == "full" else {"crop": d.crop}
+        row["budget"] = budget_at(cfg.data, st.epoch).budget
     if (st.epoch + 1) % cfg.eval_every == 0 or st.epoch + 1 == cfg.epochs or last:
         row["val"] = evaluate(s.model, s.val_loader, rt, len(s.classes), st.epoch)
         if s.ema is not None:

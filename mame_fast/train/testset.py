@@ -30,7 +30,7 @@ from ..records.rundir import RunDir
 from ..records.runrecord import RunRecord
 from ..records.stats import wilson
 from . import checkpoint as ckpt
-from .budgets import budget_for_test, budget_key
+from .budgets import budget_for_test
 from .evaluate import evaluate
 from .model import for_evaluation
 from .runtime import setup_runtime
@@ -95,7 +95,7 @@ def _look(run_dir: RunDir, which: str, again: bool, status: str) -> dict:
     rt = setup_runtime(cfg.precision, training=False)
     model = for_evaluation(spec, weights, rt.device, cfg.data.channels_last)
     budget = budget_for_test(run_dir.path, cfg)  # where `evaluate` chose it on validation, that budget
-    key = budget_key(cfg)
+    key = cfg.data.budget_key
     loader = build_loader(eval_data(cfg.data, **{key: budget[key]}), "test", False, cfg.seed, device=rt.device,
                           dtype=rt.dtype)
     try:
