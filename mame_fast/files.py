@@ -111,6 +111,24 @@ def _end_on_parents_sigterm(parent: int) -> None:
             os._exit(0)  # what torch's handler does: quietly, so that the parent's SIGCHLD handler reports no failure
 
 
+def terminate_pool(pool, grace: float = 2.0) -> None:
+    """``pool.terminate()`` (a multiprocessing Pool of ``ignore_stop_signals`` workers), made sure to end.
+
+    terminate() ends each worker with a SIGTERM, which such a worker takes from its parent only. When the process
+    group got a SIGTERM too (a Ctrl-C's twin from SLURM or ``kill -- -PGID``, the very signal that stopped the command),
+    the two can merge before the worker reads them (standard signals do not queue): the worker sees only the group's
+    and goes on, and terminate() waited for it for ever. After ``grace`` seconds, the workers still alive are killed:
+    by then terminate() has drained the task queue, so a killed worker holds no lock it needs."""
+    ender = threading.Thread(target=pool.terminate, daemon=True, name="terminate-pool")
+    ender.start()
+    ender.join(grace)
+    if ender.is_alive():
+        for p in list(pool._pool):  # multiprocessing's list of the pool's worker processes
+            if p.exitcode is None:
+                p.kill()
+        ender.join()
+
+
 def ignore_signals(signals: tuple[int, ...]) -> None:
     """Ignore ``signals`` in this process. Those that arrived before, held by ``stop_signals_held`` while it started, are
     dropped: setting SIG_IGN discards a pending signal."""

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..files import ignore_stop_signals, mp_context, stop_signals_held
+from ..files import ignore_stop_signals, mp_context, stop_signals_held, terminate_pool
 from . import metadata as md
 
 TEXTURES = ("stripes", "rings", "checks", "hatch", "grain", "blobs", "waves", "dots")
@@ -207,12 +207,15 @@ def write_sample(out: Path, spec: SampleSpec, workers: int = 1, as_zip: bool = F
 
     with stop_signals_held():
         pool = mp_context().Pool(workers, initializer=ignore_stop_signals) if workers > 1 else _Serial()
-    with pool:
+    try:
         for file, full, small in pool.imap(_make_one, jobs, chunksize=4):
             (tmp / "data" / file).write_bytes(full)
             (tmp / "data_256" / file).write_bytes(small)
             if progress:
                 progress()
+    finally:
+        if workers > 1:
+            terminate_pool(pool)
     rows = [replace(r, **dict(zip(("width", "height"), scaled_size(r.width, r.height, j[2])))) for r, j in zip(rows, jobs)]
     toy = md.toy_files()
     md.write_csv(tmp / md.DATASET_CSV, rows)
@@ -248,12 +251,6 @@ def _zip_official(folder: Path) -> None:
 
 class _Serial:
     """A stand-in for a process pool when workers=1, so tests don't pay for process start-up."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
     def imap(self, fn, jobs, chunksize=1):
         return map(fn, jobs)

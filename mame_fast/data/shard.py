@@ -37,7 +37,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .. import __version__
-from ..files import atomic_write_text, ignore_stop_signals, mp_context, stop_signals_held
+from ..files import atomic_write_text, ignore_stop_signals, mp_context, stop_signals_held, terminate_pool
 from . import metadata as md
 from .format import (
     EXTS,
@@ -342,7 +342,7 @@ def write_shards(src: Path, out: Path, settings: ShardSettings, workers: int = 1
         splits = {split: shard_split(folder, split, source, meta, settings, pool, rejects, progress) for split in settings.splits}
     finally:
         if pool:
-            pool.terminate()
+            terminate_pool(pool)
     if rejects:
         atomic_write_text(folder / "rejects.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejects))
     else:
