@@ -43,8 +43,32 @@ def test_a_held_run_folder_refuses_a_second_holder_naming_the_first(tmp_path):
         assert f"pid {os.getpid()} on {socket.gethostname()}" in said and "`mame-fast train`" in said, said
         assert "\n" not in said and "--resume" not in said  # one sentence, and no advice to start another trainer
         first.finish("finished")
+    assert (first.dir / RunDir.LOCK).read_text() == ""  # a name left behind would be a later refusal's wrong answer
     with RunRecord.reopen(first.path, "test", owns_status=False):  # released when the first ended
         pass
+
+
+def test_a_refusal_waits_for_the_new_holders_name_not_a_dead_ones(tmp_path):
+    """The holder writes its name just after it takes the lock; a refusal in between must not name whoever held the
+    folder before (here a process that died holding it, so its name is still in the file)."""
+    rec = make_record(tmp_path)
+    rec.release()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock = rec.dir / RunDir.LOCK
+    lock.write_text(json.dumps({"command": "train", "host": socket.gethostname(), "pid": int(dead.stdout),
+                                "since": "then"}))
+    code = (f"import fcntl, json, os, socket, time; f = open({str(lock)!r}, 'a+'); fcntl.flock(f, fcntl.LOCK_EX); "
+            "print('locked', flush=True); time.sleep(0.5); f.seek(0); f.truncate(); "
+            "f.write(json.dumps({'command': 'test', 'host': socket.gethostname(), 'pid': os.getpid(), 'since': 'now'}));"
+            " f.flush(); time.sleep(60)")
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "locked"
+        with pytest.raises(RunBusy, match=f"`mame-fast test`.*pid {child.pid} "):
+            RunRecord.reopen(rec.path)
+    finally:
+        child.kill()
+        child.wait()
 
 
 @pytest.mark.parametrize("raised, status", [(KeyboardInterrupt(), "interrupted"), (ValueError("x"), "failed"),

@@ -82,8 +82,7 @@ class RunRecord:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            f.seek(0)
-            holder = f.read()
+            holder = _read_holder(f)
             f.close()
             raise RunBusy(f"{self.path}: {_holder(holder)}; one process works on a run folder at a time. Wait for it to "
                           f"end (`mame-fast runs --root {self.dir.root}` shows the run's status); a trainer continues the "
@@ -98,6 +97,8 @@ class RunRecord:
         if self._lock is not None:
             import fcntl
 
+            with contextlib.suppress(OSError):  # the next holder's refusals must not name this process
+                self._lock.truncate(0)
             fcntl.flock(self._lock, fcntl.LOCK_UN)
             self._lock.close()
             self._lock = None
@@ -166,10 +167,29 @@ def resumable(root: str | Path, name: str) -> Path | None:
     return open_[-1].path if open_ else None
 
 
-def _holder(text: str) -> str:
+def _read_holder(f, wait_s: float = 2.0) -> dict | None:
+    """What the lock's holder wrote about itself. It writes just after it takes the lock, so a refusal that comes in
+    between sees an empty file or the name of a holder that died (the kernel freed its lock, not its words): wait
+    for a name that is alive, a little, then settle for none."""
+    from ..files import alive
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        f.seek(0)
+        try:
+            h = json.loads(f.read())
+            if h["host"] != socket.gethostname() or alive(int(h["pid"])):
+                return h
+        except (ValueError, KeyError, TypeError):
+            pass
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.05)
+
+
+def _holder(h: dict | None) -> str:
     """Who holds a lock, from what it wrote into the lock file."""
     try:
-        h = json.loads(text)
         return (f"another `mame-fast {h['command']}` of this run is {DOING.get(h['command'], 'working on it')} right now "
                 f"(pid {h['pid']} on {h['host']}, since {h['since']})")
     except (ValueError, KeyError, TypeError):  # the holder had not written its name yet
