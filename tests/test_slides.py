@@ -178,6 +178,42 @@ def test_the_log_and_the_sweep_slide_hold_the_numbers(runs):
         assert f"{100 * mean:.1f}%" in cells
 
 
+def _jumps(slide) -> list[tuple[str, str | None]]:
+    """(text, name of the slide it jumps to, or None) of every text run of the slide that names an experiment (#N, or
+    the log's number column) or carries a click action."""
+    from pptx.oxml.ns import qn
+
+    frames = [sh.text_frame for sh in slide.shapes if sh.has_text_frame]
+    frames += [c.text_frame for sh in slide.shapes if sh.has_table for r in sh.table.rows for c in r.cells]
+    out = []
+    for f in frames:
+        for p in f.paragraphs:
+            for r in p.runs:
+                link = r._r.rPr.find(qn("a:hlinkClick")) if r._r.rPr is not None else None
+                if link is None:
+                    if re.fullmatch(r"#\d+", r.text):
+                        out.append((r.text, None))
+                    continue
+                assert link.get("action") == "ppaction://hlinksldjump", link.attrib
+                out.append((r.text, slide.part.related_part(link.get(qn("r:id"))).slide.name))
+    return out
+
+
+def test_a_mention_of_a_shown_experiment_jumps_to_its_card(runs, tmp_path):
+    deck = _read(write_deck(runs, pdf=False).pptx)
+    jumps = [j for s in deck.slides for j in _jumps(s)]
+    numbers = [r.number for r in list_runs(runs)]
+    log = [j for j in _jumps(deck.slides[1]) if j[0].isdigit()]
+    assert [t for t, _ in log] == [str(n) for n in numbers] and all(
+        to.startswith(f"card #{t}: ") for t, to in log), log
+    mentions = [(t, to) for t, to in jumps if t.startswith("#")]
+    assert len(mentions) > len(numbers)  # the log's "follows" and the cards' own mentions
+    assert all(to is not None and to.startswith(f"card {t}: ") for t, to in mentions), mentions
+    alone = _read(write_deck(runs, tmp_path / "two.pptx", [2], pdf=False).pptx)  # #1 is not shown: no jump to it
+    follows = [j for s in alone.slides for j in _jumps(s) if j[0] == "#1"]
+    assert follows and all(to is None for _, to in follows), follows
+
+
 def test_a_selection_by_runs_or_lineage_shows_those_runs_and_the_range_test_they_cite(runs, tmp_path):
     assert parse_runs("2,5,7-9") == [2, 5, 7, 8, 9]
     for bad in ("2,x", "9-7", "3-"):
@@ -217,3 +253,12 @@ def test_rendered_by_libreoffice_no_text_runs_past_its_box_or_the_slide(runs, tm
     w = write_deck(runs, tmp_path / "deck.pptx")
     assert w.pdf is not None and w.pdf.is_file(), w.note
     assert rendered_overflows(w.pptx, w.pdf, tmp_path / "pages") == []
+    # The jumps survive into the PDF: each linked "#N" goes to the page of #N's card (pdftohtml names links' pages).
+    subprocess.run(["pdftohtml", "-xml", "-i", "-q", str(w.pdf), str(tmp_path / "links")], check=True)
+    xml = (tmp_path / "links.xml").read_text()
+    pages = {int(m[0]): m[1] for m in re.findall(r'<page number="(\d+)"(.*?)</page>', xml, flags=re.S)}
+    links = re.findall(r'<a href="[^"]*#(\d+)">[^<]*?#?(\d+)\b[^<]*</a>', xml)
+    numbers = [r.number for r in list_runs(runs)]
+    assert {int(n) for _, n in links} == set(numbers), links
+    for page, n in links:
+        assert re.search(rf"<b>#{n}: ", pages[int(page)]), (page, n)

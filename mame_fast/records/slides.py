@@ -13,7 +13,8 @@ to a viewer's autofit, which PowerPoint applies only when a box is edited: each 
 the font it is shown in (Arial, or Liberation Sans, its metric twin; matplotlib's DejaVu Sans, wider, where neither
 is found), wrapped in its box, and the card's blocks are laid out in two columns at the largest size from 16 to 10
 points that fits; what does not fit at 10 points continues on a second slide, tables split by rows with their
-header. Where LibreOffice is installed, the deck is also rendered to PDF (``soffice --headless``).
+header. Each mention of a run the deck shows jumps to its card when clicked. Where LibreOffice is installed, the
+deck is also rendered to PDF (``soffice --headless``), its jumps kept as the PDF's links.
 """
 
 from __future__ import annotations
@@ -280,6 +281,8 @@ class Deck:
 
         self.prs = Presentation()
         self.prs.slide_width, self.prs.slide_height = _pt(W), _pt(H)
+        self.cards: dict[int, object] = {}  # experiment number -> the first slide of its card
+        self.links: list[tuple[object, object, int]] = []  # (text run, its slide, the experiment it names)
 
     def slide(self, name: str, title: str, size: float = 28):
         s = self.prs.slides.add_slide(self.prs.slide_layouts[6])  # blank: no placeholder to overflow
@@ -314,6 +317,8 @@ class Deck:
                 f.size, f.name = _pt(size + 1 if first else size), MONO if s.style == "code" else SANS
                 f.bold = s.style == "bold" or first
                 f.color.rgb = RGBColor(*(ACCENT if first or s.run is not None else color))
+                if s.run is not None:
+                    self.links.append((r, slide, s.run))
         return box
 
     def table(self, slide, x, y, t: Table, widths: list[float], size: float, name: str):
@@ -342,14 +347,19 @@ class Deck:
                     run.font.bold = s.style == "bold" or r == 0
                     if r:  # the header keeps the table style's colour
                         run.font.color.rgb = RGBColor(*(ACCENT if s.run is not None else DARK))
+                    if s.run is not None:
+                        self.links.append((run, slide, s.run))
         return shape
 
-    def card(self, card: Card, pictures: int) -> int:
-        """The card's slide(s) in the lab's layout; returns how many."""
+    def card(self, card: Card, pictures: int, number: int | None = None) -> int:
+        """The card's slide(s) in the lab's layout, the first the target of links to experiment ``number``; returns
+        how many."""
         size, slides = fit(card, pictures)
         col_w = (W - 2 * MARGIN - GUTTER) / 2
         for n, columns in enumerate(slides):
             s = self.slide(f"card {card.title}" + (f" ({n + 1})" if n else ""), card.title + (" (continued)" if n else ""))
+            if number is not None and not n:
+                self.cards.setdefault(number, s)  # a run's training card comes before its test look
             for c, column in enumerate(columns):
                 x, y = MARGIN + c * (col_w + GUTTER), BODY_TOP
                 for item in column:
@@ -380,10 +390,10 @@ class Deck:
         pic.name = "picture"
         self.text(s, MARGIN, BODY_TOP + h + 6, width, cap_h, [cards.text(caption)], size, "caption", color=GREY)
 
-    def log(self, rows: list[list[str]], header: list[str], widths: list[float]) -> int:
+    def log(self, rows: list[list[Text]], header: list[str], widths: list[float]) -> int:
         """The experiment log as a native table, split over as many slides as it needs; returns how many."""
         size = 12
-        t = Table(tuple(header), tuple(tuple(cards.text(c) for c in r) for r in rows))
+        t = Table(tuple(header), tuple(tuple(r) for r in rows))
         full = H - MARGIN - BODY_TOP
         pieces = [piece for piece, _ in _table_pieces(t, size, widths, full, full)]
         for i, piece in enumerate(pieces):
@@ -393,7 +403,21 @@ class Deck:
         return len(pieces)
 
     def save(self, path: Path) -> Path:
+        self._jumps()
         return atomic_write(path, self.prs.save)
+
+    def _jumps(self) -> None:
+        """Each mention of an experiment whose card the deck shows becomes a click that jumps to that card's slide
+        (a mention of a run not shown stays coloured text). Made at the end: the log names runs before their cards."""
+        from pptx.opc.constants import RELATIONSHIP_TYPE as RT
+
+        for run, slide, number in self.links:
+            target = self.cards.get(number)
+            if target is None or target is slide:
+                continue
+            link = run.font._rPr.add_hlinkClick(slide.part.relate_to(target.part, RT.SLIDE))
+            link.set("action", "ppaction://hlinksldjump")
+        self.links = []
 
 
 def _line_size(p, size: float) -> None:
@@ -473,7 +497,7 @@ def write_deck(root: Path, out: Path | None = None, numbers: list[int] | None = 
         folder = root / c.folder if c.folder else root
         pictures = [(p, folder / p.path) for p in c.pictures() if (folder / p.path).is_file()]
         cited = _cited_range_tests(c, root, chosen)
-        deck.card(c, len(pictures) + len(cited))
+        deck.card(c, len(pictures) + len(cited), None if c.kind == "sweep" else RunDir(folder).number)
         for p, path in pictures:
             deck.picture(f"picture {c.title} {p.path}", f"{c.title}: {_label(p.path)}", path, p.caption)
         for r in cited:
@@ -527,10 +551,20 @@ def _log(deck: Deck, root: Path, chosen: set[int]) -> None:
     header = ["#", "name", "follows", "hypothesis", "best val top-1 [95%]", "verdict"]
     widths = [36, 150, 70, 0, 190, 130]
     widths[3] = W - 2 * MARGIN - sum(widths)
-    rows = [[str(r["#"]), r["name"], r["after"] or "-", _one_line(r["hypothesis"] or "-", 12, widths[3] - 2 * INSET - 2),
-             r["best val [95%]"], r["diagnosis"]] for r in runs_table(root) if r["#"] in chosen]
+    rows = [[cards.text(Span(str(r["#"]), run=r["#"])), cards.text(r["name"]), _follows(r["after"]),
+             cards.text(_one_line(r["hypothesis"] or "-", 12, widths[3] - 2 * INSET - 2)),
+             cards.text(r["best val [95%]"]), cards.text(r["diagnosis"])] for r in runs_table(root) if r["#"] in chosen]
     if rows:
         deck.log(rows, header, widths)
+
+
+def _follows(after: str) -> Text:
+    """The log's "follows" cell ("#2,#3"), each number a link to its run."""
+    numbers = [int(n) for n in re.findall(r"#(\d+)", after)]
+    if not numbers:
+        return cards.text("-")
+    spans = [Span(f"#{n}", run=n) for n in numbers]
+    return tuple(x for i, sp in enumerate(spans) for x in ((Span(", "),) if i else ()) + (sp,))
 
 
 def render_pdf(pptx: Path) -> tuple[Path | None, str]:
